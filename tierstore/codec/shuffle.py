@@ -1,0 +1,111 @@
+"""Byte planes + zstd: the lossless part of every compressed payload.
+
+A *section* is an array of fixed-size elements (e.g. the K and V floats of a block). Plane ``j``
+of a section is byte ``j`` of every element, in order; each plane is one zstd frame. Sign and
+exponent bytes of KV floats are highly repetitive while mantissa bytes are nearly random, so
+coding them apart reaches about the entropy limit (1.45x on bf16 KV, vs 1.28x for plain zstd).
+
+Payload layout: ``u32 frame length`` for every frame (little-endian), then the frames.
+zstd contexts are not thread safe: each thread keeps its own (``threading.local``).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import zstandard
+
+# [n, itemsize] uint8: the element bytes of one part of a section, n elements.
+ElementBytes = np.ndarray
+
+
+class RecordProblem(Exception):
+    """Internal: the payload is malformed. The record layer turns it into a located error."""
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    c = cache.get(level)
+    if c is None:
+        # content size in every frame: the decoder checks it before it decompresses anything.
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, threads=0)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
+def compress_section(parts: Sequence[ElementBytes], level: int) -> list[bytes]:
+    """One frame per byte plane of the concatenated parts. parts: [n_i, itemsize] uint8 each."""
+    itemsize = parts[0].shape[1]
+    total = sum(p.shape[0] for p in parts)
+    planes = np.empty((itemsize, total), dtype=np.uint8)   # [itemsize, total]
+    at = 0
+    for p in parts:
+        planes[:, at:at + p.shape[0]] = p.T
+        at += p.shape[0]
+    c = _compressor(level)
+    return [c.compress(planes[j]) for j in range(itemsize)]
+
+
+def pack_frames(frames: Sequence[bytes]) -> list[bytes]:
+    """Payload pieces: the length preamble, then the frames (to be joined by the caller)."""
+    return [struct.pack(f"<{len(frames)}I", *map(len, frames)), *frames]
+
+
+def split_frames(payload: memoryview, nframes: int) -> list[memoryview]:
+    """Inverse of :func:`pack_frames`; the frames must fill the payload exactly."""
+    pre = 4 * nframes
+    if len(payload) < pre:
+        raise RecordProblem(f"payload of {len(payload)} bytes is shorter than its {pre}-byte frame table")
+    lengths = struct.unpack_from(f"<{nframes}I", payload)
+    if pre + sum(lengths) != len(payload):
+        raise RecordProblem(f"frame lengths {list(lengths)} do not fill the {len(payload)}-byte payload")
+    frames, at = [], pre
+    for n in lengths:
+        frames.append(payload[at:at + n])
+        at += n
+    return frames
+
+
+def decompress_frame(frame: memoryview, size: int) -> bytes:
+    """Decompress one frame that must hold exactly ``size`` bytes. Nothing larger is allocated:
+    the size written in the frame header is checked first (zstandard would trust it)."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise RecordProblem(f"bad zstd frame header: {e}") from None
+    if declared != size:
+        raise RecordProblem(f"zstd frame declares {declared} bytes, expected {size}")
+    try:
+        out = _decompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise RecordProblem(f"zstd error: {e}") from None
+    if len(out) != size:
+        raise RecordProblem(f"zstd frame decoded to {len(out)} bytes, expected {size}")
+    return out
+
+
+def decompress_section(frames: Sequence[memoryview], dests: Sequence[np.ndarray]) -> None:
+    """Decode ``len(frames)`` planes into ``dests``, views ``[..., itemsize]`` uint8 (strided ok)
+    that together hold the section's elements in order."""
+    counts = [d[..., 0].size for d in dests]
+    total = sum(counts)
+    for j, frame in enumerate(frames):
+        plane = np.frombuffer(decompress_frame(frame, total), dtype=np.uint8)
+        at = 0
+        for d, n in zip(dests, counts):
+            d[..., j] = plane[at:at + n].reshape(d.shape[:-1])   # strided scatter of byte j
+            at += n

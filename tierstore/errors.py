@@ -1,0 +1,99 @@
+"""Typed errors. Each names the thing that is wrong: store path, session, layer, block."""
+
+from __future__ import annotations
+
+
+class TierstoreError(Exception):
+    """Base class of every error tierstore raises on purpose."""
+
+
+def _where(session: str | None, layer: int | None, block: int | None, key: bytes | None) -> str:
+    parts = []
+    if session is not None:
+        parts.append(f"session {session!r}")
+    if layer is not None:
+        parts.append(f"layer {layer}")
+    if block is not None:
+        parts.append(f"block {block}")
+    if key is not None and not parts:
+        parts.append(f"key {key.hex()}")
+    return ", ".join(parts)
+
+
+class LocatedError(TierstoreError):
+    """An error about one stored thing; ``session``/``layer``/``block``/``key`` say which."""
+
+    def __init__(self, reason: str, *, session: str | None = None, layer: int | None = None,
+                 block: int | None = None, key: bytes | None = None) -> None:
+        self.reason = reason
+        self.session, self.layer, self.block, self.key = session, layer, block, key
+        where = _where(session, layer, block, key)
+        super().__init__(f"{where}: {reason}" if where else reason)
+
+
+class CorruptBlockError(LocatedError):
+    """A stored block or summary failed its checksum or could not be decoded."""
+
+
+class CorruptRecordError(LocatedError):
+    """A session record (or other store metadata) failed its checksum or is malformed."""
+
+
+class MissingBlockError(LocatedError):
+    """A committed session names a block that is not in the store."""
+
+
+class FormatVersionError(LocatedError):
+    """A record was written by a format version this code does not read."""
+
+
+class SessionNotFoundError(LocatedError):
+    """No committed session of that name."""
+
+
+class SessionExistsError(LocatedError):
+    """A session of that name exists; resume it or pass ``overwrite=True``."""
+
+
+class SessionBusyError(LocatedError):
+    """Another live writer holds the session's lease."""
+
+
+class InvalidSessionNameError(TierstoreError, ValueError):
+    """Session names are 1-128 characters of ``[A-Za-z0-9._-]``, starting with a letter or digit."""
+
+
+class InvalidSizeError(TierstoreError, ValueError):
+    """A byte size such as ``"8GiB"`` could not be parsed or is out of range."""
+
+
+class ModelMismatchError(TierstoreError):
+    """The model (fingerprint, layout or dtype) differs from the one a session was stored with."""
+
+
+class TokenMismatchError(TierstoreError):
+    """Token ids given for a session do not extend the ids it holds."""
+
+
+class NotAStoreError(TierstoreError):
+    """The path is not a tierstore directory (or cannot become one)."""
+
+
+class StoreReadOnlyError(TierstoreError):
+    """A write was attempted on a store opened read-only (or whose files are not writable)."""
+
+
+class StoreClosedError(TierstoreError):
+    """The store was closed, or is used in a process forked after it was opened."""
+
+
+class QuotaExceededError(TierstoreError):
+    """A commit would exceed the cold tier's quota; the previous state is intact."""
+
+
+class BudgetError(TierstoreError, ValueError):
+    """A tier budget is too small for what was asked (e.g. smaller than one block)."""
+
+
+class ImportFormatError(TierstoreError, ValueError):
+    """An export file is malformed, truncated, or does not match its own metadata."""

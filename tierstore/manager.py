@@ -1,0 +1,672 @@
+"""TierManager: placement, budgets, demotion, recall, prefetch and write-back of token blocks.
+
+A block (one layer of one sequence, ``block_tokens`` tokens) lives in the hot pool (the
+model's device), the warm pool (host), and/or only in cold (LMDB). Contracts:
+
+* Budgets: pools are preallocated from the store's byte budgets and never grow; everything the
+  manager hands to attention is a view of a hot slot, so hot bytes in use are bounded by the
+  hot pool, materialised tensors included.
+* Nothing is lost: a block is dropped from warm only when it is durable in cold or still hot;
+  from hot only after a warm copy exists. Eviction is demotion, never deletion.
+* Pins: a block in use (``acquire``d, being written back or loaded) is never chosen as a victim.
+  Making room for n blocks is all-or-nothing (``BudgetError`` and nothing moved otherwise).
+* Write-back: sealed blocks with a key are encoded in worker threads (zstd releases the GIL)
+  and written by one writer thread in batched LMDB transactions; ``flush`` waits for them.
+* Recall: ``prefetch`` returns at once (cold -> warm decode in a thread, warm -> hot copy in the
+  thread on CPU or on a side CUDA stream fenced by an event); ``acquire`` waits only for what is
+  not resident yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .codec import CodecConfig, decode_block, encode_block
+from .errors import BudgetError, CorruptBlockError, MissingBlockError, StoreClosedError, TierstoreError
+from .layout import KVLayout
+from .metrics import Counters
+from .policies import Policy, Summaries, get_policy
+from .records import BlockSummary
+from .tiers.hot import HotPool
+from .tiers.warm import WarmPool
+
+log = logging.getLogger(__name__)
+
+WRITE_BATCH = 64
+
+
+class Block:
+    """One layer's block of one sequence. Mutable bookkeeping, guarded by the manager lock."""
+
+    __slots__ = ("seq", "layer", "index", "ntok", "hot", "warm", "key", "durable", "queued", "pins",
+                 "last_used", "summary", "transient", "loading", "ready", "prefetched")
+
+    def __init__(self, seq: "Seq", layer: int, index: int) -> None:
+        self.seq, self.layer, self.index = seq, layer, index
+        self.ntok = 0
+        self.hot: int | None = None       # hot slot
+        self.warm: int | None = None      # warm slot
+        self.key: bytes | None = None     # cold key (chain || layer) once the tokens are known
+        self.durable = False              # stored in cold under ``key``
+        self.queued = False               # write-back in flight
+        self.pins = 0
+        self.last_used = 0
+        self.summary: BlockSummary | None = None
+        self.transient = False            # promoted only to be streamed: first to leave hot
+        self.loading: Future | None = None
+        self.ready: torch.cuda.Event | None = None  # CUDA: copy into the hot slot done
+        self.prefetched = False
+
+    @property
+    def sealed(self) -> bool:
+        return self.ntok == self.seq.layout.block_tokens
+
+    def where(self) -> dict:
+        return {"session": self.seq.name, "layer": self.layer, "block": self.index}
+
+
+class Seq:
+    """One sequence (a batch row) registered with the manager."""
+
+    __slots__ = ("id", "name", "layout", "device", "codec", "policy", "layers", "hot", "warm", "closed")
+
+    def __init__(self, sid: int, name: str, layout: KVLayout, device: torch.device, codec: CodecConfig,
+                 policy: Policy, hot: HotPool, warm: WarmPool) -> None:
+        self.id, self.name, self.layout, self.device = sid, name, layout, device
+        self.codec, self.policy, self.hot, self.warm = codec, policy, hot, warm
+        self.layers: list[list[Block]] = [[] for _ in range(layout.num_layers)]
+        self.closed = False
+
+    @property
+    def length(self) -> int:
+        blocks = self.layers[0]
+        return sum(b.ntok for b in blocks)
+
+
+class TierManager:
+    """One per store and process; thread-safe. See the module docstring for the contracts."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        cfg = store.config
+        self.hot_budget, self.warm_budget = cfg.hot_bytes, cfg.warm_bytes
+        self._hot_left, self._warm_left = cfg.hot_bytes, cfg.warm_bytes
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._hot: dict[tuple, HotPool] = {}
+        self._warm: dict[KVLayout, WarmPool] = {}
+        self._seqs: dict[int, Seq] = {}
+        self._ids = itertools.count(1)
+        self.step = 0
+        self.counters = Counters()
+        self._encoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierstore-encode")
+        self._loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierstore-load")
+        self._wq: queue.Queue = queue.Queue()
+        self._write_error: BaseException | None = None
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="tierstore-writer", daemon=True)
+        self._writer.start()
+
+    # -- pools and sequences ---------------------------------------------------------------
+
+    def _pools(self, layout: KVLayout, device: torch.device, hot_bytes: int | None,
+               warm_bytes: int | None) -> tuple[HotPool, WarmPool]:
+        hk = (layout, str(device))
+        if hk not in self._hot:
+            want = self._hot_left if hot_bytes is None else min(hot_bytes, self._hot_left)
+            slots = want // layout.block_bytes
+            if slots < 2:
+                raise BudgetError(f"hot budget {want} bytes holds {slots} blocks of {layout.block_bytes} bytes; "
+                                  "at least 2 are needed")
+            self._hot[hk] = HotPool(layout, slots, device)
+            self._hot_left -= slots * layout.block_bytes
+        if layout not in self._warm:
+            want = self._warm_left if warm_bytes is None else min(warm_bytes, self._warm_left)
+            slots = want // layout.block_bytes
+            if slots < 1:
+                raise BudgetError(f"warm budget {want} bytes is smaller than one block ({layout.block_bytes} bytes)")
+            self._warm[layout] = WarmPool(layout, slots)
+            self._warm_left -= slots * layout.block_bytes
+        return self._hot[hk], self._warm[layout]
+
+    def open_sequence(self, name: str, layout: KVLayout, device: torch.device | str, *,
+                      codec: CodecConfig | None = None, policy: str | Policy = "exact",
+                      hot_bytes: int | None = None, warm_bytes: int | None = None) -> Seq:
+        """Register a sequence. Pools for its layout/device are made on first use from the budgets
+        (``hot_bytes``/``warm_bytes`` cap this layout's share; default: what is left)."""
+        with self._lock:
+            self._check_open()
+            hot, warm = self._pools(layout, torch.device(device), hot_bytes, warm_bytes)
+            seq = Seq(next(self._ids), name, layout, torch.device(device),
+                      codec or self.store.config.codec, get_policy(policy), hot, warm)
+            self._seqs[seq.id] = seq
+            return seq
+
+    def close_sequence(self, seq: Seq, *, flush: bool = True) -> None:
+        """Free the sequence's slots. With ``flush``, pending write-backs finish first."""
+        if flush:
+            with contextlib.suppress(TierstoreError):
+                self.flush(seq)
+        with self._cv:
+            while any(b.pins for layer in seq.layers for b in layer):
+                self._cv.wait(0.05)
+            for layer in seq.layers:
+                for b in layer:
+                    self._drop_hot(b)
+                    self._drop_warm(b)
+            seq.closed = True
+            self._seqs.pop(seq.id, None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self.store.path}: tier manager is closed")
+
+    # -- appending ---------------------------------------------------------------------------
+
+    def append(self, seq: Seq, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append tokens to a layer. k, v: [kv_heads, n, head_dim] on the sequence's device."""
+        bt = seq.layout.block_tokens
+        n = int(k.shape[1])
+        with self._lock:
+            blocks = seq.layers[layer]
+            tail = blocks[-1] if blocks and not blocks[-1].sealed else None
+            if tail is not None and tail.hot is None:
+                self._promote([tail])
+            room = bt - tail.ntok if tail is not None else 0
+            new = max(0, -(-(n - room) // bt))
+            near = blocks[-1].hot if blocks else None
+            if tail is not None:
+                tail.pins += 1  # the tail must not be chosen to make room for its successors
+            try:
+                slots = self._alloc_hot(seq.hot, new, near)
+            finally:
+                if tail is not None:
+                    tail.pins -= 1
+            for s in slots:
+                b = Block(seq, layer, len(blocks))
+                b.hot = s
+                blocks.append(b)
+            pos = 0
+            targets = ([tail] if tail is not None else []) + blocks[len(blocks) - new:]
+            for b in targets:
+                take = min(bt - b.ntok, n - pos)
+                if take <= 0:
+                    break
+                hk, hv = seq.hot.block(b.hot)
+                hk[:, b.ntok:b.ntok + take].copy_(k[:, pos:pos + take])
+                hv[:, b.ntok:b.ntok + take].copy_(v[:, pos:pos + take])
+                if b.ntok and b.key is not None:  # a stored partial block changed: new content
+                    b.key, b.durable = None, False
+                self._drop_warm(b)
+                b.ntok += take
+                b.last_used = self.step
+                pos += take
+                if b.sealed:
+                    b.summary = BlockSummary.of_keys(hk)
+                    self._maybe_write_back(b)
+
+    def set_keys(self, seq: Seq, keys: dict[int, Sequence[bytes]]) -> None:
+        """Cold keys per block index (one per layer); sealed blocks then write back."""
+        with self._lock:
+            for index, per_layer in keys.items():
+                for layer, key in enumerate(per_layer):
+                    blocks = seq.layers[layer]
+                    if index < len(blocks) and blocks[index].key is None:
+                        blocks[index].key = key
+                        self._maybe_write_back(blocks[index])
+
+    def adopt(self, seq: Seq, layer: int, index: int, ntok: int, key: bytes,
+              summary: BlockSummary | None) -> Block:
+        """Register a block that is already durable in cold (resume)."""
+        with self._lock:
+            blocks = seq.layers[layer]
+            if index != len(blocks):
+                raise ValueError(f"adopt out of order: layer {layer} has {len(blocks)} blocks, got {index}")
+            b = Block(seq, layer, index)
+            b.ntok, b.key, b.durable, b.summary = ntok, key, True, summary
+            blocks.append(b)
+            return b
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def blocks(self, seq: Seq, layer: int) -> list[Block]:
+        return seq.layers[layer]
+
+    @contextlib.contextmanager
+    def acquire(self, seq: Seq, layer: int, block_ids: Sequence[int], *,
+                transient: bool = False) -> Iterator[list[Block]]:
+        """Make the blocks hot and pin them for the duration; yields the ``Block`` objects (read
+        them with ``hot_view``). ``transient``: streamed, so they leave hot first afterwards."""
+        with self._lock:
+            self._check_open()
+            blocks = [seq.layers[layer][i] for i in block_ids]
+            self.step += 1
+            for b in blocks:
+                self.counters.requests += 1
+                if b.prefetched:
+                    b.prefetched = False
+                    self.counters.prefetch_needed += 1
+                    self.counters.prefetch_timely += b.hot is not None and b.loading is None
+                if b.hot is not None and b.loading is None:
+                    self.counters.hits["hot"] += 1
+                    b.pins += 1
+                    b.last_used = self.step
+            missing = [b for b in blocks if b.hot is None or b.loading is not None]
+            try:
+                self._promote(missing, transient=transient)
+            except BaseException:
+                for b in blocks:
+                    if b not in missing:
+                        b.pins -= 1
+                raise
+            for b in missing:
+                b.pins += 1
+                b.last_used = self.step
+        try:
+            if seq.hot.is_cuda:
+                stream = torch.cuda.current_stream(seq.device)
+                for b in blocks:
+                    if b.ready is not None:
+                        stream.wait_event(b.ready)
+            yield blocks
+        finally:
+            with self._cv:
+                for b in blocks:
+                    b.pins -= 1
+                self._cv.notify_all()
+
+    def hot_view(self, b: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of a hot block: ``[kv_heads, ntok, head_dim]`` views of its slot."""
+        k, v = b.seq.hot.block(b.hot)
+        return k[:, :b.ntok], v[:, :b.ntok]
+
+    def runs(self, blocks: Sequence[Block]) -> list[tuple[int, int, int, int]]:
+        """Group hot blocks into runs of consecutive slots and indices:
+        ``(first_slot, n_blocks, first_token, ntok)`` for zero-copy views."""
+        bt = blocks[0].seq.layout.block_tokens if blocks else 0
+        out: list[list[int]] = []
+        for b in blocks:
+            if out and out[-1][0] + out[-1][1] == b.hot and out[-1][4] + out[-1][1] == b.index \
+                    and out[-1][3] == out[-1][1] * bt:
+                out[-1][1] += 1
+                out[-1][3] += b.ntok
+            else:
+                out.append([b.hot, 1, b.index * bt, b.ntok, b.index])
+        return [(r[0], r[1], r[2], r[3]) for r in out]
+
+    def prefetch(self, seq: Seq, layer: int, block_ids: Iterable[int], *, hot: bool = True) -> None:
+        """Start moving blocks up; returns at once. Blocks that cannot get room are skipped."""
+        with self._lock:
+            if self._closed:
+                return
+            for i in block_ids:
+                b = seq.layers[layer][i]
+                self.counters.prefetch_requested += 1
+                if b.loading is not None or (b.hot is not None if hot else (b.hot is not None or b.warm is not None)):
+                    continue
+                try:
+                    self._start_load(b, to_hot=hot, evict=False)
+                    b.prefetched = True
+                except BudgetError:
+                    continue
+
+    def summaries(self, seq: Seq, layer: int) -> Summaries:
+        """Stacked summaries of the layer's sealed blocks and its tail (for policies)."""
+        with self._lock:
+            blocks = seq.layers[layer]
+            lay = seq.layout
+            n = len(blocks)
+            kmin = torch.zeros(n, lay.kv_heads, lay.head_dim)
+            kmax, kmean = torch.zeros_like(kmin), torch.zeros_like(kmin)
+            mass = torch.zeros(n, lay.kv_heads)
+            for i, b in enumerate(blocks):
+                s = b.summary
+                if s is None and b.hot is not None:
+                    s = b.summary = BlockSummary.of_keys(seq.hot.block(b.hot)[0][:, :b.ntok]) if b.ntok else None
+                if s is not None:
+                    kmin[i], kmax[i], kmean[i], mass[i] = s.kmin, s.kmax, s.kmean, s.mass
+            return Summaries(kmin=kmin, kmax=kmax, kmean=kmean, mass=mass,
+                             last_used=torch.tensor([b.last_used for b in blocks], dtype=torch.int64),
+                             tokens=torch.tensor([b.ntok for b in blocks], dtype=torch.int64), step=self.step)
+
+    def note_attention(self, seq: Seq, layer: int, block_ids: Sequence[int], mass: torch.Tensor) -> None:
+        """Accumulate attention mass: ``mass`` float [len(block_ids), kv_heads]."""
+        mass = mass.detach().float().cpu()
+        with self._lock:
+            for i, m in zip(block_ids, mass):
+                b = seq.layers[layer][i]
+                if b.summary is None and b.hot is not None:
+                    b.summary = BlockSummary.of_keys(seq.hot.block(b.hot)[0][:, :b.ntok])
+                if b.summary is not None:
+                    b.summary.mass += m
+
+    # -- durability --------------------------------------------------------------------------
+
+    def flush(self, seq: Seq | None = None) -> None:
+        """Wait until every sealed, keyed block (of ``seq``, or all) is durable."""
+        with self._cv:
+            while True:
+                self._raise_write_error()
+                pending = [b for s in ([seq] if seq else list(self._seqs.values()))
+                           for layer in s.layers for b in layer if b.queued]
+                if not pending:
+                    return
+                self._cv.wait(0.05)
+
+    def write_now(self, blocks: Sequence[Block]) -> None:
+        """Encode and store keyed blocks synchronously (the partial tail at commit)."""
+        items = []
+        with self._lock:
+            for b in blocks:
+                if b.durable or b.key is None:
+                    continue
+                b.pins += 1
+                items.append(b)
+        try:
+            enc = [(b.key, *self._encode(b)) for b in items]
+            if enc:
+                self.store.sessions.put_blocks(enc)
+                self._count_written(items, enc)
+            with self._cv:
+                for b in items:
+                    b.durable = True
+        finally:
+            with self._cv:
+                for b in items:
+                    b.pins -= 1
+                self._cv.notify_all()
+
+    def _maybe_write_back(self, b: Block) -> None:
+        if b.sealed and b.key is not None and not b.durable and not b.queued:
+            b.queued = True
+            b.pins += 1
+            self._wq.put((b, self._encoders.submit(self._encode, b)))
+
+    def _encode(self, b: Block) -> tuple[bytes, bytes]:
+        pool = b.seq.hot if b.hot is not None else b.seq.warm
+        slot = b.hot if b.hot is not None else b.warm
+        k, v = pool.block(slot)
+        k, v = k[:, :b.ntok], v[:, :b.ntok]
+        if b.summary is None:
+            b.summary = BlockSummary.of_keys(k)
+        rec = encode_block(b.key, k, v, b.seq.codec)
+        return rec, b.summary.seal(b.key)
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._wq.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < WRITE_BATCH:
+                try:
+                    nxt = self._wq.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._wq.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                items = [(b.key, *fut.result()) for b, fut in batch]
+                self.store.sessions.put_blocks(items)
+                ok = True
+                self._count_written([b for b, _ in batch], items)
+            except BaseException as e:  # surfaced by flush()/commit()
+                log.error("write-back failed: %s", e)
+                self._write_error, ok = e, False
+            with self._cv:
+                for b, _ in batch:
+                    b.queued = False
+                    b.pins -= 1
+                    b.durable = ok
+                self._cv.notify_all()
+
+    def _count_written(self, blocks: Sequence[Block], items: Sequence[tuple]) -> None:
+        c = self.counters
+        c.cold_writes += len(items)
+        c.cold_bytes_written += sum(len(r) for _, r, _ in items)
+        c.raw_bytes_written += sum(2 * b.ntok * b.seq.layout.block_bytes // (2 * b.seq.layout.block_tokens)
+                                   for b in blocks)
+
+    def _raise_write_error(self) -> None:
+        if self._write_error is not None:
+            e, self._write_error = self._write_error, None
+            if isinstance(e, TierstoreError):
+                raise e
+            raise TierstoreError(f"write-back failed: {e}") from e
+
+    # -- movement (lock held) ------------------------------------------------------------------
+
+    def _alloc_hot(self, pool: HotPool, n: int, near: int | None) -> list[int]:
+        slots = pool.alloc(n, near)
+        if slots is None:
+            self._evict_hot(pool, n - pool.free_count)
+            slots = pool.alloc(n, near)
+        if slots is None:
+            raise BudgetError(f"hot pool: cannot find {n} slots")
+        self.counters.hot_peak = max(self.counters.hot_peak, pool.used)
+        return slots
+
+    def _victims(self, candidates: list[Block], n: int) -> list[Block]:
+        """The n least valuable candidates: transient first, then by each sequence's policy."""
+        by_seq: dict[int, list[Block]] = {}
+        for b in candidates:
+            by_seq.setdefault(b.seq.id, []).append(b)
+        ranked: list[tuple[int, float, Block]] = []
+        for blocks in by_seq.values():
+            seq = blocks[0].seq
+            for layer in {b.layer for b in blocks}:
+                s = self.summaries(seq, layer)
+                score = seq.policy.score(s)
+                if score.dim() > 1:
+                    score = score.max(-1).values
+                for b in blocks:
+                    if b.layer == layer:
+                        ranked.append((0 if b.transient else 1, float(score[b.index]), b))
+        ranked.sort(key=lambda t: (t[0], t[1]))
+        return [b for _, _, b in ranked[:n]]
+
+    def _evict_hot(self, pool: HotPool, n: int) -> None:
+        """Demote n unpinned sealed blocks hot -> warm, all or nothing."""
+        cands = [b for s in self._seqs.values() if s.hot is pool for layer in s.layers for b in layer
+                 if b.hot is not None and b.pins == 0 and b.loading is None and b.sealed]
+        if len(cands) < n:
+            raise BudgetError(f"hot budget exhausted: need {n} more slots, only {len(cands)} blocks can be "
+                              f"demoted (pool of {pool.slots} blocks); raise hot= or lower the prefill chunk")
+        victims = self._victims(cands, n)
+        need_warm = [b for b in victims if b.warm is None and not b.durable]
+        warm = victims[0].seq.warm
+        for b in victims:
+            b.pins += 1
+        try:
+            wslots = self._alloc_warm(warm, len(need_warm))
+        finally:
+            for b in victims:
+                b.pins -= 1
+        for b, ws in zip(need_warm, wslots):
+            b.warm = ws
+            hk, hv = b.seq.hot.block(b.hot)
+            wk, wv = warm.block(ws)
+            wk.copy_(hk)  # D2H on CUDA: synchronous; the hot slot is reused right after
+            wv.copy_(hv)
+            self.counters.bytes_moved += b.seq.layout.block_bytes
+        for b in victims:
+            self._drop_hot(b)
+            b.transient = False
+            self.counters.demotions["hot"] += 1
+
+    def _alloc_warm(self, pool: WarmPool, n: int) -> list[int]:
+        if n == 0:
+            return []
+        while True:
+            slots = pool.alloc(n)
+            if slots is not None:
+                return slots
+            short = n - pool.free_count
+            cands = [b for s in self._seqs.values() if s.warm is pool for layer in s.layers for b in layer
+                     if b.warm is not None and b.pins == 0 and b.loading is None
+                     and (b.durable or b.hot is not None)]
+            if len(cands) >= short:
+                cands.sort(key=lambda b: (b.hot is None, b.last_used))  # hot copies first, then LRU
+                for b in cands[:short]:
+                    self._drop_warm(b)
+                    self.counters.demotions["warm"] += 1
+                continue
+            if any(b.queued for s in self._seqs.values() for layer in s.layers for b in layer):
+                self._cv.wait(0.05)  # write-back in flight: blocks become droppable when durable
+                self._raise_write_error()
+                continue
+            raise BudgetError(f"warm budget exhausted: need {short} more slots and no block is durable yet "
+                              f"(pool of {pool.slots} blocks); raise warm= or make the token ids known")
+
+    def _drop_hot(self, b: Block) -> None:
+        if b.hot is not None:
+            b.seq.hot.release([b.hot])
+            b.hot = None
+            b.ready = None
+
+    def _drop_warm(self, b: Block) -> None:
+        if b.warm is not None:
+            b.seq.warm.release([b.warm])
+            b.warm = None
+
+    def _promote(self, blocks: list[Block], *, transient: bool = False) -> None:
+        """Make blocks hot now (lock held; waits for loads in flight)."""
+        todo = [b for b in blocks if b.hot is None and b.loading is None]
+        for b in blocks:
+            b.pins += 1
+        try:
+            for b in todo:
+                tier = "warm" if b.warm is not None else "cold"
+                self.counters.misses["hot"] += 1
+                self.counters.hits[tier] += 1
+                self._start_load(b, to_hot=True, evict=True)
+                b.transient = transient
+            for b in blocks:
+                fut = b.loading
+                if fut is not None:
+                    self._lock.release()
+                    try:
+                        fut.result()
+                    finally:
+                        self._lock.acquire()
+        finally:
+            for b in blocks:
+                b.pins -= 1
+
+    def _start_load(self, b: Block, *, to_hot: bool, evict: bool) -> None:
+        """Reserve slots now (lock held) and run the copies in a loader thread."""
+        seq = b.seq
+        need_warm = b.warm is None and b.hot is None
+        if need_warm and not b.durable:
+            raise MissingBlockError("block is in no tier (not durable, not resident)", **b.where())
+        b.pins += 1
+        try:
+            ws = None
+            if need_warm:
+                if not evict and seq.warm.free_count < 1:
+                    raise BudgetError("no free warm slot")
+                ws = self._alloc_warm(seq.warm, 1)[0]
+            hs = None
+            if to_hot and b.hot is None:
+                if not evict and seq.hot.free_count < 1:
+                    if ws is not None:
+                        seq.warm.release([ws])
+                    raise BudgetError("no free hot slot")
+                try:
+                    hs = self._alloc_hot(seq.hot, 1, None)[0]
+                except BaseException:
+                    if ws is not None:
+                        seq.warm.release([ws])
+                    raise
+        except BaseException:
+            b.pins -= 1
+            raise
+        if ws is not None:
+            b.warm = ws
+        if hs is not None:
+            b.hot = hs
+        fut: Future = Future()
+        b.loading = fut
+        self._loaders.submit(self._load, b, need_warm, hs is not None, fut)
+
+    def _load(self, b: Block, from_cold: bool, to_hot: bool, fut: Future) -> None:
+        seq = b.seq
+        try:
+            if from_cold:
+                data = self.store.cold.get("blocks", b.key)
+                if data is None:
+                    raise MissingBlockError("block missing from cold", **b.where())
+                wk, wv = seq.warm.block(b.warm)
+                decode_block(b.key, data, out_k=wk, out_v=wv, **b.where())
+                self.counters.bytes_moved += len(data)
+                self.counters.promotions["cold"] += 1
+            if to_hot:
+                wk, wv = seq.warm.block(b.warm)
+                hk, hv = seq.hot.block(b.hot)
+                if seq.hot.is_cuda:
+                    with torch.cuda.stream(seq.hot.copy_stream):
+                        hk.copy_(wk, non_blocking=True)
+                        hv.copy_(wv, non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record(seq.hot.copy_stream)
+                    b.ready = ev
+                else:
+                    hk.copy_(wk)
+                    hv.copy_(wv)
+                self.counters.bytes_moved += seq.layout.block_bytes
+                self.counters.promotions["warm"] += 1
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, (TierstoreError, CorruptBlockError)) else
+                              TierstoreError(f"loading {b.where()}: {e}"))
+        finally:
+            with self._cv:
+                b.loading = None
+                b.pins -= 1
+                if fut.exception() is not None:
+                    if to_hot:
+                        self._drop_hot(b)
+                    if from_cold:
+                        self._drop_warm(b)
+                self._cv.notify_all()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def usage(self) -> dict:
+        """Bytes and blocks in use per tier, and token slots allocated but not filled."""
+        with self._lock:
+            hot_blocks = [b for s in self._seqs.values() for layer in s.layers for b in layer if b.hot is not None]
+            bt = {id(b): b.seq.layout.block_tokens for b in hot_blocks}
+            return {
+                "hot_used_bytes": sum(p.used * p.layout.block_bytes for p in self._hot.values()),
+                "hot_allocated_bytes": sum(p.nbytes for p in self._hot.values()),
+                "warm_used_bytes": sum(p.used * p.layout.block_bytes for p in self._warm.values()),
+                "warm_allocated_bytes": sum(p.nbytes for p in self._warm.values()),
+                "hot_blocks": sum(p.used for p in self._hot.values()),
+                "warm_blocks": sum(p.used for p in self._warm.values()),
+                "allocated_token_slots": sum(bt[id(b)] for b in hot_blocks),
+                "unused_token_slots": sum(bt[id(b)] - b.ntok for b in hot_blocks),
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+        for s in list(self._seqs.values()):
+            self.close_sequence(s, flush=True)
+        with self._lock:
+            self._closed = True
+        self._wq.put(None)
+        self._writer.join()
+        self._encoders.shutdown(wait=True)
+        self._loaders.shutdown(wait=True)

@@ -1,0 +1,46 @@
+"""The one policy interface: rank blocks from their summaries (and optionally the query).
+
+A policy is pure: no I/O, no locks, no data movement. The manager owns top-k, pinning,
+ordering and movement. The same score serves placement (which blocks stay hot: the lowest
+scores are demoted first) and selection (which blocks a step attends to: the highest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Summaries:
+    """Stacked summaries of one layer of one sequence; ``n`` blocks, in block order.
+
+    kmin, kmax, kmean: float32 [n, kv_heads, head_dim] (post-RoPE keys)
+    mass:              float32 [n, kv_heads] accumulated attention mass
+    last_used:         int64 [n] manager step at which each block was last read
+    tokens:            int64 [n] valid tokens per block
+    step:              the manager's current step
+    """
+
+    kmin: torch.Tensor
+    kmax: torch.Tensor
+    kmean: torch.Tensor
+    mass: torch.Tensor
+    last_used: torch.Tensor
+    tokens: torch.Tensor
+    step: int
+
+    @property
+    def n(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+class Policy:
+    """Base class. ``score`` returns float [n] (or [n, kv_heads]); higher means more valuable."""
+
+    name = "base"
+    selects_all = False  # True: selection attends to every block (exact)
+
+    def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,345 @@
+"""Sessions on the cold tier: records, reference counts, commits, forks, deletes, leases, gc.
+
+The session record is the single point of visibility: blocks are written first (invisible
+orphans), then one write transaction checks that every block the record names is stored,
+adjusts the reference counts of the chain positions it gained and lost, deletes positions no
+record references any more, and writes the record. A crash at any instant leaves each session
+as its last commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import lmdb
+
+from .errors import (MissingBlockError, SessionBusyError, SessionExistsError,
+                     SessionNotFoundError, TierstoreError)
+from .layout import FORMAT_VERSION, check_session_name
+from .records import SessionRecord
+from .tiers.cold import CHAIN_BYTES, ColdStore, block_key
+
+log = logging.getLogger(__name__)
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of ``pid`` (clock ticks since boot) so a reused pid is not mistaken for the holder."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:].split()[19].decode()
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Lease:
+    session: str
+    pid: int
+    host: str
+    boot: str
+    start: str | None
+    token: str
+    since: float
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Lease | None":
+        try:
+            return cls(**json.loads(data))
+        except (ValueError, TypeError):
+            return None  # an unreadable lease protects nothing
+
+    def alive(self) -> bool:
+        if self.host != socket.gethostname() or self.boot != _boot_id():
+            return self.host != socket.gethostname()  # other host: cannot check, assume alive
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return _process_start(self.pid) == self.start
+
+
+@dataclass(frozen=True)
+class GcReport:
+    orphan_blocks: int
+    orphan_bytes: int
+    deleted: bool
+    skipped_live_writers: int = 0
+
+
+class SessionStore:
+    """Persistent sessions over one ``ColdStore``."""
+
+    def __init__(self, cold: ColdStore) -> None:
+        self.cold = cold
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, name: str, txn: lmdb.Transaction | None = None) -> SessionRecord:
+        check_session_name(name)
+        if txn is None:
+            data = self.cold.get("sessions", name.encode())
+        else:
+            data = txn.get(name.encode(), db=self.cold.dbs["sessions"])
+        if data is None:
+            raise SessionNotFoundError("no such session", session=name)
+        return SessionRecord.unseal(name, bytes(data))
+
+    def exists(self, name: str) -> bool:
+        check_session_name(name)
+        return self.cold.get("sessions", name.encode()) is not None
+
+    def names(self) -> list[str]:
+        return [k.decode() for k, _ in self.cold.scan("sessions", keys_only=True)]
+
+    def records(self) -> list[SessionRecord | TierstoreError]:
+        """Every record in one snapshot; a damaged one is returned as its error."""
+        out: list[SessionRecord | TierstoreError] = []
+        for k, v in self.cold.scan("sessions"):
+            name = k.decode(errors="replace")
+            try:
+                out.append(SessionRecord.unseal(name, bytes(v)))
+            except TierstoreError as e:
+                out.append(e)
+        return out
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def put_blocks(self, items: Iterable[tuple[bytes, bytes, bytes | None]]) -> int:
+        """Write ``(key, block_record, summary_record)`` items in one transaction.
+
+        Content-addressed: a key already stored holds the same content and is kept. Returns
+        the bytes newly written. The blocks are orphans until a commit names them.
+        """
+        items = list(items)
+
+        def fn(txn: lmdb.Transaction) -> int:
+            blocks, sums = self.cold.dbs["blocks"], self.cold.dbs["summaries"]
+            n = 0
+            for key, rec, summ in items:
+                if txn.put(key, rec, db=blocks, overwrite=False):
+                    n += len(key) + len(rec)
+                if summ is not None:
+                    txn.put(key, summ, db=sums)
+            self.cold.check_quota(txn)
+            return n
+
+        return self.cold.write(fn)  # type: ignore[return-value]
+
+    def commit(self, record: SessionRecord, *, expect_new: bool = False,
+               summaries: Iterable[tuple[bytes, bytes]] = ()) -> SessionRecord:
+        """Make ``record`` the session's visible state, atomically.
+
+        Every block the record names must be stored (for all layers); ``MissingBlockError``
+        otherwise, with nothing changed. ``summaries`` (key, sealed summary) are rewritten in
+        the same transaction (accumulated attention mass).
+        """
+        check_session_name(record.name)
+        new_chains = record.chains()
+        layers = record.layout.num_layers
+        summaries = list(summaries)
+
+        def fn(txn: lmdb.Transaction) -> SessionRecord:
+            dbs = self.cold.dbs
+            old_raw = txn.get(record.name.encode(), db=dbs["sessions"])
+            if old_raw is not None and expect_new:
+                raise SessionExistsError("session already exists", session=record.name)
+            old_chains = SessionRecord.unseal(record.name, bytes(old_raw)).chains() if old_raw else []
+            cur = txn.cursor(db=dbs["blocks"])
+            for i, c in enumerate(new_chains):
+                for layer in range(layers):
+                    if not cur.set_key(block_key(c, layer)):
+                        raise MissingBlockError("block not stored; cannot commit", session=record.name,
+                                                layer=layer, block=i)
+            self._adjust_refs(txn, gained=set(new_chains) - set(old_chains),
+                              lost=set(old_chains) - set(new_chains), layers=layers)
+            for key, summ in summaries:
+                txn.put(key, summ, db=dbs["summaries"])
+            txn.put(record.name.encode(), record.seal(), db=dbs["sessions"])
+            self.cold.check_quota(txn)
+            return record
+
+        return self.cold.write(fn)  # type: ignore[return-value]
+
+    def _adjust_refs(self, txn: lmdb.Transaction, *, gained: set[bytes], lost: set[bytes],
+                     layers: int) -> int:
+        """Reference counts; positions that drop to zero lose their blocks and summaries."""
+        dbs = self.cold.dbs
+        for c in gained:
+            raw = txn.get(c, db=dbs["refs"])
+            n = struct.unpack("<I", raw)[0] if raw else 0
+            txn.put(c, struct.pack("<I", n + 1), db=dbs["refs"])
+        freed = 0
+        for c in lost:
+            raw = txn.get(c, db=dbs["refs"])
+            n = struct.unpack("<I", raw)[0] if raw else 0
+            if n > 1:
+                txn.put(c, struct.pack("<I", n - 1), db=dbs["refs"])
+                continue
+            txn.delete(c, db=dbs["refs"])
+            freed += self._delete_position(txn, c)
+        return freed
+
+    def _delete_position(self, txn: lmdb.Transaction, chain: bytes) -> int:
+        """Delete every layer's block and summary at one chain position; returns bytes freed."""
+        dbs = self.cold.dbs
+        freed = 0
+        for db in ("blocks", "summaries"):
+            cur = txn.cursor(db=dbs[db])
+            if cur.set_range(chain):
+                while cur.key()[:CHAIN_BYTES] == chain:
+                    freed += len(cur.key()) + len(cur.value())
+                    if not cur.delete():
+                        break
+        return freed
+
+    def fork(self, src: str, dst: str, tokens: int | None = None, *, overwrite: bool = False) -> SessionRecord:
+        """A new record over the same blocks: cheap (content-addressed). ``tokens`` cuts the prefix."""
+        check_session_name(dst)
+        rec = self.read(src)
+        n = rec.length if tokens is None else int(tokens)
+        if not 0 < n <= rec.length:
+            raise ValueError(f"fork of {src!r}: tokens must be in 1..{rec.length}, got {tokens}")
+        if n % rec.layout.block_tokens and n != rec.length:
+            # the partial last block of the fork is a different chain position: not stored
+            raise ValueError(f"fork of {src!r}: tokens must be a multiple of block_tokens "
+                             f"({rec.layout.block_tokens}) or the full length {rec.length}")
+        now = time.time()
+        new = rec.with_updates(name=dst, token_ids=rec.token_ids[:n].copy(), created=now, updated=now,
+                               last_logits=rec.last_logits if n == rec.length else None,
+                               meta={**rec.meta, "forked_from": src})
+        return self.commit(new, expect_new=not overwrite)
+
+    def delete(self, names: Iterable[str]) -> int:
+        """Delete sessions and every block only they referenced, in one transaction."""
+        names = [check_session_name(n) for n in names]
+
+        def fn(txn: lmdb.Transaction) -> int:
+            freed = 0
+            for name in names:
+                raw = txn.get(name.encode(), db=self.cold.dbs["sessions"])
+                if raw is None:
+                    raise SessionNotFoundError("no such session", session=name)
+                rec = SessionRecord.unseal(name, bytes(raw))
+                freed += len(raw)
+                txn.delete(name.encode(), db=self.cold.dbs["sessions"])
+                txn.delete(name.encode(), db=self.cold.dbs["leases"])
+                freed += self._adjust_refs(txn, gained=set(), lost=set(rec.chains()),
+                                           layers=rec.layout.num_layers)
+            return freed
+
+        return self.cold.write(fn)  # type: ignore[return-value]
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def acquire(self, name: str) -> Lease:
+        check_session_name(name)
+        me = Lease(session=name, pid=os.getpid(), host=socket.gethostname(), boot=_boot_id(),
+                   start=_process_start(os.getpid()), token=uuid.uuid4().hex, since=time.time())
+
+        def fn(txn: lmdb.Transaction) -> Lease:
+            raw = txn.get(name.encode(), db=self.cold.dbs["leases"])
+            held = Lease.from_bytes(bytes(raw)) if raw else None
+            if held is not None and held.alive():
+                raise SessionBusyError(
+                    f"another writer holds it (pid {held.pid} on {held.host} since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.since))})", session=name)
+            txn.put(name.encode(), me.to_bytes(), db=self.cold.dbs["leases"])
+            return me
+
+        return self.cold.write(fn)  # type: ignore[return-value]
+
+    def release(self, lease: Lease) -> None:
+        if self.cold.closed or self.cold.readonly:
+            return
+
+        def fn(txn: lmdb.Transaction) -> None:
+            raw = txn.get(lease.session.encode(), db=self.cold.dbs["leases"])
+            if raw is not None and (held := Lease.from_bytes(bytes(raw))) and held.token == lease.token:
+                txn.delete(lease.session.encode(), db=self.cold.dbs["leases"])
+
+        self.cold.write(fn)
+
+    def live_leases(self) -> list[Lease]:
+        out = []
+        for _, v in self.cold.scan("leases"):
+            lease = Lease.from_bytes(bytes(v))
+            if lease is not None and lease.alive():
+                out.append(lease)
+        return out
+
+    # -- garbage ---------------------------------------------------------------------------
+
+    def orphans(self, txn: lmdb.Transaction | None = None) -> tuple[list[bytes], int]:
+        """Block and summary keys whose chain position no record references."""
+        keys: list[bytes] = []
+        size = 0
+        with (self.cold.read() if txn is None else contextlib.nullcontext(txn)) as t:
+            refs = self.cold.dbs["refs"]
+            for db in ("blocks", "summaries"):
+                for k, v in self.cold.scan(db, txn=t):
+                    if t.get(k[:CHAIN_BYTES], db=refs) is None:
+                        keys.append(bytes([0 if db == "blocks" else 1]) + k)
+                        size += len(k) + len(v)
+        return keys, size
+
+    def gc(self, *, dry_run: bool = False, force: bool = False) -> GcReport:
+        """Reclaim orphans. Skipped while a live writer holds a lease (its pending blocks are
+        orphans until it commits) unless ``force``."""
+        live = self.live_leases()
+        keys, size = self.orphans()
+        if dry_run or not keys or (live and not force):
+            return GcReport(len(keys), size, deleted=False, skipped_live_writers=len(live) if not force else 0)
+
+        def fn(txn: lmdb.Transaction) -> int:
+            refs = self.cold.dbs["refs"]
+            n = 0
+            for k in keys:
+                db = "blocks" if k[0] == 0 else "summaries"
+                if txn.get(k[1:1 + CHAIN_BYTES], db=refs) is None:  # still an orphan
+                    n += bool(txn.delete(k[1:], db=self.cold.dbs[db]))
+            return n
+
+        self.cold.write(fn)
+        return GcReport(len(keys), size, deleted=True)
+
+    # -- store meta ------------------------------------------------------------------------
+
+    def init_meta(self, block_tokens: int) -> dict:
+        def fn(txn: lmdb.Transaction) -> dict:
+            raw = txn.get(b"store", db=self.cold.dbs["meta"])
+            if raw is None:
+                meta = {"format_version": FORMAT_VERSION, "created": time.time(),
+                        "block_tokens": block_tokens}
+                txn.put(b"store", json.dumps(meta).encode(), db=self.cold.dbs["meta"])
+                return meta
+            return json.loads(raw)
+
+        return self.cold.write(fn)  # type: ignore[return-value]
+
+    def meta(self) -> dict | None:
+        raw = self.cold.get("meta", b"store")
+        return None if raw is None else json.loads(raw)
+

@@ -1,0 +1,348 @@
+"""Cold tier: a thin raw-bytes store on one LMDB environment. No policy, no decoding.
+
+Sub-databases (all keys are bytes):
+
+* ``meta``      store-level facts (format version, created, block_tokens)
+* ``sessions``  session name -> sealed session record (the single point of visibility)
+* ``blocks``    chain hash (16 B) || layer (u16 BE) -> block record (see ``codec``)
+* ``summaries`` same key as the block -> sealed block summary
+* ``refs``      chain hash (16 B) -> u32 LE count of session records that reference it
+* ``leases``    session name -> JSON writer lease
+
+Contracts:
+
+* ``put_many`` writes all items in one write transaction or none (all-or-nothing).
+* ``get_many`` reads in one read transaction (a consistent snapshot) and returns copies.
+* ``lookup(chains)`` returns how many leading chain positions are stored for *every* layer:
+  the longest stored prefix.
+* Map full grows the map (x2) and retries; a map grown by another process is adopted.
+* The environment is never used across ``fork()``: a child gets ``StoreClosedError``.
+
+LMDB rules that bite (py-lmdb docs): write transactions are bound to their thread; a
+``buffers=True`` view dies at the next write in the same transaction; ``set_mapsize`` needs
+no active transaction in this process, hence the read/write gate below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import struct
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Callable
+
+import lmdb
+
+from ..errors import (NotAStoreError, QuotaExceededError, StoreClosedError,
+                      StoreReadOnlyError, TierstoreError)
+
+log = logging.getLogger(__name__)
+
+DB_NAMES = ("meta", "sessions", "blocks", "summaries", "refs", "leases")
+CHAIN_BYTES = 16
+KEY_BYTES = CHAIN_BYTES + 2
+DEFAULT_MAP_SIZE = 1 << 30
+MAX_READERS = 512
+
+_LIVE_ENVS: "weakref.WeakSet[ColdStore]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cs in list(_LIVE_ENVS):
+        cs._forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def block_key(chain: bytes, layer: int) -> bytes:
+    """Key of one layer's block at one chain position."""
+    return chain + struct.pack(">H", layer)
+
+
+def split_key(key: bytes) -> tuple[bytes, int]:
+    return key[:CHAIN_BYTES], struct.unpack(">H", key[CHAIN_BYTES:KEY_BYTES])[0]
+
+
+class _Gate:
+    """Many transactions at once, or one map resize alone."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._active = 0
+        self._resizing = False
+
+    @contextlib.contextmanager
+    def txn(self) -> Iterator[None]:
+        with self._cv:
+            while self._resizing:
+                self._cv.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._active -= 1
+                self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cv:
+            while self._resizing:
+                self._cv.wait()
+            self._resizing = True
+            while self._active:
+                self._cv.wait()
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._resizing = False
+                self._cv.notify_all()
+
+
+class ColdStore:
+    """One LMDB environment under ``path`` (a directory)."""
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, create: bool = True,
+                 quota: int | None = None, map_size: int = DEFAULT_MAP_SIZE) -> None:
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        self.quota = quota
+        self._forked = False
+        self._pid = os.getpid()
+        self._gate = _Gate()
+        self._wlock = threading.Lock()
+        data = os.path.join(self.path, "data.mdb")
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise NotAStoreError(f"{self.path}: is a file, not a store directory")
+        if not os.path.exists(data):
+            if readonly or not create:
+                raise NotAStoreError(f"{self.path}: not a tierstore store (no data.mdb)")
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as e:
+                raise NotAStoreError(f"{self.path}: cannot create store directory: {e.strerror}") from e
+        if not readonly and not os.access(self.path, os.W_OK):
+            raise StoreReadOnlyError(f"{self.path}: store directory is not writable; open it with readonly=True")
+        lock = True
+        if readonly and not os.access(self.path, os.W_OK) and not os.access(
+                os.path.join(self.path, "lock.mdb"), os.W_OK):
+            lock = False  # read-only media: no lock file can be written; readers only
+        try:
+            self.env = lmdb.open(self.path, subdir=True, readonly=readonly, lock=lock,
+                                 max_dbs=len(DB_NAMES) + 2, map_size=max(map_size, 1 << 20),
+                                 max_readers=MAX_READERS, readahead=False, metasync=True,
+                                 sync=True, create=not readonly)
+        except lmdb.InvalidError as e:
+            raise NotAStoreError(f"{self.path}: not an LMDB environment ({e})") from e
+        except lmdb.Error as e:
+            raise NotAStoreError(f"{self.path}: cannot open LMDB environment: {e}") from e
+        try:
+            self.dbs = {}
+            for name in DB_NAMES:
+                if readonly:
+                    with self.env.begin() as t:
+                        if t.get(name.encode()) is None:
+                            raise NotAStoreError(f"{self.path}: not a tierstore store (no {name!r} database)")
+                self.dbs[name] = self.env.open_db(name.encode(), create=not readonly)
+        except lmdb.Error as e:
+            self.env.close()
+            raise NotAStoreError(f"{self.path}: not a tierstore store ({e})") from e
+        except BaseException:
+            self.env.close()
+            raise
+        _LIVE_ENVS.add(self)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._forked or os.getpid() != self._pid:
+            raise StoreClosedError(f"{self.path}: LMDB environment used after fork(); open the store again in the child")
+        if self.env is None:
+            raise StoreClosedError(f"{self.path}: store is closed")
+
+    def close(self) -> None:
+        if getattr(self, "env", None) is not None:
+            if not self._forked:
+                self.env.close()
+            self.env = None
+            _LIVE_ENVS.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self.env is None
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction: a consistent snapshot of the store."""
+        self._check()
+        with self._gate.txn():
+            try:
+                txn = self.env.begin(buffers=False)
+            except lmdb.MapResizedError:
+                txn = None
+            if txn is None:
+                self.env.set_mapsize(0)  # adopt a map grown by another process
+                txn = self.env.begin(buffers=False)
+            with txn:
+                yield txn
+
+    def write(self, fn: Callable[[lmdb.Transaction], object]) -> object:
+        """Run ``fn(txn)`` in one write transaction; commit, or abort on any exception.
+
+        Map full: the transaction is aborted, the map doubled and ``fn`` run again.
+        """
+        self._check()
+        if self.readonly:
+            raise StoreReadOnlyError(f"{self.path}: store is open read-only")
+        with self._wlock:
+            while True:
+                try:
+                    with self._gate.txn():
+                        try:
+                            txn = self.env.begin(write=True)
+                        except lmdb.MapResizedError:
+                            txn = None
+                        if txn is None:
+                            self.env.set_mapsize(0)
+                            txn = self.env.begin(write=True)
+                        try:
+                            out = fn(txn)
+                            txn.commit()
+                            return out
+                        except BaseException:
+                            txn.abort()
+                            raise
+                except lmdb.MapFullError:
+                    self._grow()
+                except lmdb.DiskError as e:
+                    raise TierstoreError(f"{self.path}: disk error while writing: {e}") from e
+                except lmdb.Error as e:
+                    if _is_enospc(e):
+                        raise QuotaExceededError(f"{self.path}: disk full while writing: {e}") from e
+                    raise
+
+    def _grow(self) -> None:
+        with self._gate.exclusive():
+            new = self.env.info()["map_size"] * 2
+            log.info("%s: LMDB map full, growing map to %d bytes", self.path, new)
+            self.env.set_mapsize(new)
+
+    # -- raw-bytes API (DESIGN §7) ---------------------------------------------------------
+
+    def get_many(self, db: str, keys: Iterable[bytes]) -> list[bytes | None]:
+        with self.read() as txn:
+            d = self.dbs[db]
+            return [txn.get(k, db=d) for k in keys]
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        return self.get_many(db, [key])[0]
+
+    def put_many(self, db: str, items: Iterable[tuple[bytes, bytes]], *, overwrite: bool = True) -> int:
+        """All items in one transaction; returns bytes written. Quota is checked first."""
+        items = list(items)
+
+        def fn(txn: lmdb.Transaction) -> int:
+            d = self.dbs[db]
+            n = 0
+            for k, v in items:
+                if overwrite or txn.get(k, db=d) is None:
+                    txn.put(k, v, db=d)
+                    n += len(k) + len(v)
+            self.check_quota(txn)
+            return n
+
+        return self.write(fn)  # type: ignore[return-value]
+
+    def delete_many(self, db: str, keys: Iterable[bytes]) -> int:
+        keys = list(keys)
+
+        def fn(txn: lmdb.Transaction) -> int:
+            d = self.dbs[db]
+            return sum(1 for k in keys if txn.delete(k, db=d))
+
+        return self.write(fn)  # type: ignore[return-value]
+
+    def scan(self, db: str, prefix: bytes = b"", *, keys_only: bool = False,
+             txn: lmdb.Transaction | None = None) -> Iterator[tuple[bytes, bytes | None]]:
+        """Items of ``db`` whose key starts with ``prefix``, in key order (one snapshot)."""
+        with (contextlib.nullcontext(txn) if txn is not None else self.read()) as t:
+            cur = t.cursor(db=self.dbs[db])
+            if not cur.set_range(prefix):
+                return
+            for k, v in cur.iternext(keys=True, values=not keys_only) if not keys_only else (
+                    (k, None) for k in cur.iternext(keys=True, values=False)):
+                if not k.startswith(prefix):
+                    break
+                yield k, v
+
+    def lookup(self, chains: list[bytes], num_layers: int) -> int:
+        """Longest prefix of ``chains`` whose blocks are stored for all ``num_layers`` layers."""
+        with self.read() as txn:
+            d = self.dbs["blocks"]
+            for i, c in enumerate(chains):
+                cur = txn.cursor(db=d)
+                for layer in range(num_layers):
+                    if not cur.set_key(block_key(c, layer)):
+                        return i
+            return len(chains)
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def used_bytes(self, txn: lmdb.Transaction | None = None) -> int:
+        """Bytes in pages that hold data (branch + leaf + overflow) over all databases."""
+        with (contextlib.nullcontext(txn) if txn is not None else self.read()) as t:
+            total = 0
+            for name in DB_NAMES:
+                s = t.stat(self.dbs[name])
+                total += (s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]) * s["psize"]
+            return total
+
+    def check_quota(self, txn: lmdb.Transaction) -> None:
+        if self.quota is not None:
+            used = self.used_bytes(txn)
+            if used > self.quota:
+                raise QuotaExceededError(
+                    f"{self.path}: cold quota exceeded ({used} bytes needed, quota {self.quota}); "
+                    "run `tierstore prune`/`gc` or raise cold=")
+
+    def page_stats(self) -> dict:
+        """LMDB page facts: page size, map size, pages in the file, used, free (reusable)."""
+        self._check()
+        info = self.env.info()
+        st = self.env.stat()
+        with self.read() as txn:
+            used = self.used_bytes(txn) // st["psize"]
+            overflow = sum(txn.stat(self.dbs[n])["overflow_pages"] for n in DB_NAMES)
+        total = info["last_pgno"] + 1
+        # py-lmdb does not expose the free list; pages in the file that no database reaches
+        # (less the two meta pages and the main DB's own pages) are free for reuse.
+        main = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        free = max(0, total - used - main - 2)
+        return {"psize": st["psize"], "map_size": info["map_size"], "total_pages": total,
+                "used_pages": used, "free_pages": free, "overflow_pages": overflow,
+                "file_bytes": _file_size(os.path.join(self.path, "data.mdb")),
+                "readers": info["num_readers"], "max_readers": info["max_readers"]}
+
+    def copy_compacted(self, dest_dir: str) -> None:
+        self._check()
+        self.env.copy(dest_dir, compact=True)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _is_enospc(e: lmdb.Error) -> bool:
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or "No space left" in str(e) \
+        or "File too large" in str(e)
