@@ -315,8 +315,10 @@ class TierManager:
                 try:
                     self._start_load(b, to_hot=hot, evict=False)
                     b.prefetched = True
-                except BudgetError:
-                    continue
+                except BudgetError:  # no free hot slot: at least bring it from cold to warm
+                    if hot and b.warm is None:
+                        with contextlib.suppress(BudgetError):
+                            self._start_load(b, to_hot=False, evict=False)
 
     def summaries(self, seq: Seq, layer: int) -> Summaries:
         """Stacked summaries of the layer's sealed blocks and its tail (for policies)."""
@@ -477,9 +479,16 @@ class TierManager:
 
     def _evict_hot(self, pool: HotPool, n: int) -> None:
         """Demote n unpinned sealed blocks hot -> warm, all or nothing."""
-        cands = [b for s in self._seqs.values() if s.hot is pool for layer in s.layers for b in layer
-                 if b.hot is not None and b.pins == 0 and b.loading is None and b.sealed]
+        while True:
+            resident = [b for s in self._seqs.values() if s.hot is pool for layer in s.layers for b in layer
+                        if b.hot is not None and b.sealed]
+            cands = [b for b in resident if b.pins == 0 and b.loading is None]
+            if len(cands) >= n or not any(b.queued or b.loading is not None for b in resident):
+                break
+            self._cv.wait(0.05)  # blocks being written back or loaded free up shortly
+            self._raise_write_error()
         if len(cands) < n:
+            log.debug("evict fail: %s", [(b.layer, b.index, b.pins, b.queued, b.ntok, b.loading) for b in resident])
             raise BudgetError(f"hot budget exhausted: need {n} more slots, only {len(cands)} blocks can be "
                               f"demoted (pool of {pool.slots} blocks); raise hot= or lower the prefill chunk")
         victims = self._victims(cands, n)
@@ -541,24 +550,27 @@ class TierManager:
 
     def _promote(self, blocks: list[Block], *, transient: bool = False) -> None:
         """Make blocks hot now (lock held; waits for loads in flight)."""
-        todo = [b for b in blocks if b.hot is None and b.loading is None]
         for b in blocks:
             b.pins += 1
         try:
-            for b in todo:
-                tier = "warm" if b.warm is not None else "cold"
-                self.counters.misses["hot"] += 1
-                self.counters.hits[tier] += 1
-                self._start_load(b, to_hot=True, evict=True)
-                b.transient = transient
-            for b in blocks:
-                fut = b.loading
-                if fut is not None:
-                    self._lock.release()
-                    try:
-                        fut.result()
-                    finally:
-                        self._lock.acquire()
+            while True:
+                for b in blocks:  # wait for loads in flight (a prefetch may have stopped at warm)
+                    fut = b.loading
+                    if fut is not None:
+                        self._lock.release()
+                        try:
+                            fut.result()
+                        finally:
+                            self._lock.acquire()
+                todo = [b for b in blocks if b.hot is None and b.loading is None]
+                if not todo:
+                    break
+                for b in todo:
+                    tier = "warm" if b.warm is not None else "cold"
+                    self.counters.misses["hot"] += 1
+                    self.counters.hits[tier] += 1
+                    self._start_load(b, to_hot=True, evict=True)
+                    b.transient = transient
         finally:
             for b in blocks:
                 b.pins -= 1
@@ -641,6 +653,109 @@ class TierManager:
                 self._cv.notify_all()
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    # -- sequence surgery (used by the transformers adapter) ------------------------------------
+
+    def keyed_blocks(self, seq: Seq, layer: int) -> int:
+        """Number of leading sealed blocks of the layer that have a cold key."""
+        blocks = seq.layers[layer]
+        n = 0
+        for b in blocks:
+            if not (b.sealed and b.key is not None):
+                break
+            n += 1
+        return n
+
+    def set_layer_keys(self, seq: Seq, layer: int, keys: dict[int, bytes]) -> None:
+        """Cold keys of sealed blocks of one layer (by block index); write-back starts."""
+        with self._lock:
+            blocks = seq.layers[layer]
+            for i, key in keys.items():
+                b = blocks[i]
+                if b.sealed and b.key != key:
+                    b.key, b.durable = key, False
+                    self._maybe_write_back(b)
+
+    def set_layer_tail_keys(self, seq: Seq, keys: Sequence[bytes]) -> None:
+        """Keys of the partial last block of every layer (written by ``write_now`` at commit)."""
+        with self._lock:
+            for layer, key in enumerate(keys):
+                b = seq.layers[layer][-1]
+                if b.key != key:
+                    b.key, b.durable = key, False
+
+    def truncate(self, seq: Seq, length: int) -> None:
+        """Keep the first ``length`` tokens of every layer (crop)."""
+        bt = seq.layout.block_tokens
+        with self._lock:
+            for layer, blocks in enumerate(seq.layers):
+                keep = -(-length // bt)
+                for b in blocks[keep:]:
+                    while b.pins or b.loading is not None:
+                        self._cv.wait(0.05)
+                    self._drop_hot(b)
+                    self._drop_warm(b)
+                del blocks[keep:]
+                if blocks and blocks[-1].ntok > length - (keep - 1) * bt:
+                    b = blocks[-1]
+                    if b.hot is None:
+                        self._promote([b])
+                    b.ntok = length - (keep - 1) * bt
+                    b.key, b.durable, b.summary = None, False, None
+                    self._drop_warm(b)
+
+    def clone_sequence(self, src: Seq) -> Seq:
+        """A copy of ``src`` (beam search, num_return_sequences). Durable blocks share their cold
+        record; resident ones are copied into new slots of the same tier."""
+        with self._lock:
+            dst = Seq(next(self._ids), src.name, src.layout, src.device, src.codec, src.policy, src.hot, src.warm)
+            self._seqs[dst.id] = dst
+            for layer, blocks in enumerate(src.layers):
+                for b in blocks:
+                    while b.loading is not None or b.queued:
+                        self._cv.wait(0.05)
+                    c = Block(dst, layer, b.index)
+                    c.ntok, c.key, c.durable, c.last_used = b.ntok, b.key, b.durable, b.last_used
+                    if b.summary is not None:
+                        s = b.summary
+                        c.summary = BlockSummary(s.kmin, s.kmax, s.kmean, s.mass.clone(), s.tokens)
+                    b.pins += 1
+                    try:
+                        if b.hot is not None:
+                            c.hot = self._alloc_hot(src.hot, 1, dst.layers[layer][-1].hot if dst.layers[layer] else None)[0]
+                            for a, z in zip(src.hot.block(b.hot), src.hot.block(c.hot)):
+                                z.copy_(a)
+                        elif b.warm is not None or not b.durable:
+                            c.warm = self._alloc_warm(src.warm, 1)[0]
+                            for a, z in zip(src.warm.block(b.warm), src.warm.block(c.warm)):
+                                z.copy_(a)
+                    finally:
+                        b.pins -= 1
+                    dst.layers[layer].append(c)
+                    if c.sealed and c.key is not None and not c.durable:
+                        self._maybe_write_back(c)
+            return dst
+
+    def prefetch_next(self, seq: Seq, layer: int) -> None:
+        """Layer-ahead prefetch: start recalling the first non-resident blocks of ``layer``."""
+        ids = [b.index for b in seq.layers[layer] if b.hot is None and b.loading is None]
+        if ids:
+            self.prefetch(seq, layer, ids[:max(1, min(16, seq.hot.slots // 4))])
+
+    def warm_up(self, seq: Seq) -> None:
+        """After a resume: fill free hot slots with each layer's most valuable blocks (policy),
+        leaving room for streaming; the rest is fetched on demand."""
+        with self._lock:
+            free = seq.hot.free_count - max(1, min(16, seq.hot.slots // 4))
+            per_layer = max(0, free // seq.layout.num_layers)
+            for layer in range(seq.layout.num_layers):
+                if not per_layer or not seq.layers[layer]:
+                    continue
+                score = seq.policy.score(self.summaries(seq, layer))
+                if score.dim() > 1:
+                    score = score.max(-1).values
+                top = torch.argsort(score, descending=True)[:per_layer].tolist()
+                self.prefetch(seq, layer, sorted(top))
 
     def usage(self) -> dict:
         """Bytes and blocks in use per tier, and token slots allocated but not filled."""

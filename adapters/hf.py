@@ -1,0 +1,411 @@
+"""TieredCache: a transformers ``Cache`` whose KV lives in tierstore's tiers.
+
+``model.generate(ids, cache=TieredCache(store, model, session="doc"), ...)``. Every layer's
+K/V goes into token blocks of the store's tier manager; attention runs in the ``tierstore``
+attention function (see ``adapters.attention``), which streams every block (exact mode), so
+no full K/V is ever materialised and hot memory is bounded by the hot pool. The cache learns
+the token ids it holds from a forward pre-hook on the model; ``commit()`` persists.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from tierstore.chain import chain_hashes, root_hash
+from tierstore.codec import CodecConfig
+from tierstore.errors import (ModelMismatchError, SessionExistsError, TierstoreError,
+                              TokenMismatchError)
+from tierstore.layout import check_session_name, parse_size
+from tierstore.records import BlockSummary, SessionRecord
+from tierstore.tiers.cold import block_key
+
+from . import attention as attn
+from .fingerprint import kv_layout, model_fingerprint
+from tierstore.attention import attend_exact
+
+log = logging.getLogger(__name__)
+
+
+class TieredLayer(CacheLayerMixin):
+    """Per-layer facade that transformers inspects; the state lives in the TieredCache."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, cache: "TieredCache", idx: int) -> None:
+        super().__init__()
+        self.cache, self.idx = cache, idx
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # pragma: no cover - via cache
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.cache.update(key_states, value_states, self.idx)
+
+    def get_seq_length(self) -> int:
+        return self.cache.lengths[self.idx]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.lengths[self.idx] + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.cache.seqs) if self.cache.seqs else -1
+
+
+class TieredCache(Cache):
+    """A transformers Cache over a tierstore ``Store``.
+
+    store: ``tierstore.open(...)``; model: the transformers model (its attention implementation
+    is switched to ``tierstore`` until ``close()``); session: name (or one name per batch row)
+    under which ``commit()`` persists, None for an in-memory cache. policy: placement policy
+    (``exact``, ``lru``). hot/warm: this cache's share of the store's budgets (default: all
+    that is left). auto_commit_blocks: commit after this many newly sealed blocks (None: off).
+    """
+
+    def __init__(self, store, model, session: str | Sequence[str] | None = None, *, policy: str = "exact",
+                 budget_tokens: int | None = None, hot: int | str | None = None, warm: int | str | None = None,
+                 codec: str | CodecConfig | None = None, overwrite: bool = False,
+                 auto_commit_blocks: int | None = None, commit_on_close: bool = True,
+                 model_name: str | None = None, tokenizer_name: str | None = None,
+                 _resume: SessionRecord | None = None) -> None:
+        self.store, self.model = store, model
+        self.layout = kv_layout(model, store.config.block_tokens)
+        super().__init__(layers=[TieredLayer(self, i) for i in range(self.layout.num_layers)])
+        self.names = [session] if isinstance(session, str) else (list(session) if session else [])
+        for n in self.names:
+            check_session_name(n)
+        self.fingerprint, self.fingerprint_fields = model_fingerprint(model)
+        self.codec = CodecConfig.parse(codec) if codec is not None else store.config.codec
+        self.policy, self.budget_tokens = policy, budget_tokens
+        self.hot_bytes, self.warm_bytes = parse_size(hot, what="hot"), parse_size(warm, what="warm")
+        self.auto_commit_blocks, self.commit_on_close = auto_commit_blocks, commit_on_close
+        self.model_name = model_name or getattr(model.config, "_name_or_path", None) or None
+        self.tokenizer_name = tokenizer_name or self.model_name
+        self.mgr = store.manager
+        self.lengths = [0] * self.layout.num_layers
+        self.seqs: list = []                     # one manager sequence per batch row
+        self.token_ids: list[list[int]] = []     # per row: ids whose KV is (being) stored
+        self.pads: list[int] = []                # per row: left padding tokens
+        self.last_logits: torch.Tensor | None = None
+        self.ids_known = True
+        self._chains: list[list[bytes]] = []
+        self._sealed_since_commit = 0
+        self._leases = []
+        self._closed = False
+        self._created = time.time()
+        if _resume is None and self.names and not overwrite:
+            for n in self.names:
+                if store.exists(n):
+                    raise SessionExistsError("session exists; use TieredCache.resume(...) or overwrite=True",
+                                             session=n)
+        for n in self.names:
+            self._leases.append(store.sessions.acquire(n))
+        self._prev_attn = model.config._attn_implementation
+        attn.register()
+        model.set_attn_implementation(attn.NAME)
+        self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                       model.register_forward_hook(self._post_forward, with_kwargs=True)]
+        if _resume is not None:
+            self._adopt(_resume)
+
+    # -- transformers Cache API ------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key/value_states: [batch, kv_heads, q, head_dim] post-RoPE. Returns them unchanged:
+        attention reads the tiers through the ``tierstore`` attention function."""
+        if not self.seqs:
+            self._init_rows(key_states)
+        if key_states.dtype != self.layout.dtype:
+            raise ModelMismatchError(f"KV dtype {key_states.dtype} != cache dtype {self.layout.dtype}")
+        for r, seq in enumerate(self.seqs):
+            self.mgr.append(seq, layer_idx, key_states[r], value_states[r])
+        self.lengths[layer_idx] += key_states.shape[2]
+        self._key_sealed(layer_idx)
+        attn.set_active(self)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.lengths[layer_idx] + query_length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.seqs)
+
+    def reset(self) -> None:
+        self._drop_rows()
+        self.lengths = [0] * self.layout.num_layers
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows([int(i) for i in beam_idx.tolist()])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows([r for r in range(len(self.seqs)) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows([int(i) for i in indices.tolist()])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (transformers' v5 convention: a count <= 0)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove (transformers v5)")
+        new_len = self.lengths[0] + tokens_to_remove
+        for r, seq in enumerate(self.seqs):
+            self.mgr.truncate(seq, new_len)
+            self.token_ids[r] = self.token_ids[r][:new_len]
+            self._chains[r] = self._chains[r][:new_len // self.layout.block_tokens]
+        self.lengths = [new_len] * self.layout.num_layers
+        self.last_logits = None
+
+    # -- attention ------------------------------------------------------------------------------
+
+    def _attend(self, layer: int, query: torch.Tensor, mask, scale: float) -> torch.Tensor:
+        """query [batch, heads, q, d] -> out [batch, heads, q, d] in the query's dtype."""
+        outs = []
+        for r, seq in enumerate(self.seqs):
+            pad = None if mask is None or mask.padding is None else mask.padding[r]
+            q_offset = mask.q_offset if mask is not None else self.lengths[layer] - query.shape[2]
+            outs.append(attend_exact(self.mgr, seq, layer, query[r], q_offset, pad, scale))
+        if layer + 1 < self.layout.num_layers:  # layer-ahead: start moving the next layer's blocks up
+            for seq in self.seqs:
+                self.mgr.prefetch_next(seq, layer + 1)
+        return torch.stack(outs).to(query.dtype)
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    def _init_rows(self, key_states: torch.Tensor) -> None:
+        b = key_states.shape[0]
+        if self.names and len(self.names) not in (1, b):
+            raise ValueError(f"{len(self.names)} session names for a batch of {b}")
+        if key_states.shape[1] != self.layout.kv_heads or key_states.shape[3] != self.layout.head_dim:
+            raise ModelMismatchError(f"KV shape {tuple(key_states.shape)} does not match {self.layout}")
+        for r in range(b):
+            self.seqs.append(self._open_seq(self._row_name(r), key_states.device))
+        while len(self.token_ids) < b:
+            self.token_ids.append([])
+            self.pads.append(0)
+            self._chains.append([])
+
+    def _open_seq(self, name: str, device):
+        return self.mgr.open_sequence(name, self.layout, device, codec=self.codec, policy=self.policy,
+                                      hot_bytes=self.hot_bytes, warm_bytes=self.warm_bytes)
+
+    def _row_name(self, r: int) -> str:
+        if len(self.names) > 1:
+            return self.names[r]
+        return (self.names[0] if self.names else "<memory>") + (f"[{r}]" if r else "")
+
+    def _select_rows(self, rows: list[int]) -> None:
+        """New row i = old row rows[i]; the first use of a row keeps it, repeats copy it."""
+        used: set[int] = set()
+        new = []
+        for r in rows:
+            new.append(self.seqs[r] if r not in used else self.mgr.clone_sequence(self.seqs[r]))
+            used.add(r)
+        for r, seq in enumerate(self.seqs):
+            if r not in used:
+                self.mgr.close_sequence(seq, flush=False)
+        self.seqs = new
+        self.token_ids = [list(self.token_ids[r]) for r in rows]
+        self.pads = [self.pads[r] for r in rows]
+        self._chains = [list(self._chains[r]) for r in rows]
+        if self.last_logits is not None:
+            self.last_logits = self.last_logits[rows]
+
+    def _drop_rows(self) -> None:
+        for seq in self.seqs:
+            self.mgr.close_sequence(seq, flush=False)
+        self.seqs, self.token_ids, self.pads, self._chains = [], [], [], []
+
+    # -- token ids and keys -----------------------------------------------------------------------
+
+    def _pre_forward(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not self:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        attn.set_active(self)
+        if ids is None:
+            self.ids_known = False
+            return None
+        ids = ids.tolist()
+        while len(self.token_ids) < len(ids):
+            self.token_ids.append([])
+            self.pads.append(0)
+            self._chains.append([])
+        mask = kwargs.get("attention_mask")
+        if self.lengths[0] == 0 and mask is not None and mask.dim() == 2:
+            self.pads = [int((m == 0).long().cumprod(0).sum()) for m in mask.cpu()]
+        for r, row in enumerate(ids):
+            self.token_ids[r].extend(row)
+            self._chains[r] = chain_hashes(self._root(r), self.token_ids[r], self.layout.block_tokens)
+        return None
+
+    def _post_forward(self, module, args, kwargs, output):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not self:
+            return None
+        logits = getattr(output, "logits", None)
+        if logits is not None:
+            self.last_logits = logits[:, -1].detach().float().cpu()
+        if self.auto_commit_blocks and self._sealed_since_commit >= self.auto_commit_blocks and self.names:
+            self.commit()
+        return None
+
+    def _root(self, r: int) -> bytes:
+        return root_hash(self.fingerprint, self.layout, self.codec.quant, self.pads[r])
+
+    def _key_sealed(self, layer: int) -> None:
+        """Give the sealed blocks of ``layer`` their cold keys (so write-back can start)."""
+        bt = self.layout.block_tokens
+        full = self.lengths[layer] // bt
+        for r, seq in enumerate(self.seqs):
+            chains = self._chains[r] if r < len(self._chains) else []
+            if len(self.token_ids[r]) < self.lengths[layer]:
+                continue  # ids unknown (inputs_embeds): blocks stay unkeyed, persistence refused
+            keyed = self.mgr.keyed_blocks(seq, layer)
+            if keyed < full:
+                self.mgr.set_layer_keys(seq, layer, {i: block_key(chains[i], layer) for i in range(keyed, full)})
+                if layer == self.layout.num_layers - 1:
+                    self._sealed_since_commit += full - keyed
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def commit(self, token_ids: Sequence[int] | torch.Tensor | None = None) -> list[SessionRecord]:
+        """Make the session(s) durable: flush sealed blocks, store the partial tail, write the record.
+
+        ``token_ids`` (manual loops without the pre-hook): the ids whose KV the cache holds.
+        """
+        if not self.names:
+            raise TierstoreError("this TieredCache has no session name; nothing to commit")
+        if len(self.seqs) > 1 and len(self.names) != len(self.seqs):
+            raise TierstoreError(f"a batch of {len(self.seqs)} rows needs {len(self.seqs)} session names to "
+                                 f"persist (got {len(self.names)})")
+        if token_ids is not None:
+            t = torch.as_tensor(token_ids)
+            rows = t.reshape(-1, t.shape[-1]).tolist()
+            self.token_ids = [list(r) for r in rows]
+            self._chains = [chain_hashes(self._root(r), ids, self.layout.block_tokens)
+                            for r, ids in enumerate(self.token_ids)]
+            for layer in range(self.layout.num_layers):
+                self._key_sealed(layer)
+        out = []
+        n = self.lengths[0]
+        for r, seq in enumerate(self.seqs):
+            ids = self.token_ids[r]
+            if len(ids) != n or not self.ids_known and token_ids is None:
+                raise TokenMismatchError(f"session {self.names[r]!r}: the cache holds {n} tokens but "
+                                         f"{len(ids)} token ids are known; pass commit(token_ids)")
+            chains = self._chains[r]
+            tail = n % self.layout.block_tokens
+            if tail:
+                blocks = [self.mgr.blocks(seq, layer)[-1] for layer in range(self.layout.num_layers)]
+                self.mgr.set_layer_tail_keys(seq, [block_key(chains[-1], layer)
+                                                   for layer in range(self.layout.num_layers)])
+                self.mgr.write_now(blocks)
+            self.mgr.flush(seq)
+            logits = self.last_logits[r].numpy() if self.last_logits is not None else None
+            prev = self.store.sessions.read(self.names[r]) if self.store.exists(self.names[r]) else None
+            rec = SessionRecord(
+                name=self.names[r], layout=self.layout, fingerprint=self.fingerprint,
+                fingerprint_fields=self.fingerprint_fields, codec=self.codec,
+                token_ids=np.asarray(ids, dtype=np.int64), last_logits=logits, pad=self.pads[r],
+                model_name=self.model_name, tokenizer_name=self.tokenizer_name,
+                created=prev.created if prev else self._created, updated=time.time(),
+                meta={"policy": self.policy})
+            out.append(self.store.sessions.commit(rec))
+        self._sealed_since_commit = 0
+        return out
+
+    @classmethod
+    def resume(cls, store, model, session: str, *, policy: str = "exact", budget_tokens: int | None = None,
+               hot: int | str | None = None, warm: int | str | None = None, **kw) -> "TieredCache":
+        """Restore a committed session without re-running its prefill."""
+        rec = store.session(session)
+        fp, fields = model_fingerprint(model)
+        if rec.fingerprint != fp:
+            diff = {k: (rec.fingerprint_fields.get(k), fields.get(k)) for k in fields
+                    if rec.fingerprint_fields.get(k) != fields.get(k)}
+            raise ModelMismatchError(f"session {session!r} was stored by another model; differs in {diff}")
+        lay = kv_layout(model, rec.layout.block_tokens)
+        if lay != rec.layout:
+            raise ModelMismatchError(f"session {session!r}: stored layout {rec.layout} != model's {lay}")
+        return cls(store, model, session, policy=policy, budget_tokens=budget_tokens, hot=hot, warm=warm,
+                   codec=rec.codec, model_name=rec.model_name, tokenizer_name=rec.tokenizer_name, _resume=rec, **kw)
+
+    def _adopt(self, rec: SessionRecord) -> None:
+        device = next(self.model.parameters()).device
+        seq = self._open_seq(rec.name, device)
+        chains = rec.chains()
+        keys = [block_key(c, layer) for layer in range(self.layout.num_layers) for c in chains]
+        raw = self.store.cold.get_many("summaries", keys)
+        for layer in range(self.layout.num_layers):
+            for i, c in enumerate(chains):
+                key = block_key(c, layer)
+                data = raw[layer * len(chains) + i]
+                summ = BlockSummary.unseal(key, bytes(data), session=rec.name, layer=layer, block=i) \
+                    if data is not None else None
+                self.mgr.adopt(seq, layer, i, rec.block_len(i), key, summ)
+        self.seqs = [seq]
+        self.token_ids, self.pads, self._chains = [rec.token_ids.tolist()], [rec.pad], [chains]
+        self.lengths = [rec.length] * self.layout.num_layers
+        self._created = rec.created
+        if rec.last_logits is not None:
+            self.last_logits = torch.from_numpy(rec.last_logits).unsqueeze(0)
+        self.mgr.warm_up(seq)
+
+    def check_history(self, ids: Sequence[int] | torch.Tensor) -> None:
+        """Raise TokenMismatchError unless ``ids`` (one row) extend the ids the cache holds."""
+        row = torch.as_tensor(ids).reshape(-1).tolist()
+        have = self.token_ids[0] if self.token_ids else []
+        if row[:len(have)] != have:
+            at = next(i for i, (a, b) in enumerate(zip(row, have)) if a != b) if len(row) >= len(have) else len(row)
+            raise TokenMismatchError(f"the given token history does not extend the {len(have)} cached tokens "
+                                     f"(first difference at position {at})")
+
+    def full_ids(self, new_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """[1, n] the cached history (+ ``new_ids``): what ``generate`` must be given after a resume."""
+        have = self.token_ids[0] if self.token_ids else []
+        extra = torch.as_tensor(new_ids).reshape(-1).tolist() if new_ids is not None else []
+        return torch.tensor([have + extra], dtype=torch.long)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Commit (if configured and named), free the tiers, unhook the model, release leases."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.commit_on_close and self.names and self.seqs and self.lengths[0] and self.ids_known:
+                self.commit()
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self.model.set_attn_implementation(self._prev_attn)
+            self._drop_rows()
+            for lease in self._leases:
+                self.store.sessions.release(lease)
+            self._leases = []
+
+    def __enter__(self) -> "TieredCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,115 @@
+"""Block attention: exact attention over K/V chunks with an online-softmax (log-sum-exp) merge.
+
+The full K/V of a layer is never materialised: each chunk (a run of resident blocks viewed in
+place, or a group of recalled blocks) updates a running max ``m``, normaliser ``l`` and output
+accumulator ``acc``, as in FlashAttention. Math in float32 whatever the KV dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+class OnlineSoftmax:
+    """Accumulates attention of grouped queries over key/value chunks.
+
+    q: [kv_heads, n_rep * q_len, head_dim] (query heads grouped by their KV head, GQA)
+    """
+
+    def __init__(self, q: torch.Tensor, scale: float) -> None:
+        self.q = q.float() * scale
+        g, r, d = q.shape
+        self.m = torch.full((g, r, 1), NEG_INF, dtype=torch.float32, device=q.device)
+        self.l = torch.zeros((g, r, 1), dtype=torch.float32, device=q.device)
+        self.acc = torch.zeros((g, r, d), dtype=torch.float32, device=q.device)
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """k, v: [kv_heads, T, head_dim]; allowed: bool broadcastable to [kv_heads, n_rep*q_len, T]
+        (None = all). Returns ``(p, m)``: the chunk's unnormalised probabilities [g, r, T] and
+        the max they are relative to [g, r, 1]; ``p * exp(m - lse)`` is the chunk's share of
+        the final attention (attention-mass feedback)."""
+        s = torch.matmul(self.q, k.float().transpose(-1, -2))  # [g, r, T]
+        if allowed is not None:
+            s = s.masked_fill(~allowed, NEG_INF)
+        m_new = torch.maximum(self.m, s.amax(-1, keepdim=True))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        p = torch.exp(s - m_safe)
+        corr = torch.exp(torch.where(torch.isfinite(self.m), self.m - m_safe, torch.full_like(self.m, NEG_INF)))
+        self.l = self.l * corr + p.sum(-1, keepdim=True)
+        self.acc = self.acc * corr + torch.matmul(p, v.float())
+        self.m = m_new
+        return p, m_safe
+
+    def result(self) -> torch.Tensor:
+        """[kv_heads, n_rep * q_len, head_dim] float32; rows with no allowed key are 0."""
+        return torch.where(self.l > 0, self.acc / self.l.clamp_min(1e-30), torch.zeros_like(self.acc))
+
+    @property
+    def lse(self) -> torch.Tensor:
+        """log-sum-exp per row [kv_heads, n_rep*q_len, 1] (for normalising recorded chunk mass)."""
+        return self.m + torch.log(self.l)
+
+
+def chunk_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, pad_row: torch.Tensor | None, n_rep: int,
+               kv_heads: int) -> torch.Tensor | None:
+    """allowed[kv_heads|1, n_rep*q_len, T]: causal (key pos <= query pos) and not padding.
+
+    q_pos: int64 [q_len] logical positions of the queries; k_pos: int64 [T] of the keys;
+    pad_row: bool [T] True where the key is a real token (None = no padding).
+    Returns None when every key is allowed for every query.
+    """
+    causal = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [q, T]
+    if pad_row is not None:
+        causal = causal & pad_row.unsqueeze(0)
+    if bool(causal.all()):
+        return None
+    return causal.repeat(n_rep, 1).unsqueeze(0)  # [1, n_rep*q, T]
+
+
+SCRATCH_BYTES = 64 << 20  # cap on one chunk's float32 score matrix
+
+
+def attend_exact(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,
+                 scale: float) -> torch.Tensor:
+    """Exact attention of one sequence's queries over every block of ``layer``.
+
+    q: [heads, q_len, head_dim] post-RoPE; q_offset: logical position of the first query;
+    pad: bool [kv_len] (True = real token) or None. Returns float32 [heads, q_len, head_dim].
+    Resident blocks are read in place (runs of consecutive slots); the others are recalled in
+    groups, each group prefetched while the previous one is computed.
+    """
+    lay = seq.layout
+    heads, q_len, d = q.shape
+    n_rep = heads // lay.kv_heads
+    acc = OnlineSoftmax(q.reshape(lay.kv_heads, n_rep * q_len, d), scale)
+    q_pos = torch.arange(q_offset, q_offset + q_len, device=q.device)
+    blocks = mgr.blocks(seq, layer)
+    resident = [b.index for b in blocks if b.hot is not None and b.loading is None]
+    if resident:
+        with mgr.acquire(seq, layer, resident) as got:
+            _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len)
+    rest = [b.index for b in blocks if b.index not in set(resident)]
+    group = max(1, min(16, seq.hot.slots // 4))
+    chunks = [rest[i:i + group] for i in range(0, len(rest), group)]
+    for i, ids in enumerate(chunks):
+        if i + 1 < len(chunks):
+            mgr.prefetch(seq, layer, chunks[i + 1])
+        with mgr.acquire(seq, layer, ids, transient=True) as got:
+            _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len)
+    return acc.result().reshape(heads, q_len, d)
+
+
+def _add_runs(mgr, acc: OnlineSoftmax, blocks, q_pos, pad, n_rep: int, kv_heads: int, rows: int) -> None:
+    blocks = sorted(blocks, key=lambda b: b.index)
+    pool = blocks[0].seq.hot
+    max_tokens = max(1, SCRATCH_BYTES // (4 * rows))
+    for first_slot, n, first_tok, ntok in mgr.runs(blocks):
+        k, v = pool.view(first_slot, n, ntok)
+        for s in range(0, ntok, max_tokens):
+            e = min(ntok, s + max_tokens)
+            k_pos = torch.arange(first_tok + s, first_tok + e, device=q_pos.device)
+            allowed = chunk_mask(q_pos, k_pos, None if pad is None else pad[first_tok + s:first_tok + e],
+                                 n_rep, kv_heads)
+            acc.add(k[:, s:e], v[:, s:e], allowed)
