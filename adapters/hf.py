@@ -201,6 +201,7 @@ class TieredCache(Cache):
             self.token_ids.append([])
             self.pads.append(0)
             self._chains.append([])
+        self._share_chains()
 
     def _open_seq(self, name: str, device):
         return self.mgr.open_sequence(name, self.layout, device, codec=self.codec, policy=self.policy,
@@ -255,7 +256,15 @@ class TieredCache(Cache):
         for r, row in enumerate(ids):
             self.token_ids[r].extend(row)
             self._chains[r] = chain_hashes(self._root(r), self.token_ids[r], self.layout.block_tokens)
+        self._share_chains()
         return None
+
+    def _share_chains(self) -> None:
+        """Hand each row's full-block chains to its manager sequence (keys at seal time)."""
+        full = [len(ids) // self.layout.block_tokens for ids in self.token_ids]
+        for r, seq in enumerate(self.seqs):
+            if r < len(self._chains):
+                seq.chains = self._chains[r][:full[r]]
 
     def _post_forward(self, module, args, kwargs, output):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))

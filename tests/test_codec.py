@@ -135,6 +135,15 @@ def test_zstd_compresses_smooth_bf16():
     assert len(raw) / len(z) > 1.25
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_leaves_inputs_alone(dtype):
+    k, v = smooth((2, 32, 8), dtype, 3)
+    k0, v0 = k.clone(), v.clone()
+    for spec in ALL_SPECS:
+        encode_block(KEY, k, v, spec)
+    assert torch.equal(bits(k), bits(k0)) and torch.equal(bits(v), bits(v0))
+
+
 def test_encode_accepts_non_contiguous_and_rejects_bad_input():
     k, v = smooth((2, 8, 6), torch.float32, 2)
     kt = k.transpose(0, 1).contiguous().transpose(0, 1)                  # same values, other strides
@@ -195,6 +204,26 @@ def test_int4_size_and_error_targets_on_kv_like_data():
     fp16 = 2 * k.numel() * 2
     assert fp16 / len(encode_block(KEY, k, v, "int4")) > 3.15
     assert fp16 / len(encode_block(KEY, k, v, "int8")) > 1.85
+
+
+def test_threads_share_nothing():
+    """zstd contexts are per thread; concurrent encodes/decodes must not interfere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    blocks = [smooth((2, 48, 16), torch.bfloat16, i) for i in range(16)]
+
+    def work(i: int) -> bool:
+        spec = ["zstd", "int4+zstd", "zstd:3", "int8+zstd"][i % 4]
+        k, v = blocks[i]
+        want = decode_block(KEY, encode_block(KEY, k, v, spec))
+        for _ in range(20):
+            got = decode_block(KEY, encode_block(KEY, k, v, spec))
+            if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                return False
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(16)))
 
 
 # -------------------------------------------------------------------------------- decode into

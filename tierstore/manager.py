@@ -35,6 +35,7 @@ from .layout import KVLayout
 from .metrics import Counters
 from .policies import Policy, Summaries, get_policy
 from .records import BlockSummary
+from .tiers.cold import block_key
 from .tiers.hot import HotPool
 from .tiers.warm import WarmPool
 
@@ -76,7 +77,7 @@ class Block:
 class Seq:
     """One sequence (a batch row) registered with the manager."""
 
-    __slots__ = ("id", "name", "layout", "device", "codec", "policy", "layers", "hot", "warm", "closed")
+    __slots__ = ("id", "name", "layout", "device", "codec", "policy", "layers", "hot", "warm", "closed", "chains")
 
     def __init__(self, sid: int, name: str, layout: KVLayout, device: torch.device, codec: CodecConfig,
                  policy: Policy, hot: HotPool, warm: WarmPool) -> None:
@@ -84,6 +85,7 @@ class Seq:
         self.codec, self.policy, self.hot, self.warm = codec, policy, hot, warm
         self.layers: list[list[Block]] = [[] for _ in range(layout.num_layers)]
         self.closed = False
+        self.chains: list[bytes] = []  # chain hash of every *full* block whose token ids are known
 
     @property
     def length(self) -> int:
@@ -172,38 +174,32 @@ class TierManager:
     # -- appending ---------------------------------------------------------------------------
 
     def append(self, seq: Seq, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append tokens to a layer. k, v: [kv_heads, n, head_dim] on the sequence's device."""
+        """Append tokens to a layer. k, v: [kv_heads, n, head_dim] on the sequence's device.
+
+        Blocks are filled one at a time, so a prefill chunk longer than the hot pool streams
+        through it: each new block may demote an earlier one (sealed blocks of this very call
+        included) to warm. A block that seals gets its cold key from ``seq.chains`` when the
+        token ids are known, and its write-back starts at once.
+        """
         bt = seq.layout.block_tokens
         n = int(k.shape[1])
         with self._lock:
             blocks = seq.layers[layer]
-            tail = blocks[-1] if blocks and not blocks[-1].sealed else None
-            if tail is not None and tail.hot is None:
-                self._promote([tail])
-            room = bt - tail.ntok if tail is not None else 0
-            new = max(0, -(-(n - room) // bt))
-            near = blocks[-1].hot if blocks else None
-            if tail is not None:
-                tail.pins += 1  # the tail must not be chosen to make room for its successors
-            try:
-                slots = self._alloc_hot(seq.hot, new, near)
-            finally:
-                if tail is not None:
-                    tail.pins -= 1
-            for s in slots:
-                b = Block(seq, layer, len(blocks))
-                b.hot = s
-                blocks.append(b)
             pos = 0
-            targets = ([tail] if tail is not None else []) + blocks[len(blocks) - new:]
-            for b in targets:
+            while pos < n:
+                b = blocks[-1] if blocks and not blocks[-1].sealed else None
+                if b is None:
+                    near = blocks[-1].hot if blocks else None
+                    b = Block(seq, layer, len(blocks))
+                    b.hot = self._alloc_hot(seq.hot, 1, near)[0]
+                    blocks.append(b)
+                elif b.hot is None or b.loading is not None:  # (a prefetch may be filling its slot)
+                    self._promote([b])
                 take = min(bt - b.ntok, n - pos)
-                if take <= 0:
-                    break
                 hk, hv = seq.hot.block(b.hot)
                 hk[:, b.ntok:b.ntok + take].copy_(k[:, pos:pos + take])
                 hv[:, b.ntok:b.ntok + take].copy_(v[:, pos:pos + take])
-                if b.ntok and b.key is not None:  # a stored partial block changed: new content
+                if b.key is not None:  # a stored partial block changed: new content, new key
                     b.key, b.durable = None, False
                 self._drop_warm(b)
                 b.ntok += take
@@ -211,6 +207,8 @@ class TierManager:
                 pos += take
                 if b.sealed:
                     b.summary = BlockSummary.of_keys(hk)
+                    if b.index < len(seq.chains):
+                        b.key = block_key(seq.chains[b.index], layer)
                     self._maybe_write_back(b)
 
     def set_keys(self, seq: Seq, keys: dict[int, Sequence[bytes]]) -> None:
@@ -259,6 +257,8 @@ class TierManager:
                     self.counters.hits["hot"] += 1
                     b.pins += 1
                     b.last_used = self.step
+                elif b.hot is not None:  # a prefetch is still copying it in: a miss it serves
+                    self.counters.misses["hot"] += 1
             missing = [b for b in blocks if b.hot is None or b.loading is not None]
             try:
                 self._promote(missing, transient=transient)
@@ -270,6 +270,8 @@ class TierManager:
             for b in missing:
                 b.pins += 1
                 b.last_used = self.step
+            bad = [(b.layer, b.index, b.hot, b.warm, b.loading, b in missing) for b in blocks if b.hot is None]
+            assert not bad, bad
         try:
             if seq.hot.is_cuda:
                 stream = torch.cuda.current_stream(seq.device)
@@ -279,6 +281,10 @@ class TierManager:
             yield blocks
         finally:
             with self._cv:
+                if seq.hot.is_cuda:
+                    # kernels queued on the compute stream may still read these slots: a later
+                    # copy into a slot freed by demoting one of them must run after them
+                    seq.hot.copy_stream.wait_stream(torch.cuda.current_stream(seq.device))
                 for b in blocks:
                     b.pins -= 1
                 self._cv.notify_all()
@@ -393,8 +399,9 @@ class TierManager:
             self._wq.put((b, self._encoders.submit(self._encode, b)))
 
     def _encode(self, b: Block) -> tuple[bytes, bytes]:
-        pool = b.seq.hot if b.hot is not None else b.seq.warm
-        slot = b.hot if b.hot is not None else b.warm
+        # the warm copy when there is one: complete whenever it exists, while the hot slot may be
+        # mid-copy during a promotion (and reading host memory costs no device sync)
+        pool, slot = (b.seq.warm, b.warm) if b.warm is not None else (b.seq.hot, b.hot)
         k, v = pool.block(slot)
         k, v = k[:, :b.ntok], v[:, :b.ntok]
         if b.summary is None:
@@ -450,11 +457,9 @@ class TierManager:
 
     def _alloc_hot(self, pool: HotPool, n: int, near: int | None) -> list[int]:
         slots = pool.alloc(n, near)
-        if slots is None:
+        while slots is None:  # eviction may wait; slots it frees can be taken meanwhile: again
             self._evict_hot(pool, n - pool.free_count)
             slots = pool.alloc(n, near)
-        if slots is None:
-            raise BudgetError(f"hot pool: cannot find {n} slots")
         self.counters.hot_peak = max(self.counters.hot_peak, pool.used)
         return slots
 
@@ -480,27 +485,35 @@ class TierManager:
     def _evict_hot(self, pool: HotPool, n: int) -> None:
         """Demote n unpinned sealed blocks hot -> warm, all or nothing."""
         while True:
-            resident = [b for s in self._seqs.values() if s.hot is pool for layer in s.layers for b in layer
-                        if b.hot is not None and b.sealed]
-            cands = [b for b in resident if b.pins == 0 and b.loading is None]
-            if len(cands) >= n or not any(b.queued or b.loading is not None for b in resident):
-                break
-            self._cv.wait(0.05)  # blocks being written back or loaded free up shortly
-            self._raise_write_error()
-        if len(cands) < n:
-            log.debug("evict fail: %s", [(b.layer, b.index, b.pins, b.queued, b.ntok, b.loading) for b in resident])
-            raise BudgetError(f"hot budget exhausted: need {n} more slots, only {len(cands)} blocks can be "
-                              f"demoted (pool of {pool.slots} blocks); raise hot= or lower the prefill chunk")
-        victims = self._victims(cands, n)
-        need_warm = [b for b in victims if b.warm is None and not b.durable]
-        warm = victims[0].seq.warm
-        for b in victims:
-            b.pins += 1
-        try:
-            wslots = self._alloc_warm(warm, len(need_warm))
-        finally:
+            while True:
+                resident = [b for s in self._seqs.values() if s.hot is pool for layer in s.layers for b in layer
+                            if b.hot is not None and b.sealed]
+                cands = [b for b in resident if b.pins == 0 and b.loading is None]
+                if len(cands) >= n or not any(b.queued or b.loading is not None for b in resident):
+                    break
+                self._cv.wait(0.05)  # blocks being written back or loaded free up shortly
+                self._raise_write_error()
+            if len(cands) < n:
+                log.debug("evict fail: %s", [(b.layer, b.index, b.pins, b.queued, b.ntok, b.loading) for b in resident])
+                raise BudgetError(f"hot budget exhausted: need {n} more slots, only {len(cands)} blocks can be "
+                                  f"demoted (pool of {pool.slots} blocks); raise hot= or lower the prefill chunk")
+            victims = self._victims(cands, n)
+            need_warm = [b for b in victims if b.warm is None and not b.durable]
+            warm = victims[0].seq.warm
             for b in victims:
-                b.pins -= 1
+                b.pins += 1
+            try:
+                wslots = self._alloc_warm(warm, len(need_warm))
+            finally:
+                for b in victims:
+                    b.pins -= 1
+            # _alloc_warm may wait with the lock released: a victim acquired (pinned) or moved
+            # meanwhile must not be demoted under its reader; choose again
+            if any(b.pins or b.hot is None or b.loading is not None or b.warm is not None
+                   for b in need_warm) or any(b.pins or b.hot is None or b.loading is not None for b in victims):
+                warm.release(wslots)
+                continue
+            break
         for b, ws in zip(need_warm, wslots):
             b.warm = ws
             hk, hv = b.seq.hot.block(b.hot)
@@ -530,8 +543,9 @@ class TierManager:
                     self._drop_warm(b)
                     self.counters.demotions["warm"] += 1
                 continue
-            if any(b.queued for s in self._seqs.values() for layer in s.layers for b in layer):
-                self._cv.wait(0.05)  # write-back in flight: blocks become droppable when durable
+            if any(b.queued or (b.loading is not None and b.warm is not None and s.warm is pool)
+                   for s in self._seqs.values() for layer in s.layers for b in layer):
+                self._cv.wait(0.05)  # write-back or load in flight: its block becomes droppable
                 self._raise_write_error()
                 continue
             raise BudgetError(f"warm budget exhausted: need {short} more slots and no block is durable yet "
@@ -578,6 +592,8 @@ class TierManager:
     def _start_load(self, b: Block, *, to_hot: bool, evict: bool) -> None:
         """Reserve slots now (lock held) and run the copies in a loader thread."""
         seq = b.seq
+        if b.loading is not None:  # another thread's load serves this request
+            return
         need_warm = b.warm is None and b.hot is None
         if need_warm and not b.durable:
             raise MissingBlockError("block is in no tier (not durable, not resident)", **b.where())
@@ -603,6 +619,14 @@ class TierManager:
         except BaseException:
             b.pins -= 1
             raise
+        if b.loading is not None or (need_warm and (b.warm is not None or b.hot is not None)) \
+                or (hs is not None and b.hot is not None):
+            # making room released the lock and another thread loaded b meanwhile: its load serves
+            for pool, slot in ((seq.warm, ws), (seq.hot, hs)):
+                if slot is not None:
+                    pool.release([slot])
+            b.pins -= 1
+            return
         if ws is not None:
             b.warm = ws
         if hs is not None:
@@ -632,25 +656,33 @@ class TierManager:
                         ev = torch.cuda.Event()
                         ev.record(seq.hot.copy_stream)
                     b.ready = ev
+                    # this loader thread (not the compute stream) waits: once the transfer
+                    # completes, the pinned warm slot may be reused or dropped at once
+                    ev.synchronize()
                 else:
                     hk.copy_(wk)
                     hv.copy_(wv)
                 self.counters.bytes_moved += seq.layout.block_bytes
                 self.counters.promotions["warm"] += 1
-            fut.set_result(None)
+            err = None
         except BaseException as e:
-            fut.set_exception(e if isinstance(e, (TierstoreError, CorruptBlockError)) else
-                              TierstoreError(f"loading {b.where()}: {e}"))
-        finally:
-            with self._cv:
-                b.loading = None
-                b.pins -= 1
-                if fut.exception() is not None:
-                    if to_hot:
-                        self._drop_hot(b)
-                    if from_cold:
-                        self._drop_warm(b)
-                self._cv.notify_all()
+            err = e if isinstance(e, (TierstoreError, CorruptBlockError)) else \
+                TierstoreError(f"loading {b.where()}: {e}")
+        # complete the transfer (state, pins, slots of a failed load) before waking waiters: a
+        # waiter that sees the future done must also see the block resident and unpinned
+        with self._cv:
+            b.loading = None
+            b.pins -= 1
+            if err is not None:
+                if to_hot:
+                    self._drop_hot(b)
+                if from_cold:
+                    self._drop_warm(b)
+            self._cv.notify_all()
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -709,6 +741,7 @@ class TierManager:
         record; resident ones are copied into new slots of the same tier."""
         with self._lock:
             dst = Seq(next(self._ids), src.name, src.layout, src.device, src.codec, src.policy, src.hot, src.warm)
+            dst.chains = list(src.chains)
             self._seqs[dst.id] = dst
             for layer, blocks in enumerate(src.layers):
                 for b in blocks:

@@ -16,6 +16,7 @@ group: ``from tierstore.tools.cli import bench; bench.add_command(cmd)``.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
 import logging
 import os
@@ -24,9 +25,9 @@ import click
 
 from .. import __version__
 from ..errors import SessionNotFoundError
-from . import render
-from .cli_base import TierstoreGroup, Opts, configure_logging, emit_json, fail, fmt, opened, output_options
-from . import cli_commands
+from ..layout import check_session_name
+from . import cli_commands, render
+from .cli_base import Opts, TierstoreGroup, configure_logging, emit_json, fail, fmt, opened, output_options
 from .cli_scan import scan_store, session_detail, session_info, snapshot, store_stat
 
 log = logging.getLogger("tierstore.cli")
@@ -93,6 +94,7 @@ def show_cmd(session: str, text: bool, png: str | None) -> None:
     """Record, layout, fingerprint, tokens, per-layer sizes, sharing and block maps of SESSION."""
     if png and not render.matplotlib_available():
         fail("--png needs matplotlib, which is not installed (pip install 'tierstore[plot]')", 2)
+    check_session_name(session)
     with opened() as store, snapshot(store.cold) as txn:
         snap = scan_store(store.cold, txn)
         rec = snap.record(session)
@@ -223,9 +225,36 @@ def stat_cmd() -> None:
         ]))
 
 
-@cli.group("bench")
+class BenchGroup(click.Group):
+    """Commands added with ``bench.add_command(cmd)``, plus every ``tools/bench_<name>.py`` that
+    defines a click command called ``<name>`` (imported only when listed or run)."""
+
+    _folder = os.path.dirname(os.path.abspath(__file__))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        found = {f[len("bench_"):-len(".py")] for f in os.listdir(self._folder)
+                 if f.startswith("bench_") and f.endswith(".py")}
+        return sorted(set(super().list_commands(ctx)) | found)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is not None or not name.isidentifier() or \
+                not os.path.isfile(os.path.join(self._folder, f"bench_{name}.py")):
+            return cmd
+        try:
+            mod = importlib.import_module(f"{__package__}.bench_{name}")
+        except Exception as e:  # noqa: BLE001 - one broken benchmark must not break `bench --help`
+            log.warning("benchmark %r cannot be loaded: %s: %s", name, type(e).__name__, e)
+            return None
+        cmd = next((c for c in vars(mod).values() if isinstance(c, click.Command) and c.name == name), None)
+        if cmd is not None:
+            self.add_command(cmd)
+        return cmd
+
+
+@cli.group("bench", cls=BenchGroup)
 def bench() -> None:
-    """Benchmarks (each issue that defines one adds it here)."""
+    """Benchmarks (print tables; --json where offered)."""
 
 
 for _cmd in cli_commands.COMMANDS:
@@ -234,7 +263,7 @@ for _cmd in cli_commands.COMMANDS:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``tierstore = tierstore.tools.cli:main``)."""
-    cli.main(args=argv, prog_name="tierstore")
+    cli.main(args=argv, prog_name="tierstore")  # click turns EPIPE (`tierstore ls | head`) into exit 1
 
 
 if __name__ == "__main__":

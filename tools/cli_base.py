@@ -81,14 +81,19 @@ class TierstoreGroup(click.Group):
             fail(str(e), 1)
         except lmdb.Error as e:
             fail(f"LMDB: {type(e).__name__}: {e}", 1)
-        except (FileExistsError, PermissionError) as e:
-            fail(str(e), 1)
+        except BrokenPipeError:
+            raise  # click's own EPIPE handling
+        except OSError as e:  # the export file, a temp dir, a full disk
+            fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}", 1)
 
 
 def _set_flag(attr: str):
     def cb(ctx: click.Context, _param, value):
         if value is not None and value is not False:
-            setattr(ctx.find_object(Opts), attr, value)
+            o = ctx.ensure_object(Opts)
+            setattr(o, attr, value)
+            if o.json and o.quiet:  # refused while parsing, before the command does anything
+                raise click.UsageError("--json and -q/--quiet exclude each other", ctx=ctx)
         return value
     return cb
 
@@ -106,8 +111,6 @@ def output_options(f):
 
 def fmt() -> str:
     o = click.get_current_context().find_object(Opts)
-    if o.json and o.quiet:
-        raise click.UsageError("--json and -q/--quiet exclude each other")
     return "json" if o.json else "quiet" if o.quiet else o.fmt
 
 

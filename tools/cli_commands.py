@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import Counter
 
 import click
 
@@ -39,10 +38,12 @@ def verify_cmd(sessions: tuple[str, ...]) -> None:
         con = render.console()
         for p in report.damage:
             render.print_lines(con, [f"DAMAGED  {p.where()}: {p.reason} [{p.kind}]"])
-        groups = Counter((p.session, p.kind, p.reason) for p in report.warnings)
-        for (session, kind, reason), n in groups.items():
-            where = f"session {session!r}" if session is not None else "store"
-            render.print_lines(con, [f"warning  {where}: {reason}" + (f" ({n} blocks)" if n > 1 else "")])
+        groups: dict[tuple, list] = {}
+        for p in report.warnings:  # one line per (session, kind): a store can miss thousands of summaries
+            groups.setdefault((p.session, p.kind, p.reason), []).append(p)
+        for (session, _, reason), ps in groups.items():
+            where = ps[0].where() if len(ps) == 1 else f"session {session!r}" if session is not None else "store"
+            render.print_lines(con, [f"warning  {where}: {reason}" + (f" ({len(ps)} blocks)" if len(ps) > 1 else "")])
         state = "OK" if report.ok else f"{len(report.damage)} problem(s) found"
         render.print_lines(con, [f"verified {report.sessions} session(s), {report.blocks} block record(s): {state}"])
         if report.orphan_records:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from ..errors import TierstoreError
+from ..errors import CorruptRecordError, TierstoreError
 from ..records import BlockSummary, SessionRecord
 from ..tiers.cold import CHAIN_BYTES, ColdStore, block_key
 
@@ -33,14 +33,9 @@ def snapshot(cold: ColdStore, *, buffers: bool = True) -> Iterator[lmdb.Transact
     pages, so ``ls`` never pulls a store's blocks from disk. (``ColdStore.read()`` always
     copies; this is the one thing the CLI needs that it lacks.) Views die with the transaction.
     """
-    with cold.read():  # the store's own checks (closed, used after fork) and its resize gate
-        pass
-    try:
-        txn = cold.env.begin(buffers=buffers)
-    except lmdb.MapResizedError:
-        cold.env.set_mapsize(0)  # adopt a map grown by another process
-        txn = cold.env.begin(buffers=buffers)
-    with txn:
+    # The store's own read() runs its checks (closed? used after fork?), adopts a map another
+    # process grew, and holds its resize gate for as long as our transaction lives.
+    with cold.read(), cold.env.begin(buffers=buffers) as txn:
         yield txn
 
 
@@ -86,6 +81,8 @@ def read_records(txn: lmdb.Transaction, cold: ColdStore) -> tuple[list[SessionRe
             good.append(SessionRecord.unseal(name, bytes(v)))
         except TierstoreError as e:
             bad.append(e)
+        except Exception as e:  # noqa: BLE001 - an unreadable record is a finding, never a crash
+            bad.append(CorruptRecordError(f"unreadable record ({type(e).__name__}: {e})", session=name))
     return good, bad
 
 

@@ -29,7 +29,7 @@ import torch
 import xxhash
 
 from ..codec import CodecConfig
-from ..errors import FormatVersionError, ImportFormatError, SessionExistsError
+from ..errors import FormatVersionError, ImportFormatError, SessionExistsError, TierstoreError
 from ..layout import FORMAT_VERSION, KVLayout, check_session_name, dtype_name
 from ..records import SessionRecord
 
@@ -173,7 +173,7 @@ def read_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
 
     Raises ``ImportFormatError`` (or ``FormatVersionError``) naming what is wrong.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     path = os.fspath(path)
     _check_container(path)
@@ -181,14 +181,26 @@ def read_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
         with safe_open(path, framework="pt") as f:
             s = _metadata(path, f.metadata())
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise _bad(path, f"not a valid safetensors file ({e})") from None
+    except TierstoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - SafetensorError or whatever else the parser trips on
+        raise _bad(path, f"not a valid safetensors file ({type(e).__name__}: {e})") from None
     try:
         layout = KVLayout.from_json(s["layout"])
         CodecConfig.from_json(s["codec"])
         length = int(s["length"])
     except (ValueError, KeyError, TypeError) as e:
         raise _bad(path, f"bad layout/codec metadata ({e})") from None
+    for field, types in (("name", str), ("fingerprint", str), ("fingerprint_fields", dict),
+                         ("meta", (dict, type(None))), ("model_name", (str, type(None))),
+                         ("tokenizer_name", (str, type(None))), ("pad", int)):
+        if not isinstance(s.get(field, 0 if field == "pad" else None), types):
+            raise _bad(path, f"metadata field {field!r} has the wrong type ({type(s[field]).__name__})")
+    if s.get("pad", 0) < 0:
+        raise _bad(path, "metadata field 'pad' is negative")
+    if len(tensors) not in (2 * layout.num_layers + 1, 2 * layout.num_layers + 2):
+        raise _bad(path, f"{len(tensors)} tensors do not match the layout ({layout.num_layers} layers: "
+                   f"K and V per layer, token_ids, optional last_logits)")
     want_names = {f"layer.{i}.{kv}" for i in range(layout.num_layers) for kv in "kv"} | {"token_ids"}
     names = set(tensors)
     if not want_names <= names or not names <= want_names | {"last_logits"}:

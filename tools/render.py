@@ -164,10 +164,20 @@ def _map_header(n: int, cols: int) -> str:
     return f"     blocks 0..{n - 1} ({what} per column)"
 
 
-def shared_lines(d: SessionDetail) -> list[str]:
+def shared_lines(d: SessionDetail, names_shown: int = 6) -> list[str]:
+    """One line per distinct set of shared blocks (a thousand chats over one system prompt
+    share the same blocks: one line, not a thousand)."""
     if not d.shared_with:
         return ["(no blocks shared with other sessions)"]
-    return [f"{other}: {len(idx)} block(s) [{ranges(idx)}]" for other, idx in sorted(d.shared_with.items())]
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for other, idx in sorted(d.shared_with.items()):
+        groups.setdefault(tuple(idx), []).append(other)
+    lines = []
+    for idx, names in sorted(groups.items(), key=lambda g: (-len(g[0]), g[1][0])):
+        shown = ", ".join(names[:names_shown]) + (f" and {len(names) - names_shown} more"
+                                                  if len(names) > names_shown else "")
+        lines.append(f"{len(idx)} block(s) [{ranges(list(idx))}] with {shown}")
+    return lines
 
 
 def tokens_preview(ids: Sequence[int], head: int = 48, tail: int = 16) -> str:
@@ -203,6 +213,8 @@ def write_png(d: SessionDetail, path: str) -> None:
     import numpy as np
 
     plt = _import_pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     ratio_img = np.array([[np.nan if s is None or not s else r / s for s, r in zip(s_row, r_row)]
                           for s_row, r_row in zip(d.stored, d.raw)], dtype=float)
     mass_img = np.array([[np.nan if m is None else m for m in row] for row in d.mass], dtype=float)
@@ -213,6 +225,8 @@ def write_png(d: SessionDetail, path: str) -> None:
         ax.set_title(f"{d.record.name}: {title}")
         ax.set_xlabel("block")
         ax.set_ylabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -79,18 +79,21 @@ def _scale(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, axis: int, group: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [H, T, D] float (finite). Returns codes [H, T, D] uint8, lo and hi [A, B, groups] in x.dtype."""
+    """x: [H, T, D] float. Returns codes [H, T, D] uint8, lo and hi [A, B, groups] in x.dtype.
+    ValueError if x holds inf/nan (min/max propagate nan, so checking lo/hi suffices)."""
     levels = (1 << bits) - 1
-    g = _grouped(x, axis, group)
-    lo, hi = g.amin(-1), g.amax(-1)                       # exact: values of x
+    g = _grouped(x.float(), axis, group)
+    lo, hi = torch.aminmax(g, dim=-1)                     # values of x: exact in x.dtype
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError(f"int{bits} codec cannot encode non-finite values (inf/nan); use a lossless codec")
     scale = _scale(lo, hi, levels)
     if not torch.isfinite(scale).all():
         raise ValueError(f"int{bits} codec: value range too large for fp32 arithmetic")
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    q = ((g.float() - lo.float().unsqueeze(-1)) * inv.unsqueeze(-1)).round_().clamp_(0, levels)
+    q = (g - lo.unsqueeze(-1)).mul_(inv.unsqueeze(-1)).round_().clamp_(0, levels)   # g may alias x
     n = x.shape[axis]
     codes = q.to(torch.uint8).flatten(-2)[..., :n].movedim(-1, axis).contiguous()
-    return codes, lo.contiguous(), hi.contiguous()
+    return codes, lo.to(x.dtype), hi.to(x.dtype)
 
 
 def dequantize(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, axis: int, group: int, bits: int,
@@ -119,9 +122,6 @@ def unpack4(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def encode_quant(k: torch.Tensor, v: torch.Tensor, qs: QuantShape) -> tuple[bytes, bytes]:
     """K, V [H, T, D] on CPU -> (codes section, params section) as bytes."""
-    for name, x in (("keys", k), ("values", v)):
-        if not torch.isfinite(x).all():
-            raise ValueError(f"int{qs.bits} codec cannot encode non-finite {name} (inf/nan); use a lossless codec")
     kc, klo, khi = quantize(k, 1, qs.group_k, qs.bits)
     vc, vlo, vhi = quantize(v, 2, qs.group_v, qs.bits)
     if qs.bits == 4:

@@ -97,17 +97,17 @@ def _fail(reason: str, where: dict) -> CorruptBlockError:
     return CorruptBlockError(reason, **where)
 
 
-def _expected_payload(codec: CodecConfig, shape, itemsize: int) -> tuple[int, int]:
-    """Lowest and highest payload length consistent with codec and shape."""
+def _expected_payload(codec: CodecConfig, shape, itemsize: int) -> tuple[int, int | None]:
+    """Lowest and highest (None: unbounded) payload length consistent with codec and shape."""
     raw_len = 2 * math.prod(shape) * itemsize
     if codec.name == "raw":
         return raw_len, raw_len
     if codec.name == "zstd":
         return 4 * itemsize, None
-    qs = QuantShape.of(shape, codec.quant, codec.group, itemsize)
     if codec.uses_zstd:
-        return 4 * (1 + itemsize), None
-    return qs.payload_bytes, qs.payload_bytes
+        return 4 * (1 + itemsize), None      # frame table; each frame's content size is checked later
+    exact = QuantShape.of(shape, codec.quant, codec.group, itemsize).payload_bytes
+    return exact, exact
 
 
 def _version_damaged(mv: memoryview, key: bytes | None) -> bool:
@@ -181,7 +181,8 @@ def _view(record) -> memoryview:
 
 def read_header(record, *, key: bytes | None = None, session: str | None = None,
                 layer: int | None = None, block: int | None = None) -> RecordHeader:
-    """Parse and structure-check the header (no checksum). ``key`` only names the record in errors."""
+    """Parse and structure-check the header; no checksum. ``key``, if given, names the record in
+    errors and tells a damaged version field from a newer format."""
     return _parse(_view(record), key, _where(key, session, layer, block))
 
 

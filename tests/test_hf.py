@@ -1,0 +1,187 @@
+"""TieredCache through model.generate: exact vs DynamicCache with blocks over all three tiers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
+
+import tierstore
+from tierstore.adapters.hf import TieredCache
+from tierstore.errors import ModelMismatchError, SessionExistsError, TokenMismatchError
+
+BT = 8
+
+
+def tiny(kind: str = "llama", dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    cfg = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
+    return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+
+
+def block_bytes(model) -> int:
+    c = model.config
+    return 2 * c.num_key_value_heads * BT * (c.hidden_size // c.num_attention_heads) * model.dtype.itemsize
+
+
+def gen(model, ids, cache, **kw):
+    kw.setdefault("max_new_tokens", 24)
+    return model.generate(ids, cache=cache, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                          pad_token_id=0, **kw)
+
+
+def max_dlogit(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.scores, b.scores))
+
+
+@pytest.fixture
+def store(tmp_path):
+    def make(model, hot_blocks=6, warm_blocks=4, **kw):
+        bb = block_bytes(model)
+        return tierstore.open(tmp_path / "kv", hot=bb * hot_blocks, warm=bb * warm_blocks, block_tokens=BT, **kw)
+    return make
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_exact_matches_dynamic_cache_across_tiers(store, kind):
+    model = tiny(kind)
+    ids = torch.randint(1, 128, (1, 45))
+    ref = gen(model, ids, DynamicCache())
+    with store(model) as st:
+        with TieredCache(st, model) as cache:
+            out = gen(model, ids, cache)
+            s = st.stats()
+        assert torch.equal(out.sequences, ref.sequences)
+        assert max_dlogit(out, ref) < 1e-4
+        # the blocks really went through every tier
+        assert s.demotions.get("hot", 0) > 0 and s.promotions.get("cold", 0) > 0 and s.promotions.get("warm", 0) > 0
+        assert s.hot_used_bytes <= s.hot_budget_bytes and s.warm_used_bytes <= s.warm_budget_bytes
+
+
+def test_chunked_prefill_and_padding_bs2(store):
+    model = tiny()
+    ids = torch.randint(1, 128, (2, 37))
+    mask = torch.ones_like(ids)
+    ids[1, :5] = 0
+    mask[1, :5] = 0
+    ref = gen(model, ids, DynamicCache(), attention_mask=mask, prefill_chunk_size=16)
+    with store(model, hot_blocks=12, warm_blocks=8) as st, TieredCache(st, model) as cache:
+        out = gen(model, ids, cache, attention_mask=mask, prefill_chunk_size=16)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max_dlogit(out, ref) < 1e-4
+
+
+def test_beam_search_and_num_return_sequences(store):
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 21))
+    ref = model.generate(ids, cache=DynamicCache(), num_beams=3, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with store(model, hot_blocks=40, warm_blocks=40) as st, TieredCache(st, model) as cache:
+        out = model.generate(ids, cache=cache, num_beams=3, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_crop_then_continue(store):
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 30))
+    with store(model, hot_blocks=20, warm_blocks=20) as st, TieredCache(st, model) as cache:
+        model(input_ids=ids, cache=cache, use_cache=True)
+        cache.crop(-7)
+        assert cache.get_seq_length() == 23
+        a = model(input_ids=ids[:, 23:], cache=cache, use_cache=True).logits
+    ref = model(input_ids=ids, cache=DynamicCache(), use_cache=True).logits
+    assert (a - ref[:, 23:]).abs().max() < 1e-4
+
+
+def test_bf16_within_tolerance(store):
+    model = tiny(dtype=torch.bfloat16)
+    ids = torch.randint(1, 128, (1, 40))
+    ref = gen(model, ids, DynamicCache(), max_new_tokens=8)
+    with store(model) as st, TieredCache(st, model) as cache:
+        out = gen(model, ids, cache, max_new_tokens=8)
+    # bf16: our attention accumulates in fp32, sdpa in bf16; compare the first step's logits
+    assert (out.scores[0] - ref.scores[0]).abs().max().item() < 0.1
+    assert out.sequences[0, 40] == ref.sequences[0, 40]
+
+
+def test_commit_resume_in_memory_and_errors(store):
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 29))
+    ref = gen(model, ids, DynamicCache(), max_new_tokens=12)
+    with store(model) as st:
+        with TieredCache(st, model, session="chat") as cache:
+            first = gen(model, ids, cache, max_new_tokens=6)
+            cache.commit()
+        rec = st.session("chat")
+        assert rec.length == 29 + 6 - 1
+        assert rec.token_ids.tolist() == first.sequences[0, :-1].tolist()
+        assert rec.last_logits is not None
+        with pytest.raises(SessionExistsError):
+            TieredCache(st, model, session="chat")
+        with TieredCache.resume(st, model, "chat") as cache:
+            with pytest.raises(TokenMismatchError):
+                cache.check_history(torch.zeros(40, dtype=torch.long))
+            cache.check_history(first.sequences[0])
+            out = gen(model, first.sequences, cache, max_new_tokens=6)
+        assert torch.equal(out.sequences, ref.sequences)
+        other = tiny(seed=1)
+        with pytest.raises(ModelMismatchError):
+            TieredCache.resume(st, other, "chat")
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import tierstore
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tierstore.adapters.hf import TieredCache
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    path, hot, warm, full = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+    with tierstore.open(path, hot=hot, warm=warm, block_tokens=8) as st:
+        with TieredCache.resume(st, model, "s") as cache:
+            out = model.generate(torch.tensor([full]), cache=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    print(json.dumps(out[0].tolist()))
+""")
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_save_then_resume_in_new_process(tmp_path, codec):
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 50))
+    ref = model.generate(ids, cache=DynamicCache(), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    bb = block_bytes(model)
+    with tierstore.open(tmp_path / "kv", hot=bb * 6, warm=bb * 4, block_tokens=BT, codec=codec) as st:
+        with TieredCache(st, model, session="s") as cache:
+            first = model.generate(ids, cache=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "kv"), str(bb * 6), str(bb * 4),
+                          json.dumps(first[0].tolist())], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONHASHSEED": "0"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == ref[0].tolist()
+
+
+def test_hot_budget_holds_during_long_prefill(store):
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 300))
+    ref = model(input_ids=ids, cache=DynamicCache(), use_cache=True).logits[:, -1]
+    with store(model, hot_blocks=10, warm_blocks=6) as st, TieredCache(st, model) as cache:
+        peak = 0
+        for s in range(0, 300, 32):
+            logits = model(input_ids=ids[:, s:s + 32], cache=cache, use_cache=True).logits[:, -1]
+            peak = max(peak, st.manager.counters.hot_peak)
+            u = st.manager.usage()
+            assert u["hot_allocated_bytes"] <= st.config.hot_bytes
+            assert u["warm_allocated_bytes"] <= st.config.warm_bytes
+        assert peak <= 10
+        assert (logits - ref).abs().max() < 1e-4
