@@ -103,6 +103,7 @@ class TieredCache(Cache):
         self._leases = []
         self._closed = False
         self._created = time.time()
+        self.meta: dict = dict(_resume.meta) if _resume is not None else {}  # kept in the record
         if _resume is None and self.names and not overwrite:
             for n in self.names:
                 if store.exists(n):
@@ -337,7 +338,7 @@ class TieredCache(Cache):
                 token_ids=np.asarray(ids, dtype=np.int64), last_logits=logits, pad=self.pads[r],
                 model_name=self.model_name, tokenizer_name=self.tokenizer_name,
                 created=prev.created if prev else self._created, updated=time.time(),
-                meta={"policy": self.policy})
+                meta={**self.meta, "policy": self.policy})
             out.append(self.store.sessions.commit(rec))
         self._sealed_since_commit = 0
         return out

@@ -7,6 +7,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 
 import torch
 
@@ -56,7 +57,9 @@ def parse_size(value: int | str | None, *, what: str = "size") -> int | None:
         m = _SIZE_RE.match(value)
         if not m:
             raise InvalidSizeError(f"{what}: cannot parse {value!r}; use e.g. 1048576, '512MiB' or '8GiB'")
-        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+        # exact decimal arithmetic: float() turns 400 digits into inf (OverflowError) and
+        # rounds integers above 2**53
+        n = int(Decimal(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
     else:
         raise InvalidSizeError(f"{what}: {value!r} is not a size")
     if n < 0 or n > MAX_SIZE:

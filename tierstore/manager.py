@@ -465,6 +465,9 @@ class TierManager:
 
     def _victims(self, candidates: list[Block], n: int) -> list[Block]:
         """The n least valuable candidates: transient first, then by each sequence's policy."""
+        transient = [b for b in candidates if b.transient]
+        if len(transient) >= n:  # streamed blocks: oldest first, no scoring needed
+            return sorted(transient, key=lambda b: b.last_used)[:n]
         by_seq: dict[int, list[Block]] = {}
         for b in candidates:
             by_seq.setdefault(b.seq.id, []).append(b)
@@ -578,7 +581,9 @@ class TierManager:
                             self._lock.acquire()
                 todo = [b for b in blocks if b.hot is None and b.loading is None]
                 if not todo:
-                    break
+                    if all(b.loading is None for b in blocks):
+                        break
+                    continue  # a load started while the lock was released: wait for it too
                 for b in todo:
                     tier = "warm" if b.warm is not None else "cold"
                     self.counters.misses["hot"] += 1

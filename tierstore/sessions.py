@@ -32,11 +32,17 @@ log = logging.getLogger(__name__)
 
 
 def _process_start(pid: int) -> str | None:
-    """Start time of ``pid`` (clock ticks since boot) so a reused pid is not mistaken for the holder."""
+    """Start time of ``pid`` (clock ticks since boot) so a reused pid is not mistaken for the holder.
+
+    None for a process that has exited but is not yet reaped (zombie): it holds nothing.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        return stat[stat.rindex(b")") + 2:].split()[19].decode()
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return fields[19].decode()
     except (OSError, IndexError, ValueError):
         return None
 

@@ -183,16 +183,17 @@ class ColdStore:
     def read(self) -> Iterator[lmdb.Transaction]:
         """A read transaction: a consistent snapshot of the store."""
         self._check()
-        with self._gate.txn():
-            try:
-                txn = self.env.begin(buffers=False)
-            except lmdb.MapResizedError:
-                txn = None
-            if txn is None:
-                self.env.set_mapsize(0)  # adopt a map grown by another process
-                txn = self.env.begin(buffers=False)
-            with txn:
-                yield txn
+        while True:
+            with self._gate.txn():
+                try:
+                    txn = self.env.begin(buffers=False)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    with txn:
+                        yield txn
+                    return
+            self._adopt()
 
     def write(self, fn: Callable[[lmdb.Transaction], object]) -> object:
         """Run ``fn(txn)`` in one write transaction; commit, or abort on any exception.
@@ -206,13 +207,7 @@ class ColdStore:
             while True:
                 try:
                     with self._gate.txn():
-                        try:
-                            txn = self.env.begin(write=True)
-                        except lmdb.MapResizedError:
-                            txn = None
-                        if txn is None:
-                            self.env.set_mapsize(0)
-                            txn = self.env.begin(write=True)
+                        txn = self.env.begin(write=True)
                         try:
                             out = fn(txn)
                             txn.commit()
@@ -220,6 +215,8 @@ class ColdStore:
                         except BaseException:
                             txn.abort()
                             raise
+                except lmdb.MapResizedError:
+                    self._adopt()
                 except lmdb.MapFullError:
                     self._grow()
                 except lmdb.DiskError as e:
@@ -228,6 +225,12 @@ class ColdStore:
                     if _is_enospc(e):
                         raise QuotaExceededError(f"{self.path}: disk full while writing: {e}") from e
                     raise
+
+    def _adopt(self) -> None:
+        """Adopt a map grown by another process. ``set_mapsize`` remaps: no transaction of this
+        process may be open (another thread's read would be left on an unmapped region)."""
+        with self._gate.exclusive():
+            self.env.set_mapsize(0)
 
     def _grow(self) -> None:
         with self._gate.exclusive():
