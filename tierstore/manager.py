@@ -270,8 +270,6 @@ class TierManager:
             for b in missing:
                 b.pins += 1
                 b.last_used = self.step
-            bad = [(b.layer, b.index, b.hot, b.warm, b.loading, b in missing) for b in blocks if b.hot is None]
-            assert not bad, bad
         try:
             if seq.hot.is_cuda:
                 stream = torch.cuda.current_stream(seq.device)
