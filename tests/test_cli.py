@@ -563,21 +563,20 @@ def cli_proc(*args, timeout=60):
 
 
 def test_entry_point_subprocess(store, tmp_path):
-    res = cli_proc("--store", store, "ls", "--json")
+    # the console script of the installed (editable) package when there is one, else `python -m`
+    script = shutil.which("tierstore", path=os.path.dirname(sys.executable))
+    res = subprocess.run([script, "--store", store, "ls", "--json"] if script else
+                         [sys.executable, "-m", "tierstore.tools.cli", "--store", store, "ls", "--json"],
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert [r["name"] for r in json.loads(res.stdout)["sessions"]] == ["alpha", "beta", "gamma"]
     flip(store, "blocks", key_of(store, "gamma", 0, 1), 70)
     res = cli_proc("--store", store, "verify")
     assert res.returncode == 1 and "DAMAGED  session 'gamma', layer 1, block 0" in res.stdout
     missing = tmp_path / "missing"
-    res = cli_proc("--store", str(missing), "ls")
+    res = cli_proc("--store", str(missing), "verify")
     assert res.returncode == 2 and res.stderr.startswith("error: ") and not missing.exists()
-    res = cli_proc("--store", str(tmp_path), "verify")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    script = shutil.which("tierstore", path=os.path.dirname(sys.executable))
-    if script:  # the console script of an installed (editable) package
-        res = subprocess.run([script, "--store", store, "ls", "-q"], capture_output=True, text=True, timeout=60)
-        assert res.returncode == 0 and res.stdout.split() == ["alpha", "beta", "gamma"]
+    assert "Traceback" not in res.stderr
 
 
 WRITER = textwrap.dedent("""

@@ -121,6 +121,17 @@ def test_commit_resume_in_memory_and_errors(store):
             cache.commit()
         rec = st.session("chat")
         assert rec.length == 29 + 6 - 1
+        # every stored summary describes its block as committed (the partial tail included)
+        from tierstore.records import BlockSummary
+        from tierstore.tiers.cold import block_key
+        chains = rec.chains()
+        for layer in range(rec.layout.num_layers):
+            for i, c in enumerate(chains):
+                key = block_key(c, layer)
+                summ = BlockSummary.unseal(key, st.cold.get("summaries", key))
+                k, _ = st.read_block(rec, layer, i, chains=chains)
+                assert summ.tokens == rec.block_len(i) == k.shape[1]
+                assert torch.equal(summ.kmax, k.float().amax(1))
         assert rec.token_ids.tolist() == first.sequences[0, :-1].tolist()
         assert rec.last_logits is not None
         with pytest.raises(SessionExistsError):

@@ -201,12 +201,16 @@ class TierManager:
                 hv[:, b.ntok:b.ntok + take].copy_(v[:, pos:pos + take])
                 if b.key is not None:  # a stored partial block changed: new content, new key
                     b.key, b.durable = None, False
+                mass = b.summary.mass if b.summary is not None else None
+                b.summary = None  # stale: recomputed at seal (or at encode for a partial block)
                 self._drop_warm(b)
                 b.ntok += take
                 b.last_used = self.step
                 pos += take
                 if b.sealed:
                     b.summary = BlockSummary.of_keys(hk)
+                    if mass is not None:
+                        b.summary.mass += mass
                     if b.index < len(seq.chains):
                         b.key = block_key(seq.chains[b.index], layer)
                     self._maybe_write_back(b)
@@ -402,8 +406,11 @@ class TierManager:
         pool, slot = (b.seq.warm, b.warm) if b.warm is not None else (b.seq.hot, b.hot)
         k, v = pool.block(slot)
         k, v = k[:, :b.ntok], v[:, :b.ntok]
-        if b.summary is None:
+        if b.summary is None or b.summary.tokens != b.ntok:
+            mass = b.summary.mass if b.summary is not None else None
             b.summary = BlockSummary.of_keys(k)
+            if mass is not None:
+                b.summary.mass += mass
         rec = encode_block(b.key, k, v, b.seq.codec)
         return rec, b.summary.seal(b.key)
 
