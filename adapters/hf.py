@@ -378,7 +378,7 @@ class TieredCache(Cache):
         self._created = rec.created
         if rec.last_logits is not None:
             self.last_logits = torch.from_numpy(rec.last_logits).unsqueeze(0)
-        self.mgr.warm_up(seq)
+        self.mgr.restore(seq)
 
     def check_history(self, ids: Sequence[int] | torch.Tensor) -> None:
         """Raise TokenMismatchError unless ``ids`` (one row) extend the ids the cache holds."""

@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import select
 import shutil
 import struct
 import subprocess
@@ -596,19 +597,26 @@ WRITER = textwrap.dedent("""
 """)
 
 
+def readline_within(proc: subprocess.Popen, seconds: float) -> str:
+    """A line of ``proc``'s stdout, or fail (never hang) if none comes in time."""
+    ready, _, _ = select.select([proc.stdout], [], [], seconds)
+    assert ready, f"no output from pid {proc.pid} within {seconds} s"
+    return proc.stdout.readline()
+
+
 def test_list_and_verify_while_another_process_writes(store):
     writer = subprocess.Popen([sys.executable, "-c", WRITER, store, "3"], stdout=subprocess.PIPE, text=True)
     try:
-        assert writer.stdout.readline().strip() == "ready"
-        rounds, seen = 0, set()
-        while writer.poll() is None:
+        assert readline_within(writer, 60).strip() == "ready"
+        rounds, seen, deadline = 0, set(), time.time() + 60
+        while writer.poll() is None and time.time() < deadline:
             ls = run_json(store, "ls")
             seen.update(r["name"] for r in ls["sessions"])
             rep = run_json(store, "verify")
             assert rep["ok"], rep["damage"]
             run_json(store, "stat")
             rounds += 1
-        commits = int(writer.stdout.readline())
+        commits = int(readline_within(writer, 30))
     finally:
         writer.kill() if writer.poll() is None else None
         writer.wait()
@@ -627,7 +635,7 @@ def test_compact_refused_while_another_process_reads(store):
         sys.stdin.readline()
     """), store], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert reader.stdout.readline().strip() == "reading"
+        assert readline_within(reader, 60).strip() == "reading"
         res = run(store, "compact", code=1)
         assert "reading the store" in res.stderr and str(reader.pid) in res.stderr
     finally:

@@ -283,27 +283,42 @@ def test_entry_point_export_import(store, tmp_path):
     assert_same_session(store, "b16", store, "b16-copy")
 
 
+RESUME_SCRIPT = """
+import sys, torch, tierstore
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from tierstore.adapters.hf import TieredCache
+from tierstore.tools.cli import cli
+
+root = sys.argv[1]
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+model = AutoModelForCausalLM.from_config(cfg).eval()
+ids = torch.randint(1, 128, (1, 30))
+greedy = dict(do_sample=False, pad_token_id=0)
+ref = model.generate(ids, cache=DynamicCache(), max_new_tokens=16, **greedy)
+budget = dict(hot=6 * 2048, warm=4 * 2048, block_tokens=8)   # 2048 B = one K+V block of this model
+with tierstore.open(root + "/a", **budget) as st:
+    with TieredCache(st, model, session="talk") as cache:
+        first = model.generate(ids, cache=cache, max_new_tokens=8, **greedy)
+f = root + "/talk.safetensors"
+for args in (["--store", root + "/a", "export", "talk", f], ["--store", root + "/b", "import", f, "--as", "moved"]):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, (args, res.output)
+with tierstore.open(root + "/b", **budget) as st:
+    with TieredCache.resume(st, model, "moved") as cache:
+        out = model.generate(first, cache=cache, max_new_tokens=8, **greedy)
+print("same" if torch.equal(out, ref) else f"differs: {out.tolist()} vs {ref.tolist()}")
+"""
+
+
 def test_imported_session_resumes(tmp_path):
     """export -> import into another store -> ``TieredCache.resume`` continues exactly like a
-    model that never stopped (tiny random Llama, greedy)."""
-    hf = pytest.importorskip("tierstore.adapters.hf")
-    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    ids = torch.randint(1, 128, (1, 30))
-    greedy = dict(do_sample=False, pad_token_id=0)
-    ref = model.generate(ids, cache=DynamicCache(), max_new_tokens=16, **greedy)
-    budget = dict(hot=6 * 2048, warm=4 * 2048, block_tokens=8)   # 2048 B = one K+V block of this model
-    with tierstore.open(tmp_path / "a", **budget) as st:
-        with hf.TieredCache(st, model, session="talk") as cache:
-            first = model.generate(ids, cache=cache, max_new_tokens=8, **greedy)
-    f = str(tmp_path / "talk.safetensors")
-    run(tmp_path / "a", "export", "talk", f)
-    run(tmp_path / "b", "import", f, "--as", "moved")
-    with tierstore.open(tmp_path / "b", **budget) as st:
-        with hf.TieredCache.resume(st, model, "moved") as cache:
-            out = model.generate(first, cache=cache, max_new_tokens=8, **greedy)
-    assert torch.equal(out, ref)
+    model that never stopped (tiny random Llama, greedy). In a subprocess with a timeout: the
+    tier manager's threads must not be able to hang this file."""
+    pytest.importorskip("tierstore.adapters.hf")
+    res = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "same"

@@ -44,6 +44,16 @@ log = logging.getLogger(__name__)
 WRITE_BATCH = 64
 
 
+def _summary_of(k: torch.Tensor) -> BlockSummary:
+    """``BlockSummary.of_keys`` kept in host memory: summaries of a long context must not hold
+    device memory outside the hot pool (one transfer for the three statistics)."""
+    s = BlockSummary.of_keys(k)
+    if s.kmin.device.type != "cpu":
+        kmin, kmax, kmean = torch.stack([s.kmin, s.kmax, s.kmean]).cpu()
+        s = BlockSummary(kmin=kmin, kmax=kmax, kmean=kmean, mass=s.mass.cpu(), tokens=s.tokens)
+    return s
+
+
 class Block:
     """One layer's block of one sequence. Mutable bookkeeping, guarded by the manager lock."""
 
@@ -139,6 +149,14 @@ class TierManager:
             self._warm_left -= slots * layout.block_bytes
         return self._hot[hk], self._warm[layout]
 
+    def prepare(self, layout: KVLayout, device: torch.device | str, *, hot_bytes: int | None = None,
+                warm_bytes: int | None = None) -> tuple[HotPool, WarmPool]:
+        """Create (and fault in) the pools of a layout ahead of time, e.g. at process start, so
+        that a later resume does not pay for allocating them."""
+        with self._lock:
+            self._check_open()
+            return self._pools(layout, torch.device(device), hot_bytes, warm_bytes)
+
     def open_sequence(self, name: str, layout: KVLayout, device: torch.device | str, *,
                       codec: CodecConfig | None = None, policy: str | Policy = "exact",
                       hot_bytes: int | None = None, warm_bytes: int | None = None) -> Seq:
@@ -208,7 +226,7 @@ class TierManager:
                 b.last_used = self.step
                 pos += take
                 if b.sealed:
-                    b.summary = BlockSummary.of_keys(hk)
+                    b.summary = _summary_of(hk)
                     if mass is not None:
                         b.summary.mass += mass
                     if b.index < len(seq.chains):
@@ -340,7 +358,7 @@ class TierManager:
             for i, b in enumerate(blocks):
                 s = b.summary
                 if s is None and b.hot is not None:
-                    s = b.summary = BlockSummary.of_keys(seq.hot.block(b.hot)[0][:, :b.ntok]) if b.ntok else None
+                    s = b.summary = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok]) if b.ntok else None
                 if s is not None:
                     kmin[i], kmax[i], kmean[i], mass[i] = s.kmin, s.kmax, s.kmean, s.mass
             return Summaries(kmin=kmin, kmax=kmax, kmean=kmean, mass=mass,
@@ -354,7 +372,7 @@ class TierManager:
             for i, m in zip(block_ids, mass):
                 b = seq.layers[layer][i]
                 if b.summary is None and b.hot is not None:
-                    b.summary = BlockSummary.of_keys(seq.hot.block(b.hot)[0][:, :b.ntok])
+                    b.summary = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok])
                 if b.summary is not None:
                     b.summary.mass += m
 
@@ -406,9 +424,15 @@ class TierManager:
         pool, slot = (b.seq.warm, b.warm) if b.warm is not None else (b.seq.hot, b.hot)
         k, v = pool.block(slot)
         k, v = k[:, :b.ntok], v[:, :b.ntok]
+        if k.device.type != "cpu":  # head by head: contiguous D2H copies, no device temporaries
+            dk, dv = k, v
+            k, v = torch.empty(dk.shape, dtype=dk.dtype), torch.empty(dv.shape, dtype=dv.dtype)
+            for h in range(k.shape[0]):
+                k[h].copy_(dk[h])
+                v[h].copy_(dv[h])
         if b.summary is None or b.summary.tokens != b.ntok:
             mass = b.summary.mass if b.summary is not None else None
-            b.summary = BlockSummary.of_keys(k)
+            b.summary = _summary_of(k)
             if mass is not None:
                 b.summary.mass += mass
         rec = encode_block(b.key, k, v, b.seq.codec)
@@ -524,11 +548,10 @@ class TierManager:
             break
         for b, ws in zip(need_warm, wslots):
             b.warm = ws
-            hk, hv = b.seq.hot.block(b.hot)
-            wk, wv = warm.block(ws)
-            wk.copy_(hk)  # D2H on CUDA: synchronous; the hot slot is reused right after
-            wv.copy_(hv)
+            warm.copy_in(ws, b.seq.hot, b.hot, non_blocking=True)
             self.counters.bytes_moved += b.seq.layout.block_bytes
+        if need_warm and pool.is_cuda:  # D2H done before the hot slots are reused
+            torch.cuda.current_stream(pool.device).synchronize()
         for b in victims:
             self._drop_hot(b)
             b.transient = False
@@ -657,12 +680,9 @@ class TierManager:
                 self.counters.bytes_moved += len(data)
                 self.counters.promotions["cold"] += 1
             if to_hot:
-                wk, wv = seq.warm.block(b.warm)
-                hk, hv = seq.hot.block(b.hot)
                 if seq.hot.is_cuda:
                     with torch.cuda.stream(seq.hot.copy_stream):
-                        hk.copy_(wk, non_blocking=True)
-                        hv.copy_(wv, non_blocking=True)
+                        seq.hot.copy_in(b.hot, seq.warm, b.warm, non_blocking=True)
                         ev = torch.cuda.Event()
                         ev.record(seq.hot.copy_stream)
                     b.ready = ev
@@ -670,8 +690,7 @@ class TierManager:
                     # completes, the pinned warm slot may be reused or dropped at once
                     ev.synchronize()
                 else:
-                    hk.copy_(wk)
-                    hv.copy_(wv)
+                    seq.hot.copy_in(b.hot, seq.warm, b.warm)
                 self.counters.bytes_moved += seq.layout.block_bytes
                 self.counters.promotions["warm"] += 1
             err = None
@@ -695,6 +714,68 @@ class TierManager:
             fut.set_exception(err)
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    # -- restore (resume) ---------------------------------------------------------------------
+
+    def restore(self, seq: Seq, *, reserve: int | None = None) -> int:
+        """Load a resumed sequence's blocks into hot slots now, as many as fit, in block order
+        per layer (consecutive slots, so attention reads them as runs), newest blocks first
+        when not all fit. Reads in batched read transactions, decodes straight into the slots
+        on a CPU hot pool (no warm staging) and through warm on CUDA. Returns blocks loaded."""
+        with self._lock:
+            reserve = max(1, min(16, seq.hot.slots // 4)) if reserve is None else reserve
+            per_layer = max(0, (seq.hot.free_count - reserve) // seq.layout.num_layers)
+            plan: list[tuple[Block, int]] = []
+            for layer, blocks in enumerate(seq.layers):
+                todo = [b for b in blocks if b.hot is None and b.loading is None and b.durable][-per_layer:] \
+                    if per_layer else []
+                if not todo:
+                    continue
+                slots = seq.hot.alloc(len(todo))
+                for b, slot in zip(todo, slots or []):
+                    b.hot, b.pins = slot, b.pins + 1
+                    plan.append((b, slot))
+        try:
+            self._restore_into(seq, plan)
+        finally:
+            with self._cv:
+                for b, _ in plan:
+                    b.pins -= 1
+                self._cv.notify_all()
+        self.counters.promotions["cold"] += len(plan)
+        return len(plan)
+
+    def _restore_into(self, seq: Seq, plan: list[tuple[Block, int]]) -> None:
+        if not plan:
+            return
+        half = (len(plan) + 1) // 2
+        parts = [plan[:half], plan[half:]]
+        futs = [self._loaders.submit(self._restore_part, seq, part) for part in parts if part]
+        errors = [f.exception() for f in futs]
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            with self._lock:
+                for b, _ in plan:
+                    self._drop_hot(b)
+            raise failed
+
+    def _restore_part(self, seq: Seq, part: list[tuple[Block, int]]) -> None:
+        cuda = seq.hot.is_cuda
+        with self.store.cold.read(buffers=True) as txn:
+            db = self.store.cold.dbs["blocks"]
+            for b, slot in part:
+                data = txn.get(b.key, db=db)
+                if data is None:
+                    raise MissingBlockError("block missing from cold", **b.where())
+                if cuda:
+                    k, v = decode_block(b.key, data, **b.where())
+                    hk, hv = seq.hot.block(slot)
+                    hk[:, :b.ntok].copy_(k, non_blocking=True)
+                    hv[:, :b.ntok].copy_(v, non_blocking=True)
+                else:
+                    hk, hv = seq.hot.block(slot)
+                    decode_block(b.key, data, out_k=hk, out_v=hv, **b.where())
+                self.counters.bytes_moved += len(data)
 
     # -- sequence surgery (used by the transformers adapter) ------------------------------------
 

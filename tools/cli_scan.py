@@ -30,11 +30,16 @@ def snapshot(cold: ColdStore, *, buffers: bool = True) -> Iterator[lmdb.Transact
     """A read transaction over ``cold``; ``buffers=True`` returns zero-copy views.
 
     Zero-copy matters for sizes: ``len()`` of a view of an overflow value does not read its
-    pages, so ``ls`` never pulls a store's blocks from disk. (``ColdStore.read()`` always
-    copies; this is the one thing the CLI needs that it lacks.) Views die with the transaction.
+    pages, so ``ls`` never pulls a store's blocks from disk. Views die with the transaction.
     """
-    # The store's own read() runs its checks (closed? used after fork?), adopts a map another
-    # process grew, and holds its resize gate for as long as our transaction lives.
+    try:
+        ctx = cold.read(buffers=buffers)
+    except TypeError:  # a ColdStore.read() without buffers=: nest a zero-copy txn inside it, so
+        ctx = None     # the store's checks, map adoption and resize gate still cover ours
+    if ctx is not None:
+        with ctx as txn:
+            yield txn
+        return
     with cold.read(), cold.env.begin(buffers=buffers) as txn:
         yield txn
 

@@ -180,13 +180,14 @@ class ColdStore:
     # -- transactions ----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        """A read transaction: a consistent snapshot of the store."""
+    def read(self, *, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """A read transaction: a consistent snapshot of the store. ``buffers=True``: values are
+        memoryviews into the map, valid only inside the transaction (zero-copy reads)."""
         self._check()
         while True:
             with self._gate.txn():
                 try:
-                    txn = self.env.begin(buffers=False)
+                    txn = self.env.begin(buffers=buffers)
                 except lmdb.MapResizedError:
                     txn = None
                 if txn is not None:

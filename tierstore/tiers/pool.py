@@ -93,3 +93,19 @@ class SlotPool:
     def block(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of one slot: ``[kv_heads, block_tokens, head_dim]`` views."""
         return self.k[:, slot], self.v[:, slot]
+
+    def copy_in(self, slot: int, src: "SlotPool", src_slot: int, *, non_blocking: bool = False) -> None:
+        """K and V of ``src``'s slot into this pool's ``slot``.
+
+        A slot is strided in the head-major layout; across devices torch would stage such a
+        copy through contiguous temporaries (device memory outside the hot budget, pageable host
+        memory that defeats pinning). Each head's ``[block_tokens, head_dim]`` is contiguous in
+        both pools, so cross-device copies go one head at a time, straight to/from pinned memory.
+        """
+        if self.device == src.device:
+            self.k[:, slot].copy_(src.k[:, src_slot])
+            self.v[:, slot].copy_(src.v[:, src_slot])
+            return
+        for h in range(self.layout.kv_heads):
+            self.k[h, slot].copy_(src.k[h, src_slot], non_blocking=non_blocking)
+            self.v[h, slot].copy_(src.v[h, src_slot], non_blocking=non_blocking)
