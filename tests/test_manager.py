@@ -235,9 +235,11 @@ class TierMachine(RuleBasedStateMachine):
         blocks = [seq.layers[layer][i] for i in ids]
         tails = self.partial_tails()
         with self.m._lock:
-            up = {id(b) for b in blocks if b.hot is None or b.loading is not None}
+            # warm slots this request holds at once: one per block brought up, plus the warm
+            # copies of the requested blocks that are hot already (pinned: kept)
+            warm_held = {id(b) for b in blocks if b.hot is None or b.loading is not None or b.warm is not None}
         may_fail = (self.unkeyed_sealed() or len({id(b) for b in tails} | {id(b) for b in blocks}) > self.hot_slots
-                    or len(up) > self.warm_slots)
+                    or len(warm_held) > self.warm_slots)
         try:
             with self.m.acquire(seq, layer, ids, transient=transient) as got:
                 assert [b.index for b in got] == ids

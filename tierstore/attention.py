@@ -12,44 +12,60 @@ import torch
 NEG_INF = float("-inf")
 
 
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+FLASH_MIN_ROWS = 16  # below this (decode), plain matmuls beat the fused kernel's setup
+
+
 class OnlineSoftmax:
     """Accumulates attention of grouped queries over key/value chunks.
 
-    q: [kv_heads, n_rep * q_len, head_dim] (query heads grouped by their KV head, GQA)
+    q: [kv_heads, n_rep * q_len, head_dim] (query heads grouped by their KV head, GQA). Keeps the
+    normalised output ``o`` and the log-sum-exp ``lse`` of the keys seen so far; each chunk is
+    merged with ``lse' = logaddexp(lse, lse_c)``. On CPU, chunks with many query rows (prefill)
+    use torch's fused flash kernel, which returns the chunk's log-sum-exp.
     """
 
     def __init__(self, q: torch.Tensor, scale: float) -> None:
-        self.q = q.float() * scale
+        self.q = q.float()
+        self.scale = scale
         g, r, d = q.shape
-        self.m = torch.full((g, r, 1), NEG_INF, dtype=torch.float32, device=q.device)
-        self.l = torch.zeros((g, r, 1), dtype=torch.float32, device=q.device)
-        self.acc = torch.zeros((g, r, d), dtype=torch.float32, device=q.device)
+        self.o = torch.zeros((g, r, d), dtype=torch.float32, device=q.device)
+        self.lse = torch.full((g, r, 1), NEG_INF, dtype=torch.float32, device=q.device)
+        self.flash = _FLASH_CPU is not None and q.device.type == "cpu" and r >= FLASH_MIN_ROWS
 
-    def add(self, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    def add(self, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> None:
         """k, v: [kv_heads, T, head_dim]; allowed: bool broadcastable to [kv_heads, n_rep*q_len, T]
-        (None = all). Returns ``(p, m)``: the chunk's unnormalised probabilities [g, r, T] and
-        the max they are relative to [g, r, 1]; ``p * exp(m - lse)`` is the chunk's share of
-        the final attention (attention-mass feedback)."""
-        s = torch.matmul(self.q, k.float().transpose(-1, -2))  # [g, r, T]
-        if allowed is not None:
-            s = s.masked_fill(~allowed, NEG_INF)
-        m_new = torch.maximum(self.m, s.amax(-1, keepdim=True))
-        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        p = torch.exp(s - m_safe)
-        corr = torch.exp(torch.where(torch.isfinite(self.m), self.m - m_safe, torch.full_like(self.m, NEG_INF)))
-        self.l = self.l * corr + p.sum(-1, keepdim=True)
-        self.acc = self.acc * corr + torch.matmul(p, v.float())
-        self.m = m_new
-        return p, m_safe
+        (None = all allowed)."""
+        k, v = k.float(), v.float()
+        if self.flash:
+            bias = None
+            if allowed is not None:
+                bias = torch.zeros(allowed.shape, dtype=torch.float32, device=k.device)
+                bias.masked_fill_(~allowed, NEG_INF)
+                bias = bias.unsqueeze(0)
+            o_c, lse_c = _FLASH_CPU(self.q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,
+                                    attn_mask=bias, scale=self.scale)
+            o_c, lse_c = o_c[0], lse_c[0].unsqueeze(-1)
+            if allowed is not None:  # the kernel reports lse 0 (not -inf) for fully masked rows
+                lse_c = torch.where(allowed.any(-1, keepdim=True), lse_c, torch.full_like(lse_c, NEG_INF))
+        else:
+            s = torch.matmul(self.q * self.scale, k.transpose(-1, -2))  # [g, r, T]
+            if allowed is not None:
+                s = s.masked_fill(~allowed, NEG_INF)
+            lse_c = torch.logsumexp(s, -1, keepdim=True)
+            p = torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c)))
+            o_c = torch.matmul(p, v)
+        new = torch.logaddexp(self.lse, lse_c)
+        fin = torch.isfinite(new)
+        safe = torch.where(fin, new, torch.zeros_like(new))
+        w_old = torch.where(torch.isfinite(self.lse), torch.exp(self.lse - safe), torch.zeros_like(new))
+        w_new = torch.where(torch.isfinite(lse_c), torch.exp(lse_c - safe), torch.zeros_like(new))
+        self.o = self.o * w_old + torch.nan_to_num(o_c, nan=0.0) * w_new
+        self.lse = new
 
     def result(self) -> torch.Tensor:
         """[kv_heads, n_rep * q_len, head_dim] float32; rows with no allowed key are 0."""
-        return torch.where(self.l > 0, self.acc / self.l.clamp_min(1e-30), torch.zeros_like(self.acc))
-
-    @property
-    def lse(self) -> torch.Tensor:
-        """log-sum-exp per row [kv_heads, n_rep*q_len, 1] (for normalising recorded chunk mass)."""
-        return self.m + torch.log(self.l)
+        return self.o
 
 
 def chunk_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, pad_row: torch.Tensor | None, n_rep: int,
