@@ -99,7 +99,7 @@ class TieredCache(Cache):
         self.last_logits: torch.Tensor | None = None
         self.ids_known = True
         self._chains: list[list[bytes]] = []
-        self._sealed_since_commit = 0
+        self._committed_blocks = 0
         self._leases = []
         self._closed = False
         self._created = time.time()
@@ -274,7 +274,8 @@ class TieredCache(Cache):
         logits = getattr(output, "logits", None)
         if logits is not None:
             self.last_logits = logits[:, -1].detach().float().cpu()
-        if self.auto_commit_blocks and self._sealed_since_commit >= self.auto_commit_blocks and self.names:
+        sealed = self.lengths[-1] // self.layout.block_tokens - self._committed_blocks
+        if self.auto_commit_blocks and sealed >= self.auto_commit_blocks and self.names:
             self.commit()
         return None
 
@@ -292,8 +293,6 @@ class TieredCache(Cache):
             keyed = self.mgr.keyed_blocks(seq, layer)
             if keyed < full:
                 self.mgr.set_layer_keys(seq, layer, {i: block_key(chains[i], layer) for i in range(keyed, full)})
-                if layer == self.layout.num_layers - 1:
-                    self._sealed_since_commit += full - keyed
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -340,7 +339,7 @@ class TieredCache(Cache):
                 created=prev.created if prev else self._created, updated=time.time(),
                 meta={**self.meta, "policy": self.policy})
             out.append(self.store.sessions.commit(rec))
-        self._sealed_since_commit = 0
+        self._committed_blocks = n // self.layout.block_tokens
         return out
 
     @classmethod
@@ -375,6 +374,7 @@ class TieredCache(Cache):
         self.seqs = [seq]
         self.token_ids, self.pads, self._chains = [rec.token_ids.tolist()], [rec.pad], [chains]
         self.lengths = [rec.length] * self.layout.num_layers
+        self._committed_blocks = rec.length // self.layout.block_tokens
         self._created = rec.created
         if rec.last_logits is not None:
             self.last_logits = torch.from_numpy(rec.last_logits).unsqueeze(0)

@@ -80,6 +80,24 @@ def test_pools_on_cuda_and_pinned_warm(tmp_path):
         assert seq.hot.k.nbytes + seq.hot.v.nbytes <= store.config.hot_bytes
 
 
+def test_copy_in_between_pinned_host_and_device_needs_no_device_temporaries():
+    from tierstore.tiers.hot import HotPool
+    w, h = WarmPool(ONE, 3), HotPool(ONE, 3, "cuda")
+    w.k.copy_(torch.randn(w.k.shape).to(torch.float16))
+    w.v.copy_(torch.randn(w.v.shape).to(torch.float16))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.cuda.stream(h.copy_stream):
+        h.copy_in(2, w, 1, non_blocking=True)           # H2D, async from pinned memory
+    h.copy_stream.synchronize()
+    back = WarmPool(ONE, 3)
+    back.copy_in(0, h, 2, non_blocking=True)            # D2H into pinned memory
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() == base
+    assert torch.equal(back.k[:, 0], w.k[:, 1]) and torch.equal(back.v[:, 0], w.v[:, 1])
+
+
 def test_append_demote_promote_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(0)
     with tierstore.open(tmp_path / "s", hot=6 * LAYOUT.block_bytes, warm=4 * LAYOUT.block_bytes) as store:
@@ -144,8 +162,8 @@ def test_a_reused_hot_slot_is_not_overwritten_under_queued_readers(tmp_path):
                 busy(compute, 20)
                 sums.append(m.hot_view(b)[0].float().sum())    # queued behind the busy kernel
         torch.cuda.synchronize()
-        want = [k_ref[:, i * bt:(i + 1) * bt].float().sum() for i in range(6)]
-        assert [float(s) for s in sums] == [float(w) for w in want]
+        want = torch.stack([k_ref[:, i * bt:(i + 1) * bt].float().sum() for i in range(6)])
+        assert torch.allclose(torch.stack(sums), want, rtol=1e-4, atol=1e-2), (sums, want)   # another block: far off
 
 
 def test_device_memory_is_bounded_by_the_hot_pool(tmp_path):

@@ -196,3 +196,109 @@ def test_hot_budget_holds_during_long_prefill(store):
             assert u["warm_allocated_bytes"] <= st.config.warm_bytes
         assert peak <= 10
         assert (logits - ref).abs().max() < 1e-4
+
+
+def tiny_of(kind: str):
+    from transformers import GPT2Config, MistralConfig
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    else:
+        cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            sliding_window=None)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "mistral"])
+def test_other_architectures(tmp_path, kind):
+    model = tiny_of(kind)
+    ids = torch.randint(1, 128, (1, 40))
+    ref = gen(model, ids, DynamicCache(), max_new_tokens=12)
+    from tierstore.adapters.fingerprint import kv_layout
+    bb = kv_layout(model, BT).block_bytes
+    with tierstore.open(tmp_path / "kv", hot=bb * 6, warm=bb * 4, block_tokens=BT) as st, \
+            TieredCache(st, model) as cache:
+        out = gen(model, ids, cache, max_new_tokens=12)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max_dlogit(out, ref) < 1e-4
+
+
+def test_deprecated_past_key_values_kwarg(store):
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 20))
+    ref = model.generate(ids, cache=DynamicCache(), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with store(model, hot_blocks=20) as st, TieredCache(st, model) as cache:
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_batch_persistence_needs_a_name_per_row(store):
+    model = tiny()
+    ids = torch.randint(1, 128, (2, 19))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ref = model.generate(ids, attention_mask=mask, cache=DynamicCache(), max_new_tokens=8, do_sample=False,
+                         pad_token_id=0)
+    with store(model, hot_blocks=20, warm_blocks=20) as st:
+        with TieredCache(st, model, session="one", commit_on_close=False) as cache:
+            model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            with pytest.raises(tierstore.TierstoreError, match="2 session names"):
+                cache.commit()
+        with TieredCache(st, model, session=["row0", "row1"]) as cache:
+            first = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=4, do_sample=False,
+                                   pad_token_id=0)
+        assert st.session("row0").pad == 3 and st.session("row1").pad == 0
+        # each row resumes on its own and continues like the uninterrupted batch
+        for r in range(2):
+            row = first[r:r + 1]
+            m = mask[r:r + 1]
+            with TieredCache.resume(st, model, f"row{r}") as cache:
+                full_mask = torch.cat([m, torch.ones(1, row.shape[1] - m.shape[1], dtype=m.dtype)], 1)
+                out = model.generate(row, attention_mask=full_mask, cache=cache, max_new_tokens=4,
+                                     do_sample=False, pad_token_id=0)
+            assert out[0].tolist() == ref[r].tolist()
+
+
+def test_auto_commit_and_fork(store):
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 64))
+    with store(model, hot_blocks=20, warm_blocks=20) as st:
+        with TieredCache(st, model, session="auto", auto_commit_blocks=2, commit_on_close=False) as cache:
+            for s in range(0, 64, 16):
+                model(input_ids=ids[:, s:s + 16], cache=cache, use_cache=True)
+                # committed by the forward hook once 2 new blocks (all layers) sealed
+                assert st.session("auto").length == s + 16
+        rec = st.fork("auto", "auto-fork", tokens=32)
+        assert rec.length == 32
+        with TieredCache.resume(st, model, "auto-fork") as cache:
+            a = model(input_ids=ids[:, 32:40], cache=cache, use_cache=True).logits
+        ref = model(input_ids=ids[:, :40], cache=DynamicCache(), use_cache=True).logits[:, 32:]
+        assert (a - ref).abs().max() < 1e-4
+
+
+def test_resume_with_other_dtype_is_refused(store):
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 20))
+    with store(model, hot_blocks=20) as st:
+        with TieredCache(st, model, session="d") as cache:
+            model(input_ids=ids, cache=cache, use_cache=True)
+        with pytest.raises(ModelMismatchError, match="dtype"):
+            TieredCache.resume(st, model.to(torch.bfloat16), "d")
+
+
+@pytest.mark.slow
+def test_smollm2_2k_prompt_matches_dynamic_cache(tmp_path):
+    from tierstore.adapters.models import load_smollm2, long_text
+    model, tok = load_smollm2(torch.float32)
+    ids = tok(long_text(20000), return_tensors="pt").input_ids[:, :2100]
+    ref = gen(model, ids, DynamicCache(), max_new_tokens=8)
+    # hot budget: a quarter of the KV, so most blocks stream from warm and cold
+    with tierstore.open(tmp_path / "kv", hot="24MiB", warm="32MiB") as st:
+        with TieredCache(st, model, session="smol") as cache:
+            out = gen(model, ids, cache, max_new_tokens=8, prefill_chunk_size=512)
+            s = st.stats()
+        assert torch.equal(out.sequences, ref.sequences)
+        assert max_dlogit(out, ref) < 1e-3
+        assert s.promotions.get("cold", 0) > 0 and st.manager.counters.hot_peak * \
+            st.session("smol").layout.block_bytes <= st.config.hot_bytes

@@ -88,6 +88,16 @@ def test_block_and_run_views_alias_pool_storage():
     assert tk.data_ptr() == rk.data_ptr()
 
 
+def test_copy_in_copies_one_slot_exactly():
+    a, b = pool(4), pool(3)
+    a.k.copy_(torch.randn(a.k.shape))
+    a.v.copy_(torch.randn(a.v.shape))
+    b.copy_in(1, a, 2)
+    assert torch.equal(b.k[:, 1], a.k[:, 2]) and torch.equal(b.v[:, 1], a.v[:, 2])
+    assert (b.k[:, [0, 2]] == 0).all() and (b.v[:, [0, 2]] == 0).all()
+    assert a.k[1, 2].is_contiguous()             # a head of a slot: what cross-device copies move
+
+
 def test_slot_pool_rejects_zero_slots():
     with pytest.raises(BudgetError, match="smaller than one block"):
         SlotPool(LAYOUT, 0, "cpu", name="warm")
