@@ -494,6 +494,27 @@ def test_hot_budget_exhausted_by_pinned_blocks_is_a_budget_error(store):
         pass
 
 
+def test_demoting_n_blocks_is_all_or_nothing_and_spares_pinned_blocks(store):
+    m = store.manager
+    seq = m.open_sequence("a", LAYOUT, "cpu")
+    fill(m, seq, torch.Generator().manual_seed(12), 12, tag="a")         # 3 blocks x 2 layers: pool full
+    m.flush(seq)
+
+    def where():
+        return [(b.layer, b.index, b.hot, b.warm) for b in all_blocks(m)]
+
+    with m.acquire(seq, 0, [0, 1, 2]) as pinned:
+        before, demoted = where(), dict(m.counters.demotions)
+        with m._lock, pytest.raises(BudgetError, match="need 4 more slots, only 3"):
+            m._evict_hot(seq.hot, 4)
+        assert where() == before and dict(m.counters.demotions) == demoted      # nothing moved
+        with m._lock:
+            m._evict_hot(seq.hot, 3)
+        assert all(b.hot is not None for b in pinned)
+        assert all(b.hot is None and b.durable for b in seq.layers[1])
+    check_bookkeeping(store)
+
+
 def test_unkeyed_blocks_fill_warm_then_budget_error_names_the_cause(tmp_path):
     with tierstore.open(tmp_path / "s", hot=3 * BB, warm=2 * BB) as st_:
         m = st_.manager

@@ -770,8 +770,9 @@ class TierManager:
                 if cuda:
                     k, v = decode_block(b.key, data, **b.where())
                     hk, hv = seq.hot.block(slot)
-                    hk[:, :b.ntok].copy_(k, non_blocking=True)
-                    hv[:, :b.ntok].copy_(v, non_blocking=True)
+                    for h in range(k.shape[0]):  # contiguous per head: no device temporaries
+                        hk[h, :b.ntok].copy_(k[h], non_blocking=True)
+                        hv[h, :b.ntok].copy_(v[h], non_blocking=True)
                 else:
                     hk, hv = seq.hot.block(slot)
                     decode_block(b.key, data, out_k=hk, out_v=hv, **b.where())

@@ -26,7 +26,7 @@ import click
 from .. import __version__
 from ..errors import SessionNotFoundError
 from ..layout import check_session_name
-from . import cli_commands, render
+from . import cli_chat, cli_commands, render
 from .cli_base import Opts, TierstoreGroup, configure_logging, emit_json, fail, fmt, opened, output_options
 from .cli_scan import scan_store, session_detail, session_info, snapshot, store_stat
 
@@ -259,6 +259,7 @@ def bench() -> None:
 
 for _cmd in cli_commands.COMMANDS:
     cli.add_command(_cmd)
+cli.add_command(cli_chat.chat_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
