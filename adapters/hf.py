@@ -9,6 +9,7 @@ the token ids it holds from a forward pre-hook on the model; ``commit()`` persis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,7 +28,9 @@ from tierstore.tiers.cold import block_key
 
 from . import attention as attn
 from .fingerprint import kv_layout, model_fingerprint
-from tierstore.attention import attend_exact
+from tierstore.attention import WindowMass, attend_exact
+from tierstore.policies import get_policy
+from tierstore.sparse import SparseConfig, attend_selected, select_blocks
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,9 @@ class TieredCache(Cache):
     """
 
     def __init__(self, store, model, session: str | Sequence[str] | None = None, *, policy: str = "exact",
-                 budget_tokens: int | None = None, hot: int | str | None = None, warm: int | str | None = None,
+                 budget_tokens: int | float | None = None, sink_blocks: int = 1, window_blocks: int = 2,
+                 sparse_prefill: bool = False, obs_window: int = 32,
+                 hot: int | str | None = None, warm: int | str | None = None,
                  codec: str | CodecConfig | None = None, overwrite: bool = False,
                  auto_commit_blocks: int | None = None, commit_on_close: bool = True,
                  model_name: str | None = None, tokenizer_name: str | None = None,
@@ -87,6 +92,13 @@ class TieredCache(Cache):
         self.fingerprint, self.fingerprint_fields = model_fingerprint(model)
         self.codec = CodecConfig.parse(codec) if codec is not None else store.config.codec
         self.policy, self.budget_tokens = policy, budget_tokens
+        pol = get_policy(policy)
+        self.sparse = None if budget_tokens is None or pol.selects_all else SparseConfig(
+            budget_tokens, sink_blocks, window_blocks, sparse_prefill)
+        self.obs_window = obs_window
+        self.force_exact = False
+        self._selected: list[dict[int, list[int]]] = []  # per row: layer -> last selected blocks
+        self.attended: dict[int, int] = {}                # layer -> tokens attended at the last step
         self.hot_bytes, self.warm_bytes = parse_size(hot, what="hot"), parse_size(warm, what="warm")
         self.auto_commit_blocks, self.commit_on_close = auto_commit_blocks, commit_on_close
         self.model_name = model_name or getattr(model.config, "_name_or_path", None) or None
@@ -177,16 +189,53 @@ class TieredCache(Cache):
     # -- attention ------------------------------------------------------------------------------
 
     def _attend(self, layer: int, query: torch.Tensor, mask, scale: float) -> torch.Tensor:
-        """query [batch, heads, q, d] -> out [batch, heads, q, d] in the query's dtype."""
+        """query [batch, heads, q, d] -> out [batch, heads, q, d] in the query's dtype.
+
+        Exact (every block, streamed) unless a sparse budget is set and this is a decode step
+        (or ``sparse_prefill``): then the sinks, the recent window and the policy's top-k."""
+        q_len = query.shape[2]
+        lay = self.layout
+        n_rep = query.shape[1] // lay.kv_heads
+        sparse = self.sparse is not None and not self.force_exact and (
+            q_len < lay.block_tokens or self.sparse.sparse_prefill)
         outs = []
         for r, seq in enumerate(self.seqs):
             pad = None if mask is None or mask.padding is None else mask.padding[r]
-            q_offset = mask.q_offset if mask is not None else self.lengths[layer] - query.shape[2]
-            outs.append(attend_exact(self.mgr, seq, layer, query[r], q_offset, pad, scale))
-        if layer + 1 < self.layout.num_layers:  # layer-ahead: start moving the next layer's blocks up
-            for seq in self.seqs:
-                self.mgr.prefetch_next(seq, layer + 1)
+            q_offset = mask.q_offset if mask is not None else self.lengths[layer] - q_len
+            policy = seq.policy
+            if sparse:
+                qg = query[r].reshape(lay.kv_heads, n_rep * q_len, lay.head_dim)
+                ids = select_blocks(self.mgr.summaries(seq, layer), policy, qg, self.sparse, lay.block_tokens)
+                out, mass = attend_selected(self.mgr, seq, layer, query[r], q_offset, pad, scale, ids)
+                if policy.mass_mode == "accumulate":
+                    self.mgr.note_attention(seq, layer, ids, mass)
+                self._selected[r][layer] = ids
+                self.attended[layer] = sum(self.mgr.blocks(seq, layer)[i].ntok for i in ids)
+            else:
+                window = WindowMass(query[r], q_offset, self.obs_window, n_rep, lay.kv_heads, scale) \
+                    if policy.mass_mode is not None and q_len > 1 else None
+                out = attend_exact(self.mgr, seq, layer, query[r], q_offset, pad, scale, window)
+                if window is not None:
+                    ids, mass = window.mass()
+                    self.mgr.note_attention(seq, layer, ids, mass, replace=policy.mass_mode == "observe")
+            outs.append(out)
+        if layer + 1 < lay.num_layers:  # layer-ahead: start moving the next layer's blocks up
+            for r, seq in enumerate(self.seqs):
+                nxt = self._selected[r].get(layer + 1) if sparse else None
+                if nxt:
+                    self.mgr.prefetch(seq, layer + 1, nxt)  # the previous step's choice
+                elif not sparse:
+                    self.mgr.prefetch_next(seq, layer + 1)
         return torch.stack(outs).to(query.dtype)
+
+    @contextlib.contextmanager
+    def exact(self):
+        """Attend to every token inside this block, whatever the sparse settings."""
+        prev, self.force_exact = self.force_exact, True
+        try:
+            yield self
+        finally:
+            self.force_exact = prev
 
     # -- rows ---------------------------------------------------------------------------------
 
@@ -198,6 +247,7 @@ class TieredCache(Cache):
             raise ModelMismatchError(f"KV shape {tuple(key_states.shape)} does not match {self.layout}")
         for r in range(b):
             self.seqs.append(self._open_seq(self._row_name(r), key_states.device))
+        self._selected = [{} for _ in range(b)]
         while len(self.token_ids) < b:
             self.token_ids.append([])
             self.pads.append(0)
@@ -224,6 +274,7 @@ class TieredCache(Cache):
             if r not in used:
                 self.mgr.close_sequence(seq, flush=False)
         self.seqs = new
+        self._selected = [dict(self._selected[r]) if r < len(self._selected) else {} for r in rows]
         self.token_ids = [list(self.token_ids[r]) for r in rows]
         self.pads = [self.pads[r] for r in rows]
         self._chains = [list(self._chains[r]) for r in rows]
@@ -372,6 +423,7 @@ class TieredCache(Cache):
                     if data is not None else None
                 self.mgr.adopt(seq, layer, i, rec.block_len(i), key, summ)
         self.seqs = [seq]
+        self._selected = [{}]
         self.token_ids, self.pads, self._chains = [rec.token_ids.tolist()], [rec.pad], [chains]
         self.lengths = [rec.length] * self.layout.num_layers
         self._committed_blocks = rec.length // self.layout.block_tokens

@@ -87,14 +87,56 @@ def chunk_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, pad_row: torch.Tensor |
 SCRATCH_BYTES = 64 << 20  # cap on one chunk's float32 score matrix
 
 
+class WindowMass:
+    """Attention mass per block received by an observation window of the last ``w`` queries
+    (SnapKV; H2O seeding at prefill), computed in the same pass as exact attention.
+
+    Per block it keeps the log-sum-exp of the window rows' scores over the block's tokens
+    [kv_heads, rows]; ``mass()`` normalises them over all blocks."""
+
+    def __init__(self, q: torch.Tensor, q_offset: int, w: int, n_rep: int, kv_heads: int, scale: float) -> None:
+        heads, q_len, d = q.shape
+        w = min(w, q_len)
+        self.q = q[:, q_len - w:].float().reshape(kv_heads, n_rep * w, d) * scale  # [g, n_rep*w, d]
+        self.q_pos = torch.arange(q_offset + q_len - w, q_offset + q_len, device=q.device)
+        self.n_rep, self.kv_heads = n_rep, kv_heads
+        self.lse: dict[int, torch.Tensor] = {}
+
+    def add(self, k: torch.Tensor, k_pos: torch.Tensor, pad: torch.Tensor | None, first_index: int,
+            block_tokens: int) -> None:
+        s = torch.matmul(self.q, k.float().transpose(-1, -2))  # [g, r, T]
+        allowed = chunk_mask(self.q_pos, k_pos, pad, self.n_rep, self.kv_heads)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, NEG_INF)
+        offset = int(k_pos[0]) - first_index * block_tokens  # tokens of the first block before k_pos[0]
+        bounds = list(range(block_tokens - offset, s.shape[-1], block_tokens))
+        pieces = torch.tensor_split(s, bounds, dim=-1) if bounds else (s,)
+        for j, piece in enumerate(pieces):
+            lse = torch.logsumexp(piece, -1)  # [g, r]
+            i = first_index + j
+            self.lse[i] = lse if i not in self.lse else torch.logaddexp(self.lse[i], lse)
+
+    def mass(self) -> tuple[list[int], torch.Tensor]:
+        """(block ids, float [n, kv_heads]): each block's share of the window's attention,
+        summed over the window rows."""
+        ids = sorted(self.lse)
+        if not ids:
+            return [], torch.zeros(0, self.kv_heads)
+        lse = torch.stack([self.lse[i] for i in ids])  # [n, g, r]
+        total = torch.logsumexp(lse, 0, keepdim=True)
+        share = torch.where(torch.isfinite(total), torch.exp(lse - total), torch.zeros_like(lse))
+        return ids, share.sum(-1)
+
+
 def attend_exact(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,
-                 scale: float) -> torch.Tensor:
+                 scale: float, window: WindowMass | None = None) -> torch.Tensor:
     """Exact attention of one sequence's queries over every block of ``layer``.
 
     q: [heads, q_len, head_dim] post-RoPE; q_offset: logical position of the first query;
     pad: bool [kv_len] (True = real token) or None. Returns float32 [heads, q_len, head_dim].
     Resident blocks are read in place (runs of consecutive slots); the others are recalled in
-    groups, each group prefetched while the previous one is computed.
+    groups, each group prefetched while the previous one is computed. ``window`` collects the
+    attention mass of an observation window in the same pass.
     """
     lay = seq.layout
     heads, q_len, d = q.shape
@@ -105,7 +147,7 @@ def attend_exact(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torc
     resident = [b.index for b in blocks if b.hot is not None and b.loading is None]
     if resident:
         with mgr.acquire(seq, layer, resident) as got:
-            _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len)
+            _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len, window)
     rest = [b.index for b in blocks if b.index not in set(resident)]
     group = max(1, min(16, seq.hot.slots // 4))
     chunks = [rest[i:i + group] for i in range(0, len(rest), group)]
@@ -113,19 +155,22 @@ def attend_exact(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torc
         if i + 1 < len(chunks):
             mgr.prefetch(seq, layer, chunks[i + 1])
         with mgr.acquire(seq, layer, ids, transient=True) as got:
-            _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len)
+            _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len, window)
     return acc.result().reshape(heads, q_len, d)
 
 
-def _add_runs(mgr, acc: OnlineSoftmax, blocks, q_pos, pad, n_rep: int, kv_heads: int, rows: int) -> None:
+def _add_runs(mgr, acc: OnlineSoftmax, blocks, q_pos, pad, n_rep: int, kv_heads: int, rows: int,
+              window: WindowMass | None = None) -> None:
     blocks = sorted(blocks, key=lambda b: b.index)
     pool = blocks[0].seq.hot
-    max_tokens = max(1, SCRATCH_BYTES // (4 * rows))
+    bt = blocks[0].seq.layout.block_tokens
+    max_tokens = max(bt, SCRATCH_BYTES // (4 * rows) // bt * bt)  # whole blocks per piece
     for first_slot, n, first_tok, ntok in mgr.runs(blocks):
         k, v = pool.view(first_slot, n, ntok)
         for s in range(0, ntok, max_tokens):
             e = min(ntok, s + max_tokens)
             k_pos = torch.arange(first_tok + s, first_tok + e, device=q_pos.device)
-            allowed = chunk_mask(q_pos, k_pos, None if pad is None else pad[first_tok + s:first_tok + e],
-                                 n_rep, kv_heads)
-            acc.add(k[:, s:e], v[:, s:e], allowed)
+            pad_c = None if pad is None else pad[first_tok + s:first_tok + e]
+            acc.add(k[:, s:e], v[:, s:e], chunk_mask(q_pos, k_pos, pad_c, n_rep, kv_heads))
+            if window is not None:
+                window.add(k[:, s:e], k_pos, pad_c, (first_tok + s) // bt, bt)

@@ -87,7 +87,8 @@ class Block:
 class Seq:
     """One sequence (a batch row) registered with the manager."""
 
-    __slots__ = ("id", "name", "layout", "device", "codec", "policy", "layers", "hot", "warm", "closed", "chains")
+    __slots__ = ("id", "name", "layout", "device", "codec", "policy", "layers", "hot", "warm", "closed", "chains",
+                 "summ")
 
     def __init__(self, sid: int, name: str, layout: KVLayout, device: torch.device, codec: CodecConfig,
                  policy: Policy, hot: HotPool, warm: WarmPool) -> None:
@@ -96,6 +97,7 @@ class Seq:
         self.layers: list[list[Block]] = [[] for _ in range(layout.num_layers)]
         self.closed = False
         self.chains: list[bytes] = []  # chain hash of every *full* block whose token ids are known
+        self.summ: dict[int, tuple] = {}  # layer -> (tag, stacked Summaries) cache
 
     @property
     def length(self) -> int:
@@ -347,34 +349,60 @@ class TierManager:
                             self._start_load(b, to_hot=False, evict=False)
 
     def summaries(self, seq: Seq, layer: int) -> Summaries:
-        """Stacked summaries of the layer's sealed blocks and its tail (for policies)."""
+        """Stacked summaries of the layer's blocks, partial tail included (for policies).
+
+        Cached per layer until a block is added or changes length, so per-step scoring does
+        not restack; ``note_attention`` updates the cached mass in place."""
         with self._lock:
             blocks = seq.layers[layer]
+            tag = (len(blocks), blocks[-1].ntok if blocks else 0, id(blocks[-1]) if blocks else 0)
+            hit = seq.summ.get(layer)
+            if hit is not None and hit[0] == tag:
+                s = hit[1]
+                return Summaries(kmin=s.kmin, kmax=s.kmax, kmean=s.kmean, mass=s.mass,
+                                 last_used=torch.tensor([b.last_used for b in blocks], dtype=torch.int64),
+                                 tokens=s.tokens, step=self.step)
             lay = seq.layout
             n = len(blocks)
             kmin = torch.zeros(n, lay.kv_heads, lay.head_dim)
             kmax, kmean = torch.zeros_like(kmin), torch.zeros_like(kmin)
             mass = torch.zeros(n, lay.kv_heads)
             for i, b in enumerate(blocks):
-                s = b.summary
-                if s is None and b.hot is not None:
-                    s = b.summary = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok]) if b.ntok else None
-                if s is not None:
-                    kmin[i], kmax[i], kmean[i], mass[i] = s.kmin, s.kmax, s.kmean, s.mass
-            return Summaries(kmin=kmin, kmax=kmax, kmean=kmean, mass=mass,
-                             last_used=torch.tensor([b.last_used for b in blocks], dtype=torch.int64),
-                             tokens=torch.tensor([b.ntok for b in blocks], dtype=torch.int64), step=self.step)
+                sm = b.summary
+                if sm is None and b.hot is not None and b.loading is None:
+                    sm = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok]) if b.ntok else None
+                    if b.sealed:
+                        b.summary = sm
+                if sm is not None:
+                    kmin[i], kmax[i], kmean[i], mass[i] = sm.kmin, sm.kmax, sm.kmean, sm.mass
+            out = Summaries(kmin=kmin, kmax=kmax, kmean=kmean, mass=mass,
+                            last_used=torch.tensor([b.last_used for b in blocks], dtype=torch.int64),
+                            tokens=torch.tensor([b.ntok for b in blocks], dtype=torch.int64), step=self.step)
+            seq.summ[layer] = (tag, out)
+            return out
 
-    def note_attention(self, seq: Seq, layer: int, block_ids: Sequence[int], mass: torch.Tensor) -> None:
-        """Accumulate attention mass: ``mass`` float [len(block_ids), kv_heads]."""
+    def note_attention(self, seq: Seq, layer: int, block_ids: Sequence[int], mass: torch.Tensor, *,
+                       replace: bool = False) -> None:
+        """Feed attention mass back: ``mass`` float [len(block_ids), kv_heads] is added to the
+        blocks' accumulated mass (``replace``: becomes it, e.g. a prefill observation window)."""
         mass = mass.detach().float().cpu()
         with self._lock:
+            blocks = seq.layers[layer]
+            cached = seq.summ.get(layer)
             for i, m in zip(block_ids, mass):
-                b = seq.layers[layer][i]
-                if b.summary is None and b.hot is not None:
+                b = blocks[i]
+                if b.summary is None and b.hot is not None and b.loading is None and b.sealed:
                     b.summary = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok])
                 if b.summary is not None:
-                    b.summary.mass += m
+                    if replace:
+                        b.summary.mass.copy_(m)
+                    else:
+                        b.summary.mass += m
+                if cached is not None and i < cached[1].mass.shape[0]:
+                    if replace:
+                        cached[1].mass[i] = m
+                    else:
+                        cached[1].mass[i] += m
 
     # -- durability --------------------------------------------------------------------------
 
@@ -627,9 +655,11 @@ class TierManager:
         seq = b.seq
         if b.loading is not None:  # another thread's load serves this request
             return
-        need_warm = b.warm is None and b.hot is None
-        if need_warm and not b.durable:
+        from_cold = b.warm is None and b.hot is None
+        if from_cold and not b.durable:
             raise MissingBlockError("block is in no tier (not durable, not resident)", **b.where())
+        # a CPU hot pool decodes cold records straight into the hot slot: no warm staging
+        need_warm = from_cold and not (to_hot and not seq.hot.is_cuda)
         b.pins += 1
         try:
             ws = None
@@ -652,7 +682,7 @@ class TierManager:
         except BaseException:
             b.pins -= 1
             raise
-        if b.loading is not None or (need_warm and (b.warm is not None or b.hot is not None)) \
+        if b.loading is not None or (from_cold and (b.warm is not None or b.hot is not None)) \
                 or (hs is not None and b.hot is not None):
             # making room released the lock and another thread loaded b meanwhile: its load serves
             for pool, slot in ((seq.warm, ws), (seq.hot, hs)):
@@ -666,20 +696,20 @@ class TierManager:
             b.hot = hs
         fut: Future = Future()
         b.loading = fut
-        self._loaders.submit(self._load, b, need_warm, hs is not None, fut)
+        self._loaders.submit(self._load, b, from_cold, hs is not None, fut, not need_warm and from_cold)
 
-    def _load(self, b: Block, from_cold: bool, to_hot: bool, fut: Future) -> None:
+    def _load(self, b: Block, from_cold: bool, to_hot: bool, fut: Future, direct: bool = False) -> None:
         seq = b.seq
         try:
             if from_cold:
                 data = self.store.cold.get("blocks", b.key)
                 if data is None:
                     raise MissingBlockError("block missing from cold", **b.where())
-                wk, wv = seq.warm.block(b.warm)
-                decode_block(b.key, data, out_k=wk, out_v=wv, **b.where())
+                dk, dv = seq.hot.block(b.hot) if direct else seq.warm.block(b.warm)
+                decode_block(b.key, data, out_k=dk, out_v=dv, **b.where())
                 self.counters.bytes_moved += len(data)
                 self.counters.promotions["cold"] += 1
-            if to_hot:
+            if to_hot and not direct:
                 if seq.hot.is_cuda:
                     with torch.cuda.stream(seq.hot.copy_stream):
                         seq.hot.copy_in(b.hot, seq.warm, b.warm, non_blocking=True)
@@ -707,6 +737,8 @@ class TierManager:
                     self._drop_hot(b)
                 if from_cold:
                     self._drop_warm(b)
+            elif from_cold and to_hot and b.durable:
+                self._drop_warm(b)  # warm only staged the transfer; cold still has the block
             self._cv.notify_all()
         if err is None:
             fut.set_result(None)

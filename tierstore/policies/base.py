@@ -40,7 +40,9 @@ class Policy:
     """Base class. ``score`` returns float [n] (or [n, kv_heads]); higher means more valuable."""
 
     name = "base"
-    selects_all = False  # True: selection attends to every block (exact)
+    selects_all = False   # True: selection attends to every block (exact)
+    topk = True           # False: selection is sinks + recent window only (streaming)
+    mass_mode = None      # "accumulate" (every step adds), "observe" (prefill window replaces), None
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
