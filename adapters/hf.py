@@ -389,7 +389,7 @@ class TieredCache(Cache):
                 model_name=self.model_name, tokenizer_name=self.tokenizer_name,
                 created=prev.created if prev else self._created, updated=time.time(),
                 meta={**self.meta, "policy": self.policy})
-            out.append(self.store.sessions.commit(rec))
+            out.append(self.store.sessions.commit(rec, summaries=self.mgr.mass_summaries(seq)))
         self._committed_blocks = n // self.layout.block_tokens
         return out
 

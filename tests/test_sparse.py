@@ -140,3 +140,23 @@ def test_small_budget_attends_fewer_tokens_and_exact_switch(tmp_path):
         ref = model(input_ids=torch.cat([ids, ids[:, :1]], 1), cache=DynamicCache(), use_cache=True).logits[:, -1:]
         assert (exact - ref).abs().max() < 1e-4
         assert (step - ref).abs().max() > 0  # the sparse step really saw less
+
+
+def test_attention_mass_is_committed_and_resumed(tmp_path):
+    from tierstore.records import BlockSummary
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 64))
+    with tierstore.open(tmp_path / "kv", hot="1MiB", warm="1MiB", block_tokens=BT) as st:
+        with TieredCache(st, model, session="m", policy="h2o", budget_tokens=4 * BT) as cache:
+            model(input_ids=ids, cache=cache, use_cache=True)           # prefill window mass
+            for t in range(3):                                          # decode steps add mass
+                model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+            live = cache.mgr.summaries(cache.seqs[0], 1).mass.clone()
+        rec = st.session("m")
+        chains = rec.chains()
+        stored = torch.stack([BlockSummary.unseal(block_key(c, 1), st.cold.get("summaries", block_key(c, 1))).mass
+                              for c in chains[:rec.length // BT]])
+        assert stored.sum() > 0
+        assert torch.allclose(stored, live[:len(stored)])
+        with TieredCache.resume(st, model, "m", policy="h2o", budget_tokens=4 * BT) as cache:
+            assert torch.allclose(cache.mgr.summaries(cache.seqs[0], 1).mass[:len(stored)], stored)

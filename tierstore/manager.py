@@ -417,6 +417,14 @@ class TierManager:
                     return
                 self._cv.wait(0.05)
 
+    def mass_summaries(self, seq: Seq) -> list[tuple[bytes, bytes]]:
+        """Sealed summaries of the durable blocks that received attention mass, to be rewritten
+        at commit (the copy written at seal time has the mass of that moment)."""
+        with self._lock:
+            return [(b.key, b.summary.seal(b.key)) for layer in seq.layers for b in layer
+                    if b.durable and b.key is not None and b.summary is not None
+                    and b.summary.tokens == b.ntok and bool(b.summary.mass.any())]
+
     def write_now(self, blocks: Sequence[Block]) -> None:
         """Encode and store keyed blocks synchronously (the partial tail at commit)."""
         items = []

@@ -1,0 +1,110 @@
+"""`tierstore bench sparse`: decode tokens/s with a sparse budget vs exact TieredCache vs
+DynamicCache, in one run (SmolLM2-135M-Instruct), and hot bytes in use.
+
+The context is prefilled once per length with DynamicCache; its KV is stored as a session, and
+each TieredCache row resumes it (so no row pays a prefill), then times ``--new`` decode steps.
+The hot budget of the sparse rows is ``--hot`` (default: 4x the per-step budget over all
+layers), far below the context's KV: selected blocks are recalled from warm/cold as needed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+
+import click
+import torch
+
+from tierstore.layout import dtype_from_name
+
+
+def _steps(model, cache, first: int, new: int) -> float:
+    nxt = torch.tensor([[first]])
+    with torch.no_grad():
+        t = time.perf_counter()
+        for _ in range(new):
+            out = model(input_ids=nxt, cache=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        return new / (time.perf_counter() - t)
+
+
+def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str], hot: int | None) -> list[dict]:
+    import tierstore
+    from transformers import DynamicCache
+    from tierstore.adapters.fingerprint import kv_layout, model_fingerprint
+    from tierstore.adapters.hf import TieredCache
+    from tierstore.adapters.models import long_text
+
+    ids = tok(long_text(tokens * 6), return_tensors="pt").input_ids[:, :tokens]
+    dyn = DynamicCache()
+    with torch.no_grad():
+        for s in range(0, tokens, 2048):
+            out = model(input_ids=ids[:, s:s + 2048], cache=dyn, use_cache=True, logits_to_keep=1)
+    first = int(out.logits[0, -1].argmax())
+    lay = kv_layout(model, 64)
+    kv_bytes = tokens * lay.token_bytes
+    rows = [{"tokens": tokens, "mode": "DynamicCache", "tok_s": None, "hot_bytes": kv_bytes}]
+    d = tempfile.mkdtemp(prefix="tierstore-bench-")
+    try:
+        with tierstore.open(d, hot="64MiB", warm="64MiB") as st:
+            fp, fields = model_fingerprint(model)
+            st.put_session("ctx", layout=lay, kv=[(l.keys[0], l.values[0]) for l in dyn.layers],
+                           token_ids=ids[0].tolist(), fingerprint=fp, fingerprint_fields=fields)
+        rows[0]["tok_s"] = _steps(model, dyn, first, new)
+        del dyn
+        sparse_hot = hot or 4 * budget * lay.token_bytes
+        configs = [("exact", None, 2 * kv_bytes)] + [(p, budget, sparse_hot) for p in policies]
+        for policy, b, hot_bytes in configs:
+            with tierstore.open(d, hot=hot_bytes, warm=2 * kv_bytes) as st:
+                st.manager.prepare(lay, "cpu")
+                with TieredCache.resume(st, model, "ctx", policy=policy, budget_tokens=b,
+                                        commit_on_close=False) as cache:
+                    c = st.manager.counters
+                    before = c.promotions.get("cold", 0) + c.promotions.get("warm", 0)  # the restore's
+                    c.hot_peak = st.manager.usage()["hot_blocks"]
+                    tps = _steps(model, cache, first, new)
+                    rows.append({"tokens": tokens, "mode": f"{policy}" + (f" @{b}" if b else ""), "tok_s": tps,
+                                 "hot_bytes": c.hot_peak * lay.block_bytes, "hot_budget": hot_bytes,
+                                 "attended": max(cache.attended.values()) if cache.attended else tokens,
+                                 "recalls_per_step": (c.promotions.get("cold", 0) + c.promotions.get("warm", 0) - before) / new})
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    base = rows[0]["tok_s"]
+    for r in rows:
+        r["vs_dynamic"] = r["tok_s"] / base
+    return rows
+
+
+@click.command("sparse")
+@click.option("--tokens", default="8192,16384", show_default=True, help="context lengths")
+@click.option("--budget", default=1024, show_default=True, help="tokens attended per step")
+@click.option("--new", default=16, show_default=True, help="decode steps timed")
+@click.option("--policies", default="quest,h2o,hybrid,streaming", show_default=True)
+@click.option("--hot", default=None, help="hot budget of the sparse rows (default 4x the step budget)")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def sparse(tokens: str, budget: int, new: int, policies: str, hot: str | None, dtype: str, as_json: bool) -> None:
+    """Decode tokens/s: sparse budget vs exact TieredCache vs DynamicCache (SmolLM2-135M)."""
+    from tierstore.adapters.models import load_smollm2
+    from tierstore.layout import parse_size
+    model, tok = load_smollm2(dtype_from_name(dtype))
+    rows = []
+    for n in tokens.split(","):
+        rows += measure(model, tok, int(n), budget, new, [p.strip() for p in policies.split(",")],
+                        parse_size(hot) if hot else None)
+        click.echo(f"  {n} tokens: done", err=True)
+    if as_json:
+        click.echo(json.dumps({"bench": "sparse", "rows": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"decode tokens/s, budget {budget} tokens (SmolLM2-135M {dtype}, this machine)")
+    for c in ("tokens", "mode", "tok/s", "vs Dynamic", "attended", "hot MiB", "recalls/step"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(str(r["tokens"]), r["mode"], f"{r['tok_s']:.1f}", f"{r['vs_dynamic']:.2f}x",
+                  str(r.get("attended", r["tokens"])), f"{r['hot_bytes'] / 2**20:.0f}",
+                  f"{r.get('recalls_per_step', 0):.0f}")
+    Console().print(t)
