@@ -414,7 +414,9 @@ class TieredCache(Cache):
         seq = self._open_seq(rec.name, device)
         chains = rec.chains()
         keys = [block_key(c, layer) for layer in range(self.layout.num_layers) for c in chains]
-        raw = self.store.cold.get_many("summaries", keys)
+        # summaries are read only for policies that score with them (exact/lru/streaming rank by
+        # position or recency; a summary missing later is recomputed from the resident block)
+        raw = self.store.cold.get_many("summaries", keys) if seq.policy.uses_summaries else [None] * len(keys)
         for layer in range(self.layout.num_layers):
             for i, c in enumerate(chains):
                 key = block_key(c, layer)

@@ -43,6 +43,7 @@ class Policy:
     selects_all = False   # True: selection attends to every block (exact)
     topk = True           # False: selection is sinks + recent window only (streaming)
     mass_mode = None      # "accumulate" (every step adds), "observe" (prefill window replaces), None
+    uses_summaries = True  # False: scores need no key bounds or mass (resume skips reading them)
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

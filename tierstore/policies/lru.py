@@ -11,6 +11,7 @@ from .base import Policy, Summaries
 @register
 class LRU(Policy):
     name = "lru"
+    uses_summaries = False
     selects_all = True
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:

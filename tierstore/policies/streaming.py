@@ -11,6 +11,7 @@ from .base import Policy, Summaries
 @register
 class Streaming(Policy):
     name = "streaming"
+    uses_summaries = False
     topk = False  # nothing beyond sinks + window is selected
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
