@@ -15,10 +15,10 @@ import time
 import torch
 
 SESSION = "demo-doc"
-FACT = "The access code for the west archive is HERON-7342."
-QUESTION = "What is the access code for the west archive? Answer with the code only."
-ANSWER = "HERON-7342"
-FOLLOW_UP = "Which archive does that code open?"
+FACT = "The name of the blue heron in the garden is Pemberton."
+QUESTION = "What is the name of the blue heron in the garden? Answer with the name only."
+ANSWER = "Pemberton"
+FOLLOW_UP = "What kind of bird is Pemberton, and where does it live?"
 
 
 def _say(msg: str) -> None:
@@ -56,13 +56,14 @@ def first_run(args) -> None:
 
     model, tok = load_smollm2(torch.float32)
     doc = build_document(tok, args.tokens)
-    prompt = f"Read this document.\n\n{doc}\n\n{QUESTION}"
+    prompt = f"Document:\n{doc}\n\nQuestion: {QUESTION}"
     with tierstore.open(args.store, hot=args.hot, warm=args.warm) as store:
         if store.exists(SESSION):
             store.delete(SESSION)
         conv = Conversation(store, model, tok, SESSION)
-        n_prompt = len(tok.apply_chat_template(conv.messages + [{"role": "user", "content": prompt}],
-                                               add_generation_prompt=True))
+        n_prompt = len(tok(tok.apply_chat_template(conv.messages + [{"role": "user", "content": prompt}],
+                                                   add_generation_prompt=True, tokenize=False),
+                           add_special_tokens=False).input_ids)
         kv_bytes = n_prompt * 2 * conv.cache.layout.num_layers * conv.cache.layout.kv_heads \
             * conv.cache.layout.head_dim * 4
         _say(f"document: {n_prompt} tokens; its KV is {kv_bytes / 2**20:.0f} MiB; hot budget "
@@ -75,8 +76,10 @@ def first_run(args) -> None:
         ok = ANSWER in reply
         _say(f"Q: {QUESTION}\nA: {reply.strip()}\n   -> {'RIGHT' if ok else 'WRONG'} ({dt:.1f} s incl. prefill)")
         if not ok and n_prompt > 8192:
-            _say("   note: SmolLM2-135M was trained on 8k-token contexts; beyond that exact attention over the "
-                 "whole document is not enough for this model to find the fact.")
+            _say(f"   note: SmolLM2-135M was trained on 8,192-token contexts and this document has {n_prompt}. "
+                 "Attention here is exact (every token attended, logits equal to DynamicCache's), so the miss "
+                 "is the model's: no cache mode changes positions it never saw. Try --tokens 6000 to see it "
+                 "answer inside its trained length.")
         s = store.stats()
         _say(f"tiers during the run: hot peak {store.manager.counters.hot_peak} blocks "
              f"(<= budget {s.hot_budget_bytes / 2**20:.0f} MiB), warm {s.warm_used_bytes / 2**20:.0f} MiB, "
