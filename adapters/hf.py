@@ -86,7 +86,7 @@ class TieredCache(Cache):
         self.store, self.model = store, model
         self.layout = kv_layout(model, store.config.block_tokens)
         super().__init__(layers=[TieredLayer(self, i) for i in range(self.layout.num_layers)])
-        self.names = [session] if isinstance(session, str) else (list(session) if session else [])
+        self.names = list(session) if isinstance(session, (list, tuple)) else [] if session is None else [session]
         for n in self.names:
             check_session_name(n)
         self.fingerprint, self.fingerprint_fields = model_fingerprint(model)
@@ -97,6 +97,7 @@ class TieredCache(Cache):
             budget_tokens, sink_blocks, window_blocks, sparse_prefill)
         self.obs_window = obs_window
         self.force_exact = False
+        self.approx_from: int | None = _resume.meta.get("approx_from") if _resume is not None else None
         self._selected: list[dict[int, list[int]]] = []  # per row: layer -> last selected blocks
         self.attended: dict[int, int] = {}                # layer -> tokens attended at the last step
         self.hot_bytes, self.warm_bytes = parse_size(hot, what="hot"), parse_size(warm, what="warm")
@@ -121,15 +122,21 @@ class TieredCache(Cache):
                 if store.exists(n):
                     raise SessionExistsError("session exists; use TieredCache.resume(...) or overwrite=True",
                                              session=n)
-        for n in self.names:
-            self._leases.append(store.sessions.acquire(n))
         self._prev_attn = model.config._attn_implementation
-        attn.register()
-        model.set_attn_implementation(attn.NAME)
-        self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-                       model.register_forward_hook(self._post_forward, with_kwargs=True)]
-        if _resume is not None:
-            self._adopt(_resume)
+        self._hooks = []
+        try:
+            for n in self.names:
+                self._leases.append(store.sessions.acquire(n))
+            attn.register()
+            model.set_attn_implementation(attn.NAME)
+            self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                           model.register_forward_hook(self._post_forward, with_kwargs=True)]
+            if _resume is not None:
+                self._adopt(_resume)
+        except BaseException:  # e.g. a damaged block on resume: unhook the model, release the leases
+            self.commit_on_close = False
+            self.close()
+            raise
 
     # -- transformers Cache API ------------------------------------------------------------
 
@@ -185,6 +192,8 @@ class TieredCache(Cache):
             self._chains[r] = self._chains[r][:new_len // self.layout.block_tokens]
         self.lengths = [new_len] * self.layout.num_layers
         self.last_logits = None
+        if self.approx_from is not None and new_len <= self.approx_from:
+            self.approx_from = None
 
     # -- attention ------------------------------------------------------------------------------
 
@@ -196,8 +205,7 @@ class TieredCache(Cache):
         q_len = query.shape[2]
         lay = self.layout
         n_rep = query.shape[1] // lay.kv_heads
-        sparse = self.sparse is not None and not self.force_exact and (
-            q_len < lay.block_tokens or self.sparse.sparse_prefill)
+        sparse = self._sparse_step(q_len)
         outs = []
         for r, seq in enumerate(self.seqs):
             pad = None if mask is None or mask.padding is None else mask.padding[r]
@@ -227,6 +235,11 @@ class TieredCache(Cache):
                 elif not sparse:
                     self.mgr.prefetch_next(seq, layer + 1)
         return torch.stack(outs).to(query.dtype)
+
+    def _sparse_step(self, q_len: int) -> bool:
+        """Does a forward of ``q_len`` new tokens attend sparsely?"""
+        return self.sparse is not None and not self.force_exact and (
+            q_len < self.layout.block_tokens or self.sparse.sparse_prefill)
 
     @contextlib.contextmanager
     def exact(self):
@@ -305,9 +318,12 @@ class TieredCache(Cache):
         mask = kwargs.get("attention_mask")
         if self.lengths[0] == 0 and mask is not None and mask.dim() == 2:
             self.pads = [int((m == 0).long().cumprod(0).sum()) for m in mask.cpu()]
+        if self._sparse_step(len(ids[0])) and self.approx_from is None:
+            self.approx_from = self.lengths[0]  # KV from here on depends on the sparse selection
         for r, row in enumerate(ids):
             self.token_ids[r].extend(row)
-            self._chains[r] = chain_hashes(self._root(r), self.token_ids[r], self.layout.block_tokens)
+            self._chains[r] = chain_hashes(self._root(r), self.token_ids[r], self.layout.block_tokens,
+                                           self.approx_from)
         self._share_chains()
         return None
 
@@ -361,7 +377,7 @@ class TieredCache(Cache):
             t = torch.as_tensor(token_ids)
             rows = t.reshape(-1, t.shape[-1]).tolist()
             self.token_ids = [list(r) for r in rows]
-            self._chains = [chain_hashes(self._root(r), ids, self.layout.block_tokens)
+            self._chains = [chain_hashes(self._root(r), ids, self.layout.block_tokens, self.approx_from)
                             for r, ids in enumerate(self.token_ids)]
             for layer in range(self.layout.num_layers):
                 self._key_sealed(layer)
@@ -388,7 +404,7 @@ class TieredCache(Cache):
                 token_ids=np.asarray(ids, dtype=np.int64), last_logits=logits, pad=self.pads[r],
                 model_name=self.model_name, tokenizer_name=self.tokenizer_name,
                 created=prev.created if prev else self._created, updated=time.time(),
-                meta={**self.meta, "policy": self.policy})
+                meta={**self.meta, "policy": self.policy, "approx_from": self.approx_from})
             out.append(self.store.sessions.commit(rec, summaries=self.mgr.mass_summaries(seq)))
         self._committed_blocks = n // self.layout.block_tokens
         return out
@@ -412,6 +428,7 @@ class TieredCache(Cache):
     def _adopt(self, rec: SessionRecord) -> None:
         device = next(self.model.parameters()).device
         seq = self._open_seq(rec.name, device)
+        self.seqs = [seq]  # closed with the cache if adopting fails
         chains = rec.chains()
         keys = [block_key(c, layer) for layer in range(self.layout.num_layers) for c in chains]
         # summaries are read only for policies that score with them (exact/lru/streaming rank by

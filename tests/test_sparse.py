@@ -41,8 +41,29 @@ def summaries(n=10, heads=2, d=4, mass=None, kmin=None, kmax=None) -> Summaries:
 CFG = SparseConfig(budget_tokens=4 * BT, sink_blocks=1, window_blocks=1)
 
 
-def test_streaming_selects_sinks_and_window_only():
-    assert select_blocks(summaries(), get_policy("streaming"), None, CFG, BT) == [0, 9]
+def test_streaming_selects_sinks_and_a_window_filling_the_budget():
+    assert select_blocks(summaries(), get_policy("streaming"), None, CFG, BT) == [0, 7, 8, 9]
+
+
+def test_sparse_decoded_kv_is_never_shared_with_an_exact_session(tmp_path):
+    """KV decoded under sparse attention depends on the selection: it gets its own chain."""
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 40))
+    with tierstore.open(tmp_path / "kv", hot="1MiB", warm="1MiB", block_tokens=BT) as st:
+        with TieredCache(st, model, session="sparse", policy="h2o", budget_tokens=2 * BT) as cache:
+            out = model.generate(ids, cache=cache, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        with TieredCache(st, model, session="exact") as cache:
+            model(input_ids=out[:, :-1], cache=cache, use_cache=True)
+        a, b = st.session("sparse"), st.session("exact")
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        ca, cb = a.chains(), b.chains()
+        shared = sum(x == y for x, y in zip(ca, cb))
+        assert shared == 40 // BT  # the prompt's full blocks only
+        _, kv_exact = st.load_session("exact")
+        ref = DynamicCache()
+        model(input_ids=out[:, :-1], cache=ref, use_cache=True)
+        for layer, (k, _) in enumerate(kv_exact):
+            assert torch.allclose(k, ref.layers[layer].keys[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["h2o", "snapkv", "hybrid"])

@@ -31,8 +31,13 @@ def token_bytes(ids: Sequence[int] | np.ndarray) -> bytes:
     return np.asarray(ids, dtype="<u4").tobytes()
 
 
-def chain_hashes(root: bytes, token_ids: Sequence[int] | np.ndarray, block_tokens: int) -> list[bytes]:
-    """One hash per block of ``token_ids`` (the last one may cover a partial block)."""
+def chain_hashes(root: bytes, token_ids: Sequence[int] | np.ndarray, block_tokens: int,
+                 approx_from: int | None = None) -> list[bytes]:
+    """One hash per block of ``token_ids`` (the last one may cover a partial block).
+
+    ``approx_from``: position of the first token whose KV was computed under sparse attention
+    (it depends on the policy and budget, not only on the tokens). Blocks reaching past it get
+    a different chain, so approximate KV is never shared with, or served to, an exact session."""
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 2**32):
         raise ValueError("token ids must be in [0, 2**32)")
@@ -44,6 +49,8 @@ def chain_hashes(root: bytes, token_ids: Sequence[int] | np.ndarray, block_token
         h = hashlib.blake2b(parent, digest_size=CHAIN_BYTES, person=b"tierstore-blk")
         h.update(struct.pack("<I", len(chunk)))
         h.update(chunk.tobytes())
+        if approx_from is not None and start + len(chunk) > approx_from:
+            h.update(b"approx")
         parent = h.digest()
         out.append(parent)
     return out

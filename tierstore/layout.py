@@ -45,25 +45,26 @@ def parse_size(value: int | str | None, *, what: str = "size") -> int | None:
     """``"8GiB"`` / ``"512MB"`` / ``1024`` -> bytes. None stays None (no limit)."""
     if value is None:
         return None
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."  # hostile input: cut short
     if isinstance(value, bool):
-        raise InvalidSizeError(f"{what}: {value!r} is not a size")
+        raise InvalidSizeError(f"{what}: {shown} is not a size")
     if isinstance(value, int):
         n = value
     elif isinstance(value, float):
         if not math.isfinite(value):
-            raise InvalidSizeError(f"{what}: {value!r} is not a finite size")
+            raise InvalidSizeError(f"{what}: {shown} is not a finite size")
         n = int(value)
     elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if not m:
-            raise InvalidSizeError(f"{what}: cannot parse {value!r}; use e.g. 1048576, '512MiB' or '8GiB'")
+            raise InvalidSizeError(f"{what}: cannot parse {shown}; use e.g. 1048576, '512MiB' or '8GiB'")
         # exact decimal arithmetic: float() turns 400 digits into inf (OverflowError) and
         # rounds integers above 2**53
         n = int(Decimal(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
     else:
-        raise InvalidSizeError(f"{what}: {value!r} is not a size")
+        raise InvalidSizeError(f"{what}: {shown} is not a size")
     if n < 0 or n > MAX_SIZE:
-        raise InvalidSizeError(f"{what}: {value!r} is out of range (0 .. 2**60 bytes)")
+        raise InvalidSizeError(f"{what}: {shown} is out of range (0 .. 2**60 bytes)")
     return n
 
 

@@ -125,6 +125,7 @@ class TierManager:
         self._loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierstore-load")
         self._wq: queue.Queue = queue.Queue()
         self._write_error: BaseException | None = None
+        self._write_error_seqs: set[int] = set()  # whose write-backs failed
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="tierstore-writer", daemon=True)
         self._writer.start()
@@ -186,6 +187,8 @@ class TierManager:
                     self._drop_warm(b)
             seq.closed = True
             self._seqs.pop(seq.id, None)
+            if self._write_error is not None and self._write_error_seqs <= {seq.id}:
+                self._write_error = None  # only this sequence's write-backs failed: moot once it is closed
 
     def _check_open(self) -> None:
         if self._closed:
@@ -369,10 +372,11 @@ class TierManager:
             mass = torch.zeros(n, lay.kv_heads)
             for i, b in enumerate(blocks):
                 sm = b.summary
-                if sm is None and b.hot is not None and b.loading is None:
-                    sm = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok]) if b.ntok else None
-                    if b.sealed:
-                        b.summary = sm
+                if (sm is None or sm.tokens != b.ntok) and b.hot is not None and b.loading is None and b.ntok:
+                    fresh = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok])
+                    if sm is not None:
+                        fresh.mass += sm.mass  # a growing tail keeps the mass it received
+                    sm = b.summary = fresh
                 if sm is not None:
                     kmin[i], kmax[i], kmean[i], mass[i] = sm.kmin, sm.kmax, sm.kmean, sm.mass
             out = Summaries(kmin=kmin, kmax=kmax, kmean=kmean, mass=mass,
@@ -391,8 +395,8 @@ class TierManager:
             cached = seq.summ.get(layer)
             for i, m in zip(block_ids, mass):
                 b = blocks[i]
-                if b.summary is None and b.hot is not None and b.loading is None and b.sealed:
-                    b.summary = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok])
+                if b.summary is None and b.hot is not None and b.loading is None and b.ntok:
+                    b.summary = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok])  # the tail too
                 if b.summary is not None:
                     if replace:
                         b.summary.mass.copy_(m)
@@ -497,6 +501,7 @@ class TierManager:
             except BaseException as e:  # surfaced by flush()/commit()
                 log.error("write-back failed: %s", e)
                 self._write_error, ok = e, False
+                self._write_error_seqs = {b.seq.id for b, _ in batch}
             with self._cv:
                 for b, _ in batch:
                     b.queued = False
@@ -950,3 +955,6 @@ class TierManager:
         self._writer.join()
         self._encoders.shutdown(wait=True)
         self._loaders.shutdown(wait=True)
+        with self._lock:  # free the pools now: a cache object may outlive its store (and reference cycles gc)
+            self._hot.clear()
+            self._warm.clear()

@@ -57,7 +57,7 @@ class SessionRecord:
 
     def chains(self) -> list[bytes]:
         """Chain hash of every block (derived from the token ids)."""
-        return chain_hashes(self.root, self.token_ids, self.layout.block_tokens)
+        return chain_hashes(self.root, self.token_ids, self.layout.block_tokens, self.meta.get("approx_from"))
 
     def block_len(self, index: int) -> int:
         bt = self.layout.block_tokens

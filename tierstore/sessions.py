@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import lmdb
 
-from .errors import (MissingBlockError, SessionBusyError, SessionExistsError,
-                     SessionNotFoundError, TierstoreError)
+from .errors import (CorruptRecordError, FormatVersionError, MissingBlockError, SessionBusyError,
+                     SessionExistsError, SessionNotFoundError, TierstoreError)
 from .layout import FORMAT_VERSION, check_session_name
 from .records import SessionRecord
 from .tiers.cold import CHAIN_BYTES, ColdStore, block_key
@@ -194,19 +194,26 @@ class SessionStore:
         """Reference counts; positions that drop to zero lose their blocks and summaries."""
         dbs = self.cold.dbs
         for c in gained:
-            raw = txn.get(c, db=dbs["refs"])
-            n = struct.unpack("<I", raw)[0] if raw else 0
+            n = self._ref_count(txn, c)
             txn.put(c, struct.pack("<I", n + 1), db=dbs["refs"])
         freed = 0
         for c in lost:
-            raw = txn.get(c, db=dbs["refs"])
-            n = struct.unpack("<I", raw)[0] if raw else 0
+            n = self._ref_count(txn, c)
             if n > 1:
                 txn.put(c, struct.pack("<I", n - 1), db=dbs["refs"])
                 continue
             txn.delete(c, db=dbs["refs"])
             freed += self._delete_position(txn, c)
         return freed
+
+    def _ref_count(self, txn: lmdb.Transaction, chain: bytes) -> int:
+        raw = txn.get(chain, db=self.cold.dbs["refs"])
+        if raw is None:
+            return 0
+        if len(raw) != 4:  # refs carry no checksum: a damaged count must stop the write, not guess
+            raise CorruptRecordError(f"reference count of chain position {chain.hex()} is damaged "
+                                     f"({len(raw)} bytes); nothing was changed (see `tierstore verify`)")
+        return struct.unpack("<I", raw)[0]
 
     def _delete_position(self, txn: lmdb.Transaction, chain: bytes) -> int:
         """Delete every layer's block and summary at one chain position; returns bytes freed."""
@@ -341,7 +348,16 @@ class SessionStore:
                         "block_tokens": block_tokens}
                 txn.put(b"store", json.dumps(meta).encode(), db=self.cold.dbs["meta"])
                 return meta
-            return json.loads(raw)
+            try:
+                meta = json.loads(bytes(raw))
+                version = int(meta.get("format_version", 0))
+            except (ValueError, TypeError, AttributeError):
+                raise CorruptRecordError(f"{self.cold.path}: the store's metadata record is unreadable "
+                                         "(see `tierstore verify`)") from None
+            if version > FORMAT_VERSION:  # never write records of an older format into a newer store
+                raise FormatVersionError(f"{self.cold.path}: store written by format version {version}; this "
+                                         f"tierstore reads <= {FORMAT_VERSION} (upgrade tierstore)")
+            return meta
 
         return self.cold.write(fn)  # type: ignore[return-value]
 

@@ -40,7 +40,10 @@ def select_blocks(s: Summaries, policy: Policy, query: torch.Tensor | None, cfg:
     k = cfg.budget_blocks(n, block_tokens)
     if policy.selects_all or n <= k:
         return list(range(n))
-    chosen = set(range(min(cfg.sink_blocks, n))) | set(range(max(0, n - cfg.window_blocks), n))
+    sinks = set(range(min(cfg.sink_blocks, n)))
+    if not policy.topk:  # streaming: the recent window widens to fill the budget
+        return sorted(sinks | set(range(max(0, n - (k - len(sinks))), n)))
+    chosen = sinks | set(range(max(0, n - cfg.window_blocks), n))
     room = k - len(chosen)
     if policy.topk and room > 0:
         score = policy.score(s, query)

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ..layout import format_size
+from ..layout import check_session_name, format_size
 from . import render
 from .cli_base import emit_json, fmt, opened, output_options
 from .cli_maint import compact_store, parse_duration, plan_prune, plan_rm
@@ -223,6 +223,7 @@ def export_cmd(session: str, file: str, force: bool) -> None:
 def import_cmd(file: str, as_name: str | None, overwrite: bool) -> None:
     """Validate an exported FILE and store it as a session (creates the store if needed)."""
     meta, tensors = read_export(file)  # all checks before the store is opened (or created)
+    check_session_name(as_name if as_name is not None else meta["name"])
     with opened(write=True, create=True) as store:
         rec = put_export(store, meta, tensors, as_name, overwrite=overwrite)
     out = fmt()

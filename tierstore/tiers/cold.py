@@ -37,7 +37,7 @@ from typing import Callable
 
 import lmdb
 
-from ..errors import (NotAStoreError, QuotaExceededError, StoreClosedError,
+from ..errors import (CorruptRecordError, NotAStoreError, QuotaExceededError, StoreClosedError,
                       StoreReadOnlyError, TierstoreError)
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,16 @@ class ColdStore:
         except lmdb.InvalidError as e:
             raise NotAStoreError(f"{self.path}: not an LMDB environment ({e})") from e
         except lmdb.Error as e:
+            if "already open in this process" in str(e):  # a store, but LMDB allows one env per process
+                raise TierstoreError(f"{self.path}: this store is already open in this process; use that "
+                                     "Store (LMDB opens a file once per process)") from e
             raise NotAStoreError(f"{self.path}: cannot open LMDB environment: {e}") from e
         try:
+            self._check_file()
+            if lock:  # reader slots of processes killed mid-read (SIGKILL) pin old pages and slots
+                self.env.reader_check()
+            if not readonly:
+                self._refuse_foreign()
             self.dbs = {}
             for name in DB_NAMES:
                 if readonly:
@@ -157,6 +165,23 @@ class ColdStore:
             self.env.close()
             raise
         _LIVE_ENVS.add(self)
+
+    def _check_file(self) -> None:
+        """A data.mdb shorter than its own pages (a partial copy) would fault (SIGBUS) on read."""
+        need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        have = _file_size(os.path.join(self.path, "data.mdb"))
+        if have < need:
+            raise CorruptRecordError(f"{self.path}: data.mdb is truncated ({have} bytes; its pages need {need}); "
+                                     "restore the store from a copy")
+
+    def _refuse_foreign(self) -> None:
+        """Opening for write creates our sub-databases: never inside another application's LMDB file."""
+        with self.env.begin() as t:
+            names = [bytes(k) for k in t.cursor().iternext(values=False)]
+        foreign = [k for k in names if k.decode(errors="replace") not in DB_NAMES]
+        if foreign:
+            raise NotAStoreError(f"{self.path}: an LMDB environment of another application (main database "
+                                 f"holds {foreign[:3]!r}), not a tierstore store")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -184,17 +209,26 @@ class ColdStore:
         """A read transaction: a consistent snapshot of the store. ``buffers=True``: values are
         memoryviews into the map, valid only inside the transaction (zero-copy reads)."""
         self._check()
+        cleared = False
         while True:
+            resized = False
             with self._gate.txn():
                 try:
                     txn = self.env.begin(buffers=buffers)
                 except lmdb.MapResizedError:
-                    txn = None
+                    txn, resized = None, True
+                except lmdb.ReadersFullError:
+                    # slots of killed processes are freed by reader_check; else really too many readers
+                    if cleared or self.env.flags().get("lock") is False or not self.env.reader_check():
+                        raise TierstoreError(f"{self.path}: all {self.env.max_readers()} LMDB reader slots are "
+                                             "in use (too many concurrent read transactions)") from None
+                    txn, cleared = None, True
                 if txn is not None:
                     with txn:
                         yield txn
                     return
-            self._adopt()
+            if resized:
+                self._adopt()
 
     def write(self, fn: Callable[[lmdb.Transaction], object]) -> object:
         """Run ``fn(txn)`` in one write transaction; commit, or abort on any exception.
@@ -225,6 +259,9 @@ class ColdStore:
                 except lmdb.Error as e:
                     if _is_enospc(e):
                         raise QuotaExceededError(f"{self.path}: disk full while writing: {e}") from e
+                    if "Input/output error" in str(e):  # a short write: disk full, RLIMIT_FSIZE, failing device
+                        raise TierstoreError(f"{self.path}: write failed with an I/O error (disk full, file size "
+                                             f"limit or failing device); the commit failed: {e}") from e
                     raise
 
     def _adopt(self) -> None:

@@ -1,0 +1,111 @@
+"""`tierstore bench quality`: its pieces on a tiny random Llama and a character tokenizer."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from tierstore.adapters.models import long_text
+from tierstore.tools import bench_quality as bq
+
+
+class CharTokenizer:
+    """One id per byte, plus the two chat-template specials (what the bench needs of a tokenizer)."""
+
+    SPECIAL = {"<|im_start|>": 256, "<|im_end|>": 257}
+    eos_token_id = 257
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        out: list[int] = []
+        for part in re.split(r"(<\|im_start\|>|<\|im_end\|>)", text):
+            out.extend([self.SPECIAL[part]] if part in self.SPECIAL else part.encode())
+        return out
+
+    def decode(self, ids) -> str:
+        inv = {v: k for k, v in self.SPECIAL.items()}
+        out, buf = [], bytearray()
+        for i in ids:
+            if i in inv:
+                out.append(buf.decode(errors="replace") + inv[i])
+                buf = bytearray()
+            else:
+                buf.append(int(i) % 256)
+        return "".join(out) + buf.decode(errors="replace")
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        s = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return s + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+TOK = CharTokenizer()
+TEXT = long_text(30_000)
+
+
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_cases_are_determined_by_the_seed():
+    a = [bq.make_case(TOK, TEXT, 7, 400, i) for i in range(3)]
+    b = [bq.make_case(TOK, TEXT, 7, 400, i) for i in (2, 1, 0)][::-1]  # order and count do not matter
+    assert [c.summary() for c in a] == [c.summary() for c in b] and [c.ids for c in a] == [c.ids for c in b]
+    other = bq.make_case(TOK, TEXT, 8, 400, 0)
+    assert (other.code, other.ids) != (a[0].code, a[0].ids)
+    for i, c in enumerate(a):
+        assert c.depth == pytest.approx(0.1 + 0.1 * i)
+        assert abs(len(c.ids) - 400) <= 8
+        assert TOK.decode(c.ids[c.needle[0]:c.needle[1]]) == c.code  # the span holds the code
+        assert TOK.decode(c.ids).endswith("<|im_start|>assistant\n" + c.lead)
+        assert c.fact in TOK.decode(c.ids) and c.question in TOK.decode(c.ids)
+    deep = bq.make_case(TOK, TEXT, 7, 1000, 8)
+    assert deep.depth == pytest.approx(0.9) and deep.needle[0] > 0.7 * len(deep.ids)
+    ctx, cont = bq.make_ppl_text(TOK, TEXT, 7, 300, 40)
+    assert (len(ctx), len(cont)) == (300, 40) and bq.make_ppl_text(TOK, TEXT, 7, 300, 40) == (ctx, cont)
+
+
+def test_scoring():
+    assert bq.is_correct(" 4817.", "4817")
+    assert bq.is_correct("The code is 48 17", "4817")  # spaces and punctuation are ignored
+    assert not bq.is_correct(" 4816", "4817") and not bq.is_correct("", "4817")
+    assert bq.perplexity([math.log(2.0)] * 3) == pytest.approx(2.0)
+    assert bq.parse_budgets("1/4, 1/8,512") == [("1/4", 0.25), ("1/8", 0.125), ("512", 512)]
+    with pytest.raises(Exception):
+        bq.parse_budgets("3/2")
+    assert [bq.depth_of(i) for i in (0, 8, 9)] == pytest.approx([0.1, 0.9, 0.1])
+    notes = bq.floor_notes([2048, 4096], [("1/8", 0.125), ("1/16", 0.0625)], 64, 1, 2)
+    assert len(notes) == 1 and notes[0].startswith("2048 tokens at 1/16")
+
+
+def test_one_case_through_the_pipeline(tmp_path):
+    model = tiny()
+    logs: list[str] = []
+    res = bq.run(model, TOK, seed=1, cases=1, lengths=[300], budgets=[("1/4", 0.25), ("all", 100_000)],
+                 policies=["streaming", "h2o", "snapkv", "quest", "hybrid"], ppl_tokens=12, block_tokens=16,
+                 cov_every=4, text=TEXT, store_dir=str(tmp_path / "kv"), log=logs.append)
+    assert res["bench"] == "quality" and len(res["needle"]) == 1 and len(res["ppl"]) == 1
+    assert any(m.startswith("[needle 300 1/1]") for m in logs)
+    needle, ppl = res["needle"][0]["results"], res["ppl"][0]["results"]
+    assert set(needle) == {"full"} | {f"{p}@{b}" for p in res["policies"] for b in ("1/4", "all")}
+    full = ppl["full"]["nll"]
+    assert len(full) == 12 and all(math.isfinite(x) for x in full)
+    for p in res["policies"]:
+        # a budget covering the whole context reproduces the full cache
+        assert ppl[f"{p}@all"]["nll"] == pytest.approx(full, abs=1e-4)
+        assert needle[f"{p}@all"]["answer"] == needle["full"]["answer"]
+        assert ppl[f"{p}@all"]["cover"] == pytest.approx(1.0)
+        # a quarter of the context: fewer tokens attended, part of the exact mass
+        q = ppl[f"{p}@1/4"]
+        assert 0.0 < q["cover"] <= 1.0 + 1e-6 and q["attended"] < 300
+        assert 0.0 <= needle[f"{p}@1/4"]["needle_selected"] <= 1.0
+    assert res["stored_mass"]["stored_mass"] > 0 and res["stored_mass"]["ok"]
+    cells = [c for c in res["cells"] if c["length"] == 300]
+    assert len(cells) == 2 * 5 and all(c["full_acc"] is not None and c["ppl_rel"] is not None for c in cells)
+    assert all(abs(c["ppl_rel"]) < 1e-4 for c in cells if c["budget"] == "all")
+    bq.print_table(res)  # renders
