@@ -129,6 +129,9 @@ def test_put_load_bit_exact(tmp_path, dtype, codec, n):
         assert torch.equal(bits(k), bits(kv[2][0][:, last * 16:]))
 
 
+_EXAMPLES: list[str] = []
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layers=st.integers(1, 3), heads=st.integers(1, 3), head_dim=st.integers(1, 12),
        bt=st.sampled_from([1, 5, 16, 64]), n=st.integers(1, 90), dtype=st.sampled_from(DTYPES),
@@ -136,7 +139,10 @@ def test_put_load_bit_exact(tmp_path, dtype, codec, n):
 def test_roundtrip_property(store, layers, heads, head_dim, bt, n, dtype, codec, seed):
     lay = KVLayout(num_layers=layers, kv_heads=heads, head_dim=head_dim, block_tokens=bt, dtype=dtype)
     name = f"h{seed}-{n}-{bt}"
-    _, kv = put(store, name, lay, n, seed=seed, codec=codec, overwrite=True)
+    # content addressing: token ids must determine the KV, so every example gets ids of its own
+    _EXAMPLES.append(name)
+    _, kv = put(store, name, lay, n, seed=seed, codec=codec, overwrite=True,
+                ids=ids_for(n, 100_000 + len(_EXAMPLES)))
     rec, got = store.load_session(name)
     assert_kv_equal(got, kv)
     assert rec.codec == tierstore.CodecConfig.parse(codec)
