@@ -302,3 +302,23 @@ def test_smollm2_2k_prompt_matches_dynamic_cache(tmp_path):
         assert max_dlogit(out, ref) < 1e-3
         assert s.promotions.get("cold", 0) > 0 and st.manager.counters.hot_peak * \
             st.session("smol").layout.block_bytes <= st.config.hot_bytes
+
+
+def test_attention_scratch_comes_out_of_the_hot_budget(tmp_path):
+    """Pools plus the reservation for attention temporaries never exceed hot=; the score chunks
+    are sized to fit that reservation."""
+    from tierstore.attention import TEMPORARIES
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 200))
+    ref = model(input_ids=ids, cache=DynamicCache(), use_cache=True).logits[:, -1]
+    with tierstore.open(tmp_path / "kv", hot="8MiB", warm="8MiB", block_tokens=BT) as st, \
+            TieredCache(st, model) as cache:
+        logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+        u = st.manager.usage()
+        pool = cache.seqs[0].hot
+        assert u["hot_scratch_bytes"] == (8 << 20) // 8 == pool.scratch_bytes
+        assert u["hot_allocated_bytes"] == pool.nbytes + pool.scratch_bytes <= st.config.hot_bytes
+        rows = model.config.num_attention_heads * 200
+        piece = max(BT, pool.scratch_bytes // (4 * TEMPORARIES * rows) // BT * BT)
+        assert 4 * TEMPORARIES * rows * piece <= pool.scratch_bytes
+    assert (logits - ref).abs().max() < 1e-4

@@ -84,7 +84,7 @@ def chunk_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, pad_row: torch.Tensor |
     return causal.repeat(n_rep, 1).unsqueeze(0)  # [1, n_rep*q, T]
 
 
-SCRATCH_BYTES = 64 << 20  # cap on one chunk's float32 score matrix
+TEMPORARIES = 4  # float32 [rows, T] matrices alive at once in one chunk (scores, bias, probabilities, ...)
 
 
 class WindowMass:
@@ -164,7 +164,8 @@ def _add_runs(mgr, acc: OnlineSoftmax, blocks, q_pos, pad, n_rep: int, kv_heads:
     blocks = sorted(blocks, key=lambda b: b.index)
     pool = blocks[0].seq.hot
     bt = blocks[0].seq.layout.block_tokens
-    max_tokens = max(bt, SCRATCH_BYTES // (4 * rows) // bt * bt)  # whole blocks per piece
+    # whole blocks per piece, sized so the chunk's temporaries fit the pool's scratch reservation
+    max_tokens = max(bt, pool.scratch_bytes // (4 * TEMPORARIES * rows) // bt * bt)
     for first_slot, n, first_tok, ntok in mgr.runs(blocks):
         k, v = pool.view(first_slot, n, ntok)
         for s in range(0, ntok, max_tokens):

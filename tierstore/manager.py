@@ -42,6 +42,8 @@ from .tiers.warm import WarmPool
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 64
+SCRATCH_MAX = 64 << 20  # most hot bytes reserved for attention temporaries
+SCRATCH_MIN_BUDGET = 8 << 20  # below this, no reservation: attention pieces shrink to one block
 
 
 def _summary_of(k: torch.Tensor) -> BlockSummary:
@@ -137,12 +139,17 @@ class TierManager:
         hk = (layout, str(device))
         if hk not in self._hot:
             want = self._hot_left if hot_bytes is None else min(hot_bytes, self._hot_left)
-            slots = want // layout.block_bytes
+            # attention temporaries (score chunks, gathered selections) come out of the same
+            # budget: an eighth of it, at most 64 MiB, is reserved for them
+            scratch = min(SCRATCH_MAX, want // 8) if want >= SCRATCH_MIN_BUDGET else 0
+            slots = (want - scratch) // layout.block_bytes
             if slots < 2:
-                raise BudgetError(f"hot budget {want} bytes holds {slots} blocks of {layout.block_bytes} bytes; "
-                                  "at least 2 are needed")
-            self._hot[hk] = HotPool(layout, slots, device)
-            self._hot_left -= slots * layout.block_bytes
+                raise BudgetError(f"hot budget {want} bytes holds {slots} blocks of {layout.block_bytes} bytes "
+                                  f"(after {scratch} bytes of attention scratch); at least 2 are needed")
+            pool = HotPool(layout, slots, device)
+            pool.scratch_bytes = scratch
+            self._hot[hk] = pool
+            self._hot_left -= slots * layout.block_bytes + scratch
         if layout not in self._warm:
             want = self._warm_left if warm_bytes is None else min(warm_bytes, self._warm_left)
             slots = want // layout.block_bytes
@@ -934,7 +941,8 @@ class TierManager:
             bt = {id(b): b.seq.layout.block_tokens for b in hot_blocks}
             return {
                 "hot_used_bytes": sum(p.used * p.layout.block_bytes for p in self._hot.values()),
-                "hot_allocated_bytes": sum(p.nbytes for p in self._hot.values()),
+                "hot_allocated_bytes": sum(p.nbytes + p.scratch_bytes for p in self._hot.values()),
+                "hot_scratch_bytes": sum(p.scratch_bytes for p in self._hot.values()),
                 "warm_used_bytes": sum(p.used * p.layout.block_bytes for p in self._warm.values()),
                 "warm_allocated_bytes": sum(p.nbytes for p in self._warm.values()),
                 "hot_blocks": sum(p.used for p in self._hot.values()),

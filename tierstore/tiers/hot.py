@@ -17,5 +17,6 @@ class HotPool(SlotPool):
 
     def __init__(self, layout: KVLayout, slots: int, device: torch.device | str) -> None:
         super().__init__(layout, slots, device, pin=False, name="hot")
+        self.scratch_bytes = 0  # hot budget reserved for attention temporaries (set by the manager)
         self.is_cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.is_cuda else None
