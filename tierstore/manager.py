@@ -29,85 +29,27 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .codec import CodecConfig, decode_block, encode_block
+from .blocks import Block, Seq, _summary_of
+from .codec import CodecConfig, decode_block
 from .errors import BudgetError, CorruptBlockError, MissingBlockError, StoreClosedError, TierstoreError
 from .layout import KVLayout
 from .metrics import Counters
 from .policies import Policy, Summaries, get_policy
 from .records import BlockSummary
+from .seqops import SequenceOps
 from .tiers.cold import block_key
 from .tiers.hot import HotPool
 from .tiers.warm import WarmPool
+from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
-WRITE_BATCH = 64
 SCRATCH_MAX = 64 << 20  # most hot bytes reserved for attention temporaries
 SCRATCH_MIN_BUDGET = 8 << 20  # below this, no reservation: attention pieces shrink to one block
 
 
-def _summary_of(k: torch.Tensor) -> BlockSummary:
-    """``BlockSummary.of_keys`` kept in host memory: summaries of a long context must not hold
-    device memory outside the hot pool (one transfer for the three statistics)."""
-    s = BlockSummary.of_keys(k)
-    if s.kmin.device.type != "cpu":
-        kmin, kmax, kmean = torch.stack([s.kmin, s.kmax, s.kmean]).cpu()
-        s = BlockSummary(kmin=kmin, kmax=kmax, kmean=kmean, mass=s.mass.cpu(), tokens=s.tokens)
-    return s
 
-
-class Block:
-    """One layer's block of one sequence. Mutable bookkeeping, guarded by the manager lock."""
-
-    __slots__ = ("seq", "layer", "index", "ntok", "hot", "warm", "key", "durable", "queued", "pins",
-                 "last_used", "summary", "transient", "loading", "ready", "prefetched")
-
-    def __init__(self, seq: "Seq", layer: int, index: int) -> None:
-        self.seq, self.layer, self.index = seq, layer, index
-        self.ntok = 0
-        self.hot: int | None = None       # hot slot
-        self.warm: int | None = None      # warm slot
-        self.key: bytes | None = None     # cold key (chain || layer) once the tokens are known
-        self.durable = False              # stored in cold under ``key``
-        self.queued = False               # write-back in flight
-        self.pins = 0
-        self.last_used = 0
-        self.summary: BlockSummary | None = None
-        self.transient = False            # promoted only to be streamed: first to leave hot
-        self.loading: Future | None = None
-        self.ready: torch.cuda.Event | None = None  # CUDA: copy into the hot slot done
-        self.prefetched = False
-
-    @property
-    def sealed(self) -> bool:
-        return self.ntok == self.seq.layout.block_tokens
-
-    def where(self) -> dict:
-        return {"session": self.seq.name, "layer": self.layer, "block": self.index}
-
-
-class Seq:
-    """One sequence (a batch row) registered with the manager."""
-
-    __slots__ = ("id", "name", "layout", "device", "codec", "policy", "layers", "hot", "warm", "closed", "chains",
-                 "summ")
-
-    def __init__(self, sid: int, name: str, layout: KVLayout, device: torch.device, codec: CodecConfig,
-                 policy: Policy, hot: HotPool, warm: WarmPool) -> None:
-        self.id, self.name, self.layout, self.device = sid, name, layout, device
-        self.codec, self.policy, self.hot, self.warm = codec, policy, hot, warm
-        self.layers: list[list[Block]] = [[] for _ in range(layout.num_layers)]
-        self.closed = False
-        self.chains: list[bytes] = []  # chain hash of every *full* block whose token ids are known
-        self.summ: dict[int, tuple] = {}  # layer -> (tag, stacked Summaries) cache
-
-    @property
-    def length(self) -> int:
-        blocks = self.layers[0]
-        return sum(b.ntok for b in blocks)
-
-
-class TierManager:
+class TierManager(WriteBack, SequenceOps):
     """One per store and process; thread-safe. See the module docstring for the contracts."""
 
     def __init__(self, store) -> None:
@@ -415,121 +357,6 @@ class TierManager:
                     else:
                         cached[1].mass[i] += m
 
-    # -- durability --------------------------------------------------------------------------
-
-    def flush(self, seq: Seq | None = None) -> None:
-        """Wait until every sealed, keyed block (of ``seq``, or all) is durable."""
-        with self._cv:
-            while True:
-                self._raise_write_error()
-                pending = [b for s in ([seq] if seq else list(self._seqs.values()))
-                           for layer in s.layers for b in layer if b.queued]
-                if not pending:
-                    return
-                self._cv.wait(0.05)
-
-    def mass_summaries(self, seq: Seq) -> list[tuple[bytes, bytes]]:
-        """Sealed summaries of the durable blocks that received attention mass, to be rewritten
-        at commit (the copy written at seal time has the mass of that moment)."""
-        with self._lock:
-            return [(b.key, b.summary.seal(b.key)) for layer in seq.layers for b in layer
-                    if b.durable and b.key is not None and b.summary is not None
-                    and b.summary.tokens == b.ntok and bool(b.summary.mass.any())]
-
-    def write_now(self, blocks: Sequence[Block]) -> None:
-        """Encode and store keyed blocks synchronously (the partial tail at commit)."""
-        items = []
-        with self._lock:
-            for b in blocks:
-                if b.durable or b.key is None:
-                    continue
-                b.pins += 1
-                items.append(b)
-        try:
-            enc = [(b.key, *self._encode(b)) for b in items]
-            if enc:
-                self.store.sessions.put_blocks(enc)
-                self._count_written(items, enc)
-            with self._cv:
-                for b in items:
-                    b.durable = True
-        finally:
-            with self._cv:
-                for b in items:
-                    b.pins -= 1
-                self._cv.notify_all()
-
-    def _maybe_write_back(self, b: Block) -> None:
-        if b.sealed and b.key is not None and not b.durable and not b.queued:
-            b.queued = True
-            b.pins += 1
-            self._wq.put((b, self._encoders.submit(self._encode, b)))
-
-    def _encode(self, b: Block) -> tuple[bytes, bytes]:
-        # the warm copy when there is one: complete whenever it exists, while the hot slot may be
-        # mid-copy during a promotion (and reading host memory costs no device sync)
-        pool, slot = (b.seq.warm, b.warm) if b.warm is not None else (b.seq.hot, b.hot)
-        k, v = pool.block(slot)
-        k, v = k[:, :b.ntok], v[:, :b.ntok]
-        if k.device.type != "cpu":  # head by head: contiguous D2H copies, no device temporaries
-            dk, dv = k, v
-            k, v = torch.empty(dk.shape, dtype=dk.dtype), torch.empty(dv.shape, dtype=dv.dtype)
-            for h in range(k.shape[0]):
-                k[h].copy_(dk[h])
-                v[h].copy_(dv[h])
-        if b.summary is None or b.summary.tokens != b.ntok:
-            mass = b.summary.mass if b.summary is not None else None
-            b.summary = _summary_of(k)
-            if mass is not None:
-                b.summary.mass += mass
-        rec = encode_block(b.key, k, v, b.seq.codec)
-        return rec, b.summary.seal(b.key)
-
-    def _write_loop(self) -> None:
-        while True:
-            first = self._wq.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < WRITE_BATCH:
-                try:
-                    nxt = self._wq.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._wq.put(None)
-                    break
-                batch.append(nxt)
-            try:
-                items = [(b.key, *fut.result()) for b, fut in batch]
-                self.store.sessions.put_blocks(items)
-                ok = True
-                self._count_written([b for b, _ in batch], items)
-            except BaseException as e:  # surfaced by flush()/commit()
-                log.error("write-back failed: %s", e)
-                self._write_error, ok = e, False
-                self._write_error_seqs = {b.seq.id for b, _ in batch}
-            with self._cv:
-                for b, _ in batch:
-                    b.queued = False
-                    b.pins -= 1
-                    b.durable = ok
-                self._cv.notify_all()
-
-    def _count_written(self, blocks: Sequence[Block], items: Sequence[tuple]) -> None:
-        c = self.counters
-        c.cold_writes += len(items)
-        c.cold_bytes_written += sum(len(r) for _, r, _ in items)
-        c.raw_bytes_written += sum(2 * b.ntok * b.seq.layout.block_bytes // (2 * b.seq.layout.block_tokens)
-                                   for b in blocks)
-
-    def _raise_write_error(self) -> None:
-        if self._write_error is not None:
-            e, self._write_error = self._write_error, None
-            if isinstance(e, TierstoreError):
-                raise e
-            raise TierstoreError(f"write-back failed: {e}") from e
-
     # -- movement (lock held) ------------------------------------------------------------------
 
     def _alloc_hot(self, pool: HotPool, n: int, near: int | None) -> list[int]:
@@ -765,174 +592,6 @@ class TierManager:
         else:
             fut.set_exception(err)
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    # -- restore (resume) ---------------------------------------------------------------------
-
-    def restore(self, seq: Seq, *, reserve: int | None = None) -> int:
-        """Load a resumed sequence's blocks into hot slots now, as many as fit, in block order
-        per layer (consecutive slots, so attention reads them as runs), newest blocks first
-        when not all fit. Reads in batched read transactions, decodes straight into the slots
-        on a CPU hot pool (no warm staging) and through warm on CUDA. Returns blocks loaded."""
-        with self._lock:
-            reserve = max(1, min(16, seq.hot.slots // 4)) if reserve is None else reserve
-            per_layer = max(0, (seq.hot.free_count - reserve) // seq.layout.num_layers)
-            plan: list[tuple[Block, int]] = []
-            for layer, blocks in enumerate(seq.layers):
-                todo = [b for b in blocks if b.hot is None and b.loading is None and b.durable][-per_layer:] \
-                    if per_layer else []
-                if not todo:
-                    continue
-                slots = seq.hot.alloc(len(todo))
-                for b, slot in zip(todo, slots or []):
-                    b.hot, b.pins = slot, b.pins + 1
-                    plan.append((b, slot))
-        try:
-            self._restore_into(seq, plan)
-        finally:
-            with self._cv:
-                for b, _ in plan:
-                    b.pins -= 1
-                self._cv.notify_all()
-        self.counters.promotions["cold"] += len(plan)
-        return len(plan)
-
-    def _restore_into(self, seq: Seq, plan: list[tuple[Block, int]]) -> None:
-        if not plan:
-            return
-        half = (len(plan) + 1) // 2
-        parts = [plan[:half], plan[half:]]
-        futs = [self._loaders.submit(self._restore_part, seq, part) for part in parts if part]
-        errors = [f.exception() for f in futs]
-        failed = next((e for e in errors if e is not None), None)
-        if failed is not None:
-            with self._lock:
-                for b, _ in plan:
-                    self._drop_hot(b)
-            raise failed
-
-    def _restore_part(self, seq: Seq, part: list[tuple[Block, int]]) -> None:
-        cuda = seq.hot.is_cuda
-        with self.store.cold.read(buffers=True) as txn:
-            db = self.store.cold.dbs["blocks"]
-            for b, slot in part:
-                data = txn.get(b.key, db=db)
-                if data is None:
-                    raise MissingBlockError("block missing from cold", **b.where())
-                if cuda:
-                    k, v = decode_block(b.key, data, **b.where())
-                    hk, hv = seq.hot.block(slot)
-                    for h in range(k.shape[0]):  # contiguous per head: no device temporaries
-                        hk[h, :b.ntok].copy_(k[h], non_blocking=True)
-                        hv[h, :b.ntok].copy_(v[h], non_blocking=True)
-                else:
-                    hk, hv = seq.hot.block(slot)
-                    decode_block(b.key, data, out_k=hk, out_v=hv, **b.where())
-                self.counters.bytes_moved += len(data)
-
-    # -- sequence surgery (used by the transformers adapter) ------------------------------------
-
-    def keyed_blocks(self, seq: Seq, layer: int) -> int:
-        """Number of leading sealed blocks of the layer that have a cold key."""
-        blocks = seq.layers[layer]
-        n = 0
-        for b in blocks:
-            if not (b.sealed and b.key is not None):
-                break
-            n += 1
-        return n
-
-    def set_layer_keys(self, seq: Seq, layer: int, keys: dict[int, bytes]) -> None:
-        """Cold keys of sealed blocks of one layer (by block index); write-back starts."""
-        with self._lock:
-            blocks = seq.layers[layer]
-            for i, key in keys.items():
-                b = blocks[i]
-                if b.sealed and b.key != key:
-                    b.key, b.durable = key, False
-                    self._maybe_write_back(b)
-
-    def set_layer_tail_keys(self, seq: Seq, keys: Sequence[bytes]) -> None:
-        """Keys of the partial last block of every layer (written by ``write_now`` at commit)."""
-        with self._lock:
-            for layer, key in enumerate(keys):
-                b = seq.layers[layer][-1]
-                if b.key != key:
-                    b.key, b.durable = key, False
-
-    def truncate(self, seq: Seq, length: int) -> None:
-        """Keep the first ``length`` tokens of every layer (crop)."""
-        bt = seq.layout.block_tokens
-        with self._lock:
-            for layer, blocks in enumerate(seq.layers):
-                keep = -(-length // bt)
-                for b in blocks[keep:]:
-                    while b.pins or b.loading is not None:
-                        self._cv.wait(0.05)
-                    self._drop_hot(b)
-                    self._drop_warm(b)
-                del blocks[keep:]
-                if blocks and blocks[-1].ntok > length - (keep - 1) * bt:
-                    b = blocks[-1]
-                    if b.hot is None:
-                        self._promote([b])
-                    b.ntok = length - (keep - 1) * bt
-                    b.key, b.durable, b.summary = None, False, None
-                    self._drop_warm(b)
-
-    def clone_sequence(self, src: Seq) -> Seq:
-        """A copy of ``src`` (beam search, num_return_sequences). Durable blocks share their cold
-        record; resident ones are copied into new slots of the same tier."""
-        with self._lock:
-            dst = Seq(next(self._ids), src.name, src.layout, src.device, src.codec, src.policy, src.hot, src.warm)
-            dst.chains = list(src.chains)
-            self._seqs[dst.id] = dst
-            for layer, blocks in enumerate(src.layers):
-                for b in blocks:
-                    while b.loading is not None or b.queued:
-                        self._cv.wait(0.05)
-                    c = Block(dst, layer, b.index)
-                    c.ntok, c.key, c.durable, c.last_used = b.ntok, b.key, b.durable, b.last_used
-                    if b.summary is not None:
-                        s = b.summary
-                        c.summary = BlockSummary(s.kmin, s.kmax, s.kmean, s.mass.clone(), s.tokens)
-                    b.pins += 1
-                    try:
-                        if b.hot is not None:
-                            c.hot = self._alloc_hot(src.hot, 1, dst.layers[layer][-1].hot if dst.layers[layer] else None)[0]
-                            for a, z in zip(src.hot.block(b.hot), src.hot.block(c.hot)):
-                                z.copy_(a)
-                        elif b.warm is not None or not b.durable:
-                            c.warm = self._alloc_warm(src.warm, 1)[0]
-                            for a, z in zip(src.warm.block(b.warm), src.warm.block(c.warm)):
-                                z.copy_(a)
-                    finally:
-                        b.pins -= 1
-                    dst.layers[layer].append(c)
-                    if c.sealed and c.key is not None and not c.durable:
-                        self._maybe_write_back(c)
-            return dst
-
-    def prefetch_next(self, seq: Seq, layer: int) -> None:
-        """Layer-ahead prefetch: start recalling the first non-resident blocks of ``layer``."""
-        ids = [b.index for b in seq.layers[layer] if b.hot is None and b.loading is None]
-        if ids:
-            self.prefetch(seq, layer, ids[:max(1, min(16, seq.hot.slots // 4))])
-
-    def warm_up(self, seq: Seq) -> None:
-        """After a resume: fill free hot slots with each layer's most valuable blocks (policy),
-        leaving room for streaming; the rest is fetched on demand."""
-        with self._lock:
-            free = seq.hot.free_count - max(1, min(16, seq.hot.slots // 4))
-            per_layer = max(0, free // seq.layout.num_layers)
-            for layer in range(seq.layout.num_layers):
-                if not per_layer or not seq.layers[layer]:
-                    continue
-                score = seq.policy.score(self.summaries(seq, layer))
-                if score.dim() > 1:
-                    score = score.max(-1).values
-                top = torch.argsort(score, descending=True)[:per_layer].tolist()
-                self.prefetch(seq, layer, sorted(top))
 
     def usage(self) -> dict:
         """Bytes and blocks in use per tier, and token slots allocated but not filled."""
