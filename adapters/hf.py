@@ -150,7 +150,6 @@ class TieredCache(Cache):
         for r, seq in enumerate(self.seqs):
             self.mgr.append(seq, layer_idx, key_states[r], value_states[r])
         self.lengths[layer_idx] += key_states.shape[2]
-        self._key_sealed(layer_idx)
         attn.set_active(self)
         return key_states, value_states
 
@@ -349,18 +348,6 @@ class TieredCache(Cache):
     def _root(self, r: int) -> bytes:
         return root_hash(self.fingerprint, self.layout, self.codec.quant, self.pads[r])
 
-    def _key_sealed(self, layer: int) -> None:
-        """Give the sealed blocks of ``layer`` their cold keys (so write-back can start)."""
-        bt = self.layout.block_tokens
-        full = self.lengths[layer] // bt
-        for r, seq in enumerate(self.seqs):
-            chains = self._chains[r] if r < len(self._chains) else []
-            if len(self.token_ids[r]) < self.lengths[layer]:
-                continue  # ids unknown (inputs_embeds): blocks stay unkeyed, persistence refused
-            keyed = self.mgr.keyed_blocks(seq, layer)
-            if keyed < full:
-                self.mgr.set_layer_keys(seq, layer, {i: block_key(chains[i], layer) for i in range(keyed, full)})
-
     # -- persistence --------------------------------------------------------------------------
 
     def commit(self, token_ids: Sequence[int] | torch.Tensor | None = None) -> list[SessionRecord]:
@@ -379,8 +366,11 @@ class TieredCache(Cache):
             self.token_ids = [list(r) for r in rows]
             self._chains = [chain_hashes(self._root(r), ids, self.layout.block_tokens, self.approx_from)
                             for r, ids in enumerate(self.token_ids)]
-            for layer in range(self.layout.num_layers):
-                self._key_sealed(layer)
+            self._share_chains()
+            full = self.lengths[0] // self.layout.block_tokens
+            for r, seq in enumerate(self.seqs):  # blocks sealed while the ids were unknown
+                self.mgr.set_keys(seq, {i: [block_key(self._chains[r][i], layer)
+                                            for layer in range(self.layout.num_layers)] for i in range(full)})
         out = []
         n = self.lengths[0]
         for r, seq in enumerate(self.seqs):

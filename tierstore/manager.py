@@ -193,9 +193,10 @@ class TierManager(WriteBack, SequenceOps):
             for index, per_layer in keys.items():
                 for layer, key in enumerate(per_layer):
                     blocks = seq.layers[layer]
-                    if index < len(blocks) and blocks[index].key is None:
-                        blocks[index].key = key
-                        self._maybe_write_back(blocks[index])
+                    b = blocks[index] if index < len(blocks) else None
+                    if b is not None and b.key is None:
+                        b.key = key
+                        self._maybe_write_back(b)
 
     def adopt(self, seq: Seq, layer: int, index: int, ntok: int, key: bytes,
               summary: BlockSummary | None) -> Block:

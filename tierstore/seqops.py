@@ -1,11 +1,9 @@
 """Whole-sequence operations of the tier manager: restore on resume, keys, crop, clone (beam
-search), layer-ahead prefetch and warm-up. Part of ``TierManager``."""
+search) and layer-ahead prefetch. Part of ``TierManager``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
 
 from .blocks import Block, Seq
 from .codec import decode_block
@@ -81,26 +79,6 @@ class SequenceOps:
 
     # -- sequence surgery (used by the transformers adapter) ------------------------------------
 
-    def keyed_blocks(self, seq: Seq, layer: int) -> int:
-        """Number of leading sealed blocks of the layer that have a cold key."""
-        blocks = seq.layers[layer]
-        n = 0
-        for b in blocks:
-            if not (b.sealed and b.key is not None):
-                break
-            n += 1
-        return n
-
-    def set_layer_keys(self, seq: Seq, layer: int, keys: dict[int, bytes]) -> None:
-        """Cold keys of sealed blocks of one layer (by block index); write-back starts."""
-        with self._lock:
-            blocks = seq.layers[layer]
-            for i, key in keys.items():
-                b = blocks[i]
-                if b.sealed and b.key != key:
-                    b.key, b.durable = key, False
-                    self._maybe_write_back(b)
-
     def set_layer_tail_keys(self, seq: Seq, keys: Sequence[bytes]) -> None:
         """Keys of the partial last block of every layer (written by ``write_now`` at commit)."""
         with self._lock:
@@ -167,18 +145,3 @@ class SequenceOps:
         ids = [b.index for b in seq.layers[layer] if b.hot is None and b.loading is None]
         if ids:
             self.prefetch(seq, layer, ids[:max(1, min(16, seq.hot.slots // 4))])
-
-    def warm_up(self, seq: Seq) -> None:
-        """After a resume: fill free hot slots with each layer's most valuable blocks (policy),
-        leaving room for streaming; the rest is fetched on demand."""
-        with self._lock:
-            free = seq.hot.free_count - max(1, min(16, seq.hot.slots // 4))
-            per_layer = max(0, free // seq.layout.num_layers)
-            for layer in range(seq.layout.num_layers):
-                if not per_layer or not seq.layers[layer]:
-                    continue
-                score = seq.policy.score(self.summaries(seq, layer))
-                if score.dim() > 1:
-                    score = score.max(-1).values
-                top = torch.argsort(score, descending=True)[:per_layer].tolist()
-                self.prefetch(seq, layer, sorted(top))
