@@ -424,13 +424,12 @@ class TieredCache(Cache):
         # summaries are read only for policies that score with them (exact/lru/streaming rank by
         # position or recency; a summary missing later is recomputed from the resident block)
         raw = self.store.cold.get_many("summaries", keys) if seq.policy.uses_summaries else [None] * len(keys)
+        ntoks = [rec.block_len(i) for i in range(len(chains))]
         for layer in range(self.layout.num_layers):
-            for i, c in enumerate(chains):
-                key = block_key(c, layer)
-                data = raw[layer * len(chains) + i]
-                summ = BlockSummary.unseal(key, bytes(data), session=rec.name, layer=layer, block=i) \
-                    if data is not None else None
-                self.mgr.adopt(seq, layer, i, rec.block_len(i), key, summ)
+            row = slice(layer * len(chains), (layer + 1) * len(chains))
+            summs = [BlockSummary.unseal(key, bytes(data), session=rec.name, layer=layer, block=i)
+                     if data is not None else None for i, (key, data) in enumerate(zip(keys[row], raw[row]))]
+            self.mgr.adopt_layer(seq, layer, list(zip(ntoks, keys[row], summs)))
         self.seqs = [seq]
         self._selected = [{}]
         self.token_ids, self.pads, self._chains = [rec.token_ids.tolist()], [rec.pad], [chains]

@@ -17,8 +17,8 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierstore.codec import (CODEC_IDS, HEADER_SIZE, MAX_RAW_LEN, CodecConfig, decode_block, encode_block,
-                             open_envelope, read_header, seal_envelope, verify_record)
+from tierstore.codec import (CODEC_IDS, HEADER_SIZE, MAX_RAW_LEN, CodecConfig, RawBlockReader, decode_block,
+                             encode_block, open_envelope, read_header, seal_envelope, verify_record)
 from tierstore.errors import CorruptBlockError, CorruptRecordError, FormatVersionError
 from tierstore.layout import DTYPE_NAMES
 
@@ -438,3 +438,49 @@ def test_measure_codecs_on_synthetic_kv():
     assert by["raw"]["k_rel_err"] == by["zstd:1"]["v_rel_err"] == 0
     assert 0 < by["int4:g32"]["k_rel_err"] < 0.2 and by["int4:g32"]["ratio"] > by["zstd:1"]["ratio"] > 1
     assert all(r["encode_mb_s"] > 0 and r["decode_mb_s"] > 0 for r in rows)
+
+
+# ------------------------------------------------------------------ RawBlockReader (resume fast path)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_raw_block_reader_matches_decode_block(dtype):
+    shape = (3, 16, 8)
+    k, v = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    k[0, 0, 0] = float("nan")
+    v[1, 2, 3] = -0.0
+    key = b"k" * 18
+    rec = encode_block(key, k, v, "raw")
+    same = {4: np.int32, 2: np.int16}[k.element_size()]
+    dst = np.zeros((2, *shape), dtype=same)
+    assert RawBlockReader(shape, dtype).read(key, rec, dst)
+    got = torch.from_numpy(dst).view(dtype)
+    dk, dv = decode_block(key, rec)
+    assert torch.equal(got[0].view(same_int(dtype)), dk.view(same_int(dtype)))  # bit-exact, NaN included
+    assert torch.equal(got[1].view(same_int(dtype)), dv.view(same_int(dtype)))
+
+
+def same_int(dtype):
+    return {torch.float32: torch.int32}.get(dtype, torch.int16)
+
+
+def test_raw_block_reader_declines_what_it_cannot_vouch_for():
+    """Anything but an intact raw full block of the reader's shape and dtype is declined, so the
+    caller's ``decode_block`` names the problem; nothing declined is ever trusted."""
+    shape = (2, 8, 4)
+    k, v = torch.randn(shape), torch.randn(shape)
+    key = b"a" * 18
+    reader = RawBlockReader(shape, torch.float32)
+    dst = np.zeros((2, *shape), dtype=np.int32)
+    rec = encode_block(key, k, v, "raw")
+    assert reader.read(key, rec, dst)
+    for i in (0, 5, HEADER_SIZE - 1, HEADER_SIZE, len(rec) - 1):
+        bad = bytearray(rec)
+        bad[i] ^= 0x10
+        assert not reader.read(key, bytes(bad), dst), i
+        with pytest.raises(CorruptBlockError):
+            decode_block(key, bytes(bad))
+    assert not reader.read(b"b" * 18, rec, dst)                               # stored under another key
+    assert not reader.read(key, rec[:-1], dst)                                 # truncated
+    assert not reader.read(key, encode_block(key, k, v, "zstd"), dst)         # another codec
+    assert not reader.read(key, encode_block(key, k[:, :5], v[:, :5], "raw"), dst)   # partial block
+    assert not reader.read(key, encode_block(key, k.half(), v.half(), "raw"), dst)   # another dtype

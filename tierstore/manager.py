@@ -210,6 +210,17 @@ class TierManager(WriteBack, SequenceOps):
             blocks.append(b)
             return b
 
+    def adopt_layer(self, seq: Seq, layer: int, entries: Sequence[tuple[int, bytes, BlockSummary | None]]) -> None:
+        """``adopt`` the blocks ``(ntok, key, summary)`` of one layer, in order, from its first."""
+        with self._lock:
+            blocks = seq.layers[layer]
+            if blocks:
+                raise ValueError(f"adopt_layer: layer {layer} already has {len(blocks)} blocks")
+            for index, (ntok, key, summary) in enumerate(entries):
+                b = Block(seq, layer, index)
+                b.ntok, b.key, b.durable, b.summary = ntok, key, True, summary
+                blocks.append(b)
+
     # -- reading -----------------------------------------------------------------------------
 
     def blocks(self, seq: Seq, layer: int) -> list[Block]:

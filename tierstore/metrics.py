@@ -23,6 +23,7 @@ class Counters:
     cold_writes: int = 0
     cold_bytes_written: int = 0
     hot_peak: int = 0                                     # most hot slots in use at once
+    restore_seconds: float = 0.0                          # reading resumed sessions' blocks into slots
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ class SlotPool:
         self.device = torch.device(device)
         self.name = name
         self.slots = slots
-        shape = (layout.kv_heads, slots, layout.block_tokens, layout.head_dim)
-        # [kv_heads, slots, block_tokens, head_dim]
-        self.k = torch.zeros(shape, dtype=layout.dtype, device=self.device, pin_memory=pin)
-        self.v = torch.zeros(shape, dtype=layout.dtype, device=self.device, pin_memory=pin)
+        shape = (2, layout.kv_heads, slots, layout.block_tokens, layout.head_dim)
+        # one allocation; k and v are its halves, each [kv_heads, slots, block_tokens, head_dim]
+        self.kv = torch.zeros(shape, dtype=layout.dtype, device=self.device, pin_memory=pin)
+        self.k, self.v = self.kv[0], self.kv[1]
         self.pinned = pin
         self._free = np.ones(slots, dtype=bool)
         self.used = 0
@@ -93,6 +93,12 @@ class SlotPool:
     def block(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of one slot: ``[kv_heads, block_tokens, head_dim]`` views."""
         return self.k[:, slot], self.v[:, slot]
+
+    def slot_major(self) -> np.ndarray:
+        """CPU pools: the slots as one numpy view ``[slots, 2 (K, V), kv_heads, block_tokens,
+        head_dim]`` of same-size unsigned ints (bit-exact copies of any float dtype)."""
+        kv = self.kv.view({4: torch.int32, 2: torch.int16}[self.kv.element_size()])
+        return kv.numpy().transpose(2, 0, 1, 3, 4)
 
     def copy_in(self, slot: int, src: "SlotPool", src_slot: int, *, non_blocking: bool = False) -> None:
         """K and V of ``src``'s slot into this pool's ``slot``.
