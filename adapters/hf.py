@@ -71,13 +71,16 @@ class TieredCache(Cache):
     store: ``tierstore.open(...)``; model: the transformers model (its attention implementation
     is switched to ``tierstore`` until ``close()``); session: name (or one name per batch row)
     under which ``commit()`` persists, None for an in-memory cache. policy: placement policy
-    (``exact``, ``lru``). hot/warm: this cache's share of the store's budgets (default: all
-    that is left). auto_commit_blocks: commit after this many newly sealed blocks (None: off).
+    (``exact``, ``lru``) or sparse policy (``streaming``, ``h2o``, ``snapkv``, ``quest``,
+    ``hybrid``) with ``budget_tokens`` per step, ``sink_blocks``, ``window_blocks`` and
+    ``dense_layers`` (a count of first layers, or indices, attended exactly at every step).
+    hot/warm: this cache's share of the store's budgets (default: all that is left).
+    auto_commit_blocks: commit after this many newly sealed blocks (None: off).
     """
 
     def __init__(self, store, model, session: str | Sequence[str] | None = None, *, policy: str = "exact",
                  budget_tokens: int | float | None = None, sink_blocks: int = 1, window_blocks: int = 2,
-                 sparse_prefill: bool = False, obs_window: int = 32,
+                 sparse_prefill: bool = False, dense_layers: int | Sequence[int] = 0, obs_window: int = 32,
                  hot: int | str | None = None, warm: int | str | None = None,
                  codec: str | CodecConfig | None = None, overwrite: bool = False,
                  auto_commit_blocks: int | None = None, commit_on_close: bool = True,
@@ -94,7 +97,10 @@ class TieredCache(Cache):
         self.policy, self.budget_tokens = policy, budget_tokens
         pol = get_policy(policy)
         self.sparse = None if budget_tokens is None or pol.selects_all else SparseConfig(
-            budget_tokens, sink_blocks, window_blocks, sparse_prefill)
+            budget_tokens, sink_blocks, window_blocks, sparse_prefill, SparseConfig.dense(dense_layers))
+        if self.sparse is not None and not self.sparse.dense_layers <= set(range(self.layout.num_layers)):
+            raise ValueError(f"dense_layers {sorted(self.sparse.dense_layers)} name layers the model "
+                             f"({self.layout.num_layers} layers) does not have")
         self.obs_window = obs_window
         self.force_exact = False
         self.approx_from: int | None = _resume.meta.get("approx_from") if _resume is not None else None
@@ -204,7 +210,7 @@ class TieredCache(Cache):
         q_len = query.shape[2]
         lay = self.layout
         n_rep = query.shape[1] // lay.kv_heads
-        sparse = self._sparse_step(q_len)
+        sparse = self._sparse_step(q_len) and layer not in self.sparse.dense_layers
         outs = []
         for r, seq in enumerate(self.seqs):
             pad = None if mask is None or mask.padding is None else mask.padding[r]
@@ -227,11 +233,13 @@ class TieredCache(Cache):
                     self.mgr.note_attention(seq, layer, ids, mass, replace=policy.mass_mode == "observe")
             outs.append(out)
         if layer + 1 < lay.num_layers:  # layer-ahead: start moving the next layer's blocks up
+            nxt_sparse = self._sparse_step(q_len) and layer + 1 not in self.sparse.dense_layers
             for r, seq in enumerate(self.seqs):
-                nxt = self._selected[r].get(layer + 1) if sparse else None
+                nxt = self._selected[r].get(layer + 1) if nxt_sparse else None
                 if nxt:
-                    self.mgr.prefetch(seq, layer + 1, nxt)  # the previous step's choice
-                elif not sparse:
+                    # the previous step's choice; read in place from warm on CPU: cold -> warm only
+                    self.mgr.prefetch(seq, layer + 1, nxt, hot=not self.mgr.in_place(seq))
+                elif not nxt_sparse:
                     self.mgr.prefetch_next(seq, layer + 1)
         return torch.stack(outs).to(query.dtype)
 

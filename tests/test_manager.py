@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -801,3 +802,33 @@ def test_concurrent_readers_prefetchers_writer_and_write_back(tmp_path, codec):
         s = st_.stats()
         assert s.hot_used_bytes <= 14 * bb and s.warm_used_bytes <= 10 * bb
         assert s.hits.get("hot", 0) > 0 and s.promotions.get("cold", 0) > 0
+
+
+def test_cpu_attention_reads_warm_blocks_in_place(tmp_path):
+    """On a CPU hot pool, exact attention reads warm blocks where they are (no warm -> hot copy);
+    the output is the same as with copies up, which ``warm_in_place = False`` restores."""
+    from tierstore.attention import attend_exact
+    lay = KVLayout(num_layers=1, kv_heads=2, head_dim=4, block_tokens=4, dtype=torch.float32)
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 40, 4), torch.randn(2, 40, 4)
+    q = torch.randn(4, 1, 4)
+    outs = {}
+    for in_place in (True, False):
+        with tierstore.open(tmp_path / f"kv{in_place}", hot=lay.block_bytes * 3, warm=lay.block_bytes * 16,
+                            block_tokens=4) as st:
+            m = st.manager
+            m.warm_in_place = in_place
+            seq = m.open_sequence("s", lay, "cpu")
+            m.append(seq, 0, k, v)
+            assert sum(b.warm is not None and b.hot is None for b in m.blocks(seq, 0)) >= 7
+            before = Counter(m.counters.promotions)
+            outs[in_place] = attend_exact(m, seq, 0, q, 40, None, 0.5)
+            moved = m.counters.promotions["warm"] - before["warm"]
+            if in_place:
+                assert moved == 0 and m.counters.warm_in_place >= 7
+            else:
+                assert moved >= 7 and m.counters.warm_in_place == 0
+            assert m.counters.hot_peak <= 3
+    ref = torch.softmax(q.reshape(2, 2, 4) @ k.transpose(-1, -2) * 0.5, -1) @ v
+    for out in outs.values():
+        assert torch.allclose(out.reshape(2, 2, 4), ref, atol=1e-5)

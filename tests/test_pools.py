@@ -170,3 +170,50 @@ def test_budget_smaller_than_a_block_is_a_clear_error(tmp_path, hot, warm, match
     with tierstore.open(tmp_path / "s", hot=hot, warm=warm) as store:
         with pytest.raises(BudgetError, match=match):
             store.manager.open_sequence("a", LAYOUT, "cpu")
+
+
+def test_room_places_new_runs_with_space_on_both_sides():
+    p = pool(40)
+    a = p.alloc(1, room=4)
+    assert a == [4]                                 # 4 free before it (for a run that ends there)
+    b = p.alloc(1, room=4)
+    assert b == [9]                                 # the free run from 5: 4 slots left for slot 4's owner
+    assert p.alloc(1, near=4) == [5]                # the owner of slot 4 grows in place
+    assert p.alloc(1, near=9) == [10]               # and so does the owner of slot 9
+
+
+def test_room_falls_back_to_any_run_then_scattered_slots():
+    p = pool(6)
+    assert p.alloc(2, room=8) == [0, 1]             # no run of 18: first run of 2
+    assert p.alloc(2, room=8) == [2, 3]
+    p.release([0, 2])
+    assert p.alloc(2, room=8) == [4, 5]             # the one run of 2 left
+    assert p.alloc(2, room=8) == [0, 2]             # no run at all: scattered
+    assert p.used == 6
+
+
+def test_sequences_keep_long_runs_while_layers_interleave(tmp_path):
+    """Prefill chunks of two layers interleave and decoding appends one block at a time to each:
+    every layer's blocks still form one run of consecutive slots (one view for attention)."""
+    lay = KVLayout(num_layers=3, kv_heads=2, head_dim=4, block_tokens=4, dtype=torch.float32)
+    with tierstore.open(tmp_path / "kv", hot=200 * lay.block_bytes, warm=8 * lay.block_bytes, block_tokens=4) as s:
+        m = s.manager
+        seq = m.open_sequence("s", lay, "cpu")
+        for _chunk in range(2):
+            for layer in range(3):
+                m.append(seq, layer, torch.randn(2, 16, 4), torch.randn(2, 16, 4))
+        for _step in range(12):
+            for layer in range(3):
+                m.append(seq, layer, torch.randn(2, 1, 4), torch.randn(2, 1, 4))
+        for layer in range(3):
+            blocks = m.blocks(seq, layer)
+            assert len(blocks) == 11
+            assert len(m.runs(blocks)) == 1, [b.hot for b in blocks]
+
+
+def test_pool_written_under_grad_mode_after_creation_under_no_grad():
+    with torch.no_grad():
+        p = pool(4)
+    hk, hv = p.block(1)
+    hk.copy_(torch.ones_like(hk))                   # grad mode on: must not raise
+    assert p.k[:, 1].eq(1).all() and p.kv[0, :, 1].eq(1).all()

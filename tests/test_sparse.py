@@ -181,3 +181,23 @@ def test_attention_mass_is_committed_and_resumed(tmp_path):
         assert torch.allclose(stored, live[:len(stored)])
         with TieredCache.resume(st, model, "m", policy="h2o", budget_tokens=4 * BT) as cache:
             assert torch.allclose(cache.mgr.summaries(cache.seqs[0], 1).mass[:len(stored)], stored)
+
+
+def test_dense_layers_attend_everything_at_sparse_steps(tmp_path):
+    model = tiny()  # 2 layers
+    ids = torch.randint(1, 128, (1, 120))
+    ref = model(input_ids=torch.cat([ids, ids[:, :1]], 1), cache=DynamicCache(), use_cache=True).logits[:, -1:]
+    with tierstore.open(tmp_path / "kv", hot="1MiB", warm="1MiB", block_tokens=BT) as st:
+        with TieredCache(st, model, policy="quest", budget_tokens=4 * BT, dense_layers=1) as cache:
+            model(input_ids=ids, cache=cache, use_cache=True)
+            step = model(input_ids=ids[:, :1], cache=cache, use_cache=True).logits
+            assert set(cache._selected[0]) == {1} and set(cache.attended) == {1}  # layer 0 was dense
+            assert cache.attended[1] <= 4 * BT
+            assert (step - ref).abs().max() > 0
+        with TieredCache(st, model, policy="quest", budget_tokens=4 * BT, dense_layers=[0, 1]) as cache:
+            model(input_ids=ids, cache=cache, use_cache=True)
+            every = model(input_ids=ids[:, :1], cache=cache, use_cache=True).logits
+            assert cache._selected[0] == {}
+        assert (every - ref).abs().max() < 1e-4                       # all layers dense: exact
+        with pytest.raises(ValueError, match="dense_layers"):
+            TieredCache(st, model, policy="quest", budget_tokens=4 * BT, dense_layers=[2])

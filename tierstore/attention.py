@@ -32,6 +32,8 @@ class OnlineSoftmax:
         self.o = torch.zeros((g, r, d), dtype=torch.float32, device=q.device)
         self.lse = torch.full((g, r, 1), NEG_INF, dtype=torch.float32, device=q.device)
         self.flash = _FLASH_CPU is not None and q.device.type == "cpu" and r >= FLASH_MIN_ROWS
+        self._empty = True
+        self._qs: torch.Tensor | None = None
 
     def add(self, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> None:
         """k, v: [kv_heads, T, head_dim]; allowed: bool broadcastable to [kv_heads, n_rep*q_len, T]
@@ -45,22 +47,49 @@ class OnlineSoftmax:
                 bias = bias.unsqueeze(0)
             o_c, lse_c = _FLASH_CPU(self.q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,
                                     attn_mask=bias, scale=self.scale)
-            o_c, lse_c = o_c[0], lse_c[0].unsqueeze(-1)
+            o_c, lse_c = torch.nan_to_num(o_c[0], nan=0.0), lse_c[0].unsqueeze(-1)
             if allowed is not None:  # the kernel reports lse 0 (not -inf) for fully masked rows
                 lse_c = torch.where(allowed.any(-1, keepdim=True), lse_c, torch.full_like(lse_c, NEG_INF))
+            self._merge(o_c, lse_c)
         else:
-            s = torch.matmul(self.q * self.scale, k.transpose(-1, -2))  # [g, r, T]
-            if allowed is not None:
-                s = s.masked_fill(~allowed, NEG_INF)
-            lse_c = torch.logsumexp(s, -1, keepdim=True)
-            p = torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c)))
-            o_c = torch.matmul(p, v)
+            self.add_group([(k, v, allowed)])
+
+    def add_group(self, chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+        """Several chunks under one softmax (plain matmuls: the decode path). Scores of all the
+        chunks are concatenated, so the merge runs once instead of once per chunk."""
+        if self.flash:
+            for c in chunks:
+                self.add(*c)
+            return
+        if self._qs is None:
+            self._qs = self.q * self.scale
+        scores = []
+        for k, _, allowed in chunks:
+            s = torch.matmul(self._qs, k.float().transpose(-1, -2))  # [g, r, T]
+            scores.append(s if allowed is None else s.masked_fill(~allowed, NEG_INF))
+        s = scores[0] if len(scores) == 1 else torch.cat(scores, -1)
+        lse_c = torch.logsumexp(s, -1, keepdim=True)
+        p = torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c)))
+        if len(chunks) == 1:
+            o_c = torch.matmul(p, chunks[0][1].float())
+        else:
+            o_c = None
+            for pc, (_, v, _) in zip(torch.split(p, [c.shape[-1] for c in scores], -1), chunks):
+                part = torch.matmul(pc, v.float())
+                o_c = part if o_c is None else o_c.add_(part)
+        self._merge(o_c, lse_c)
+
+    def _merge(self, o_c: torch.Tensor, lse_c: torch.Tensor) -> None:
+        """Fold a chunk's normalised output and log-sum-exp into the running ones."""
+        if self._empty:  # first chunk: nothing to merge with
+            self.o, self.lse, self._empty = o_c, lse_c, False
+            return
         new = torch.logaddexp(self.lse, lse_c)
         fin = torch.isfinite(new)
         safe = torch.where(fin, new, torch.zeros_like(new))
         w_old = torch.where(torch.isfinite(self.lse), torch.exp(self.lse - safe), torch.zeros_like(new))
         w_new = torch.where(torch.isfinite(lse_c), torch.exp(lse_c - safe), torch.zeros_like(new))
-        self.o = self.o * w_old + torch.nan_to_num(o_c, nan=0.0) * w_new
+        self.o = self.o * w_old + o_c * w_new
         self.lse = new
 
     def result(self) -> torch.Tensor:
@@ -144,11 +173,12 @@ def attend_exact(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torc
     acc = OnlineSoftmax(q.reshape(lay.kv_heads, n_rep * q_len, d), scale)
     q_pos = torch.arange(q_offset, q_offset + q_len, device=q.device)
     blocks = mgr.blocks(seq, layer)
-    resident = [b.index for b in blocks if b.hot is not None and b.loading is None]
+    in_place = mgr.in_place(seq)  # CPU: warm blocks are read where they are
+    resident = [b.index for b in blocks if mgr.readable(b, in_place)]
     if resident:
-        with mgr.acquire(seq, layer, resident) as got:
+        with mgr.acquire(seq, layer, resident, in_place=in_place) as got:
             _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len, window)
-    rest = [b.index for b in blocks if b.index not in set(resident)]
+    rest = [b.index for b in blocks if not mgr.readable(b, in_place)] if len(resident) < len(blocks) else []
     group = max(1, min(16, seq.hot.slots // 4))
     chunks = [rest[i:i + group] for i in range(0, len(rest), group)]
     for i, ids in enumerate(chunks):
@@ -162,16 +192,30 @@ def attend_exact(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torc
 def _add_runs(mgr, acc: OnlineSoftmax, blocks, q_pos, pad, n_rep: int, kv_heads: int, rows: int,
               window: WindowMass | None = None) -> None:
     blocks = sorted(blocks, key=lambda b: b.index)
-    pool = blocks[0].seq.hot
     bt = blocks[0].seq.layout.block_tokens
-    # whole blocks per piece, sized so the chunk's temporaries fit the pool's scratch reservation
-    max_tokens = max(bt, pool.scratch_bytes // (4 * TEMPORARIES * rows) // bt * bt)
-    for first_slot, n, first_tok, ntok in mgr.runs(blocks):
+    # whole blocks per piece, sized so the chunk's temporaries fit the hot pool's scratch reservation
+    max_tokens = max(bt, blocks[0].seq.hot.scratch_bytes // (4 * TEMPORARIES * rows) // bt * bt)
+    group, group_tokens = [], 0
+    first_q = int(q_pos[0])
+    for pool, first_slot, n, first_tok, ntok in mgr.tier_runs(blocks):
         k, v = pool.view(first_slot, n, ntok)
         for s in range(0, ntok, max_tokens):
             e = min(ntok, s + max_tokens)
-            k_pos = torch.arange(first_tok + s, first_tok + e, device=q_pos.device)
             pad_c = None if pad is None else pad[first_tok + s:first_tok + e]
-            acc.add(k[:, s:e], v[:, s:e], chunk_mask(q_pos, k_pos, pad_c, n_rep, kv_heads))
-            if window is not None:
-                window.add(k[:, s:e], k_pos, pad_c, (first_tok + s) // bt, bt)
+            if pad_c is None and window is None and first_tok + e - 1 <= first_q:
+                allowed = None  # every key precedes every query: no mask to build
+            else:
+                k_pos = torch.arange(first_tok + s, first_tok + e, device=q_pos.device)
+                allowed = chunk_mask(q_pos, k_pos, pad_c, n_rep, kv_heads)
+                if window is not None:
+                    window.add(k[:, s:e], k_pos, pad_c, (first_tok + s) // bt, bt)
+            if acc.flash:
+                acc.add(k[:, s:e], v[:, s:e], allowed)
+                continue
+            if group and group_tokens + (e - s) > max_tokens:  # the scores of a group fit the scratch
+                acc.add_group(group)
+                group, group_tokens = [], 0
+            group.append((k[:, s:e], v[:, s:e], allowed))
+            group_tokens += e - s
+    if group:
+        acc.add_group(group)

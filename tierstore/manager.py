@@ -39,6 +39,7 @@ from .records import BlockSummary
 from .seqops import SequenceOps
 from .tiers.cold import block_key
 from .tiers.hot import HotPool
+from .tiers.pool import SlotPool
 from .tiers.warm import WarmPool
 from .writeback import WriteBack
 
@@ -65,6 +66,9 @@ class TierManager(WriteBack, SequenceOps):
         self._ids = itertools.count(1)
         self.step = 0
         self.counters = Counters()
+        # A CPU hot pool reads warm blocks where they are: both tiers are host memory, so a
+        # warm -> hot copy would only add a copy and evict a hot block (CUDA copies them up).
+        self.warm_in_place = True
         self._encoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierstore-encode")
         self._loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierstore-load")
         self._wq: queue.Queue = queue.Queue()
@@ -163,7 +167,7 @@ class TierManager(WriteBack, SequenceOps):
                 if b is None:
                     near = blocks[-1].hot if blocks else None
                     b = Block(seq, layer, len(blocks))
-                    b.hot = self._alloc_hot(seq.hot, 1, near)[0]
+                    b.hot = self._alloc_hot(seq.hot, 1, near, room=min(256, max(8, len(blocks))))[0]
                     blocks.append(b)
                 elif b.hot is None or b.loading is not None:  # (a prefetch may be filling its slot)
                     self._promote([b])
@@ -226,11 +230,22 @@ class TierManager(WriteBack, SequenceOps):
     def blocks(self, seq: Seq, layer: int) -> list[Block]:
         return seq.layers[layer]
 
+    def in_place(self, seq: Seq) -> bool:
+        """Does attention read this sequence's warm blocks where they are (CPU hot pool)?"""
+        return self.warm_in_place and not seq.hot.is_cuda
+
+    def readable(self, b: Block, in_place: bool) -> bool:
+        """Can attention read ``b`` now without moving it?"""
+        return b.loading is None and (b.hot is not None or (in_place and b.warm is not None))
+
     @contextlib.contextmanager
     def acquire(self, seq: Seq, layer: int, block_ids: Sequence[int], *,
-                transient: bool = False) -> Iterator[list[Block]]:
+                transient: bool = False, in_place: bool = False) -> Iterator[list[Block]]:
         """Make the blocks hot and pin them for the duration; yields the ``Block`` objects (read
-        them with ``hot_view``). ``transient``: streamed, so they leave hot first afterwards."""
+        them with ``view``). ``transient``: streamed, so they leave hot first afterwards.
+        ``in_place`` (honoured where ``self.in_place(seq)``): warm blocks stay in warm, pinned, and
+        are read there; only blocks in no memory tier are loaded."""
+        in_place = in_place and self.in_place(seq)
         with self._lock:
             self._check_open()
             blocks = [seq.layers[layer][i] for i in block_ids]
@@ -240,14 +255,18 @@ class TierManager(WriteBack, SequenceOps):
                 if b.prefetched:
                     b.prefetched = False
                     self.counters.prefetch_needed += 1
-                    self.counters.prefetch_timely += b.hot is not None and b.loading is None
-                if b.hot is not None and b.loading is None:
-                    self.counters.hits["hot"] += 1
+                    self.counters.prefetch_timely += self.readable(b, in_place)
+                if self.readable(b, in_place):
+                    tier = "hot" if b.hot is not None else "warm"
+                    if tier == "warm":
+                        self.counters.misses["hot"] += 1
+                        self.counters.warm_in_place += 1
+                    self.counters.hits[tier] += 1
                     b.pins += 1
                     b.last_used = self.step
                 elif b.hot is not None:  # a prefetch is still copying it in: a miss it serves
                     self.counters.misses["hot"] += 1
-            missing = [b for b in blocks if b.hot is None or b.loading is not None]
+            missing = [b for b in blocks if not self.readable(b, in_place)]
             try:
                 self._promote(missing, transient=transient)
             except BaseException:
@@ -280,18 +299,38 @@ class TierManager(WriteBack, SequenceOps):
         k, v = b.seq.hot.block(b.hot)
         return k[:, :b.ntok], v[:, :b.ntok]
 
-    def runs(self, blocks: Sequence[Block]) -> list[tuple[int, int, int, int]]:
-        """Group hot blocks into runs of consecutive slots and indices:
+    def view(self, b: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of an acquired block, hot or (read in place) warm."""
+        if b.hot is not None:
+            return self.hot_view(b)
+        k, v = b.seq.warm.block(b.warm)
+        return k[:, :b.ntok], v[:, :b.ntok]
+
+    def tier_runs(self, blocks: Sequence[Block]) -> list[tuple[SlotPool, int, int, int, int]]:
+        """``runs`` over acquired blocks in either memory tier: ``(pool, first_slot, n_blocks,
+        first_token, ntok)``; a run never mixes tiers."""
+        out = []
+        hot = [b for b in blocks if b.hot is not None]
+        warm = [b for b in blocks if b.hot is None]
+        if hot:
+            out += [(hot[0].seq.hot, *r) for r in self.runs(hot)]
+        if warm:
+            out += [(warm[0].seq.warm, *r) for r in self.runs(warm, slot="warm")]
+        return out
+
+    def runs(self, blocks: Sequence[Block], slot: str = "hot") -> list[tuple[int, int, int, int]]:
+        """Group hot (``slot="warm"``: warm) blocks into runs of consecutive slots and indices:
         ``(first_slot, n_blocks, first_token, ntok)`` for zero-copy views."""
         bt = blocks[0].seq.layout.block_tokens if blocks else 0
         out: list[list[int]] = []
         for b in blocks:
-            if out and out[-1][0] + out[-1][1] == b.hot and out[-1][4] + out[-1][1] == b.index \
+            s = b.hot if slot == "hot" else b.warm
+            if out and out[-1][0] + out[-1][1] == s and out[-1][4] + out[-1][1] == b.index \
                     and out[-1][3] == out[-1][1] * bt:
                 out[-1][1] += 1
                 out[-1][3] += b.ntok
             else:
-                out.append([b.hot, 1, b.index * bt, b.ntok, b.index])
+                out.append([s, 1, b.index * bt, b.ntok, b.index])
         return [(r[0], r[1], r[2], r[3]) for r in out]
 
     def prefetch(self, seq: Seq, layer: int, block_ids: Iterable[int], *, hot: bool = True) -> None:
@@ -371,11 +410,11 @@ class TierManager(WriteBack, SequenceOps):
 
     # -- movement (lock held) ------------------------------------------------------------------
 
-    def _alloc_hot(self, pool: HotPool, n: int, near: int | None) -> list[int]:
-        slots = pool.alloc(n, near)
+    def _alloc_hot(self, pool: HotPool, n: int, near: int | None, room: int = 0) -> list[int]:
+        slots = pool.alloc(n, near, room)
         while slots is None:  # eviction may wait; slots it frees can be taken meanwhile: again
             self._evict_hot(pool, n - pool.free_count)
-            slots = pool.alloc(n, near)
+            slots = pool.alloc(n, near, room)
         self.counters.hot_peak = max(self.counters.hot_peak, pool.used)
         return slots
 

@@ -23,6 +23,7 @@ class Counters:
     cold_writes: int = 0
     cold_bytes_written: int = 0
     hot_peak: int = 0                                     # most hot slots in use at once
+    warm_in_place: int = 0                                # block reads served from warm without a move
     restore_seconds: float = 0.0                          # reading resumed sessions' blocks into slots
 
 

@@ -31,7 +31,7 @@ class SequenceOps:
                     if per_layer else []
                 if not todo:
                     continue
-                slots = seq.hot.alloc(len(todo))
+                slots = seq.hot.alloc(len(todo), room=8)  # room for the blocks decoding appends
                 for b, slot in zip(todo, slots or []):
                     b.hot, b.pins = slot, b.pins + 1
                     plan.append((b, slot))
@@ -165,6 +165,9 @@ class SequenceOps:
 
     def prefetch_next(self, seq: Seq, layer: int) -> None:
         """Layer-ahead prefetch: start recalling the first non-resident blocks of ``layer``."""
-        ids = [b.index for b in seq.layers[layer] if b.hot is None and b.loading is None]
+        in_place = self.in_place(seq)
+        ids = [b.index for b in seq.layers[layer] if b.loading is None and b.hot is None
+               and (b.warm is None or not in_place)]
         if ids:
-            self.prefetch(seq, layer, ids[:max(1, min(16, seq.hot.slots // 4))])
+            # read in place: from cold to warm only
+            self.prefetch(seq, layer, ids[:max(1, min(16, seq.hot.slots // 4))], hot=not in_place)

@@ -9,6 +9,7 @@ received is fed back to the policy's mass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +21,25 @@ from .policies import Policy, Summaries
 @dataclass(frozen=True)
 class SparseConfig:
     """budget_tokens: tokens attended per step (int), or a fraction of the context (float < 1);
-    sink_blocks / window_blocks: always attended; sparse_prefill: select at prefill chunks too."""
+    sink_blocks / window_blocks: always attended; sparse_prefill: select at prefill chunks too;
+    dense_layers: layer indices attended exactly whatever the step (the early layers spread
+    their attention widely: no small selection covers them)."""
 
     budget_tokens: int | float
     sink_blocks: int = 1
     window_blocks: int = 2
     sparse_prefill: bool = False
+    dense_layers: frozenset[int] = frozenset()  # layers that attend every token at every step
+
+    @staticmethod
+    def dense(spec: int | Sequence[int]) -> frozenset[int]:
+        """``dense_layers`` from a count (the first n layers, as Quest leaves its first two dense)
+        or the layer indices."""
+        if isinstance(spec, int):
+            if spec < 0:
+                raise ValueError(f"dense_layers must be >= 0, got {spec}")
+            return frozenset(range(spec))
+        return frozenset(int(i) for i in spec)
 
     def budget_blocks(self, n_blocks: int, block_tokens: int) -> int:
         b = self.budget_tokens
@@ -66,10 +80,10 @@ def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: t
     heads, q_len, d = q.shape
     n_rep = heads // lay.kv_heads
     qg = q.float().reshape(lay.kv_heads, n_rep * q_len, d) * scale
-    with mgr.acquire(seq, layer, ids) as got:
+    with mgr.acquire(seq, layer, ids, in_place=True) as got:
         ks, vs, pos, sizes = [], [], [], []
         for b in got:
-            k, v = mgr.hot_view(b)
+            k, v = mgr.view(b)
             ks.append(k)
             vs.append(v)
             start = b.index * lay.block_tokens

@@ -194,7 +194,16 @@ class Probe:
         from tierstore.attention import WindowMass, attend_exact
         out = self.orig(layer, query, mask, scale)
         c = self.cache
-        if not self.armed or c.sparse is None or query.shape[2] != 1 or layer not in c._selected[0]:
+        if not self.armed or c.sparse is None or query.shape[2] != 1:
+            return out
+        if layer in c.sparse.dense_layers:  # attended exactly: all the mass, every block
+            self.cover.append(1.0)
+            self.by_layer.setdefault(layer, []).append(1.0)
+            if self.needle_blocks:
+                self.hit.append(1.0)
+            self.attended.append(int(c.lengths[layer]))
+            return out
+        if layer not in c._selected[0]:
             return out
         ids = c._selected[0][layer]
         seq, lay = c.seqs[0], c.layout
@@ -223,11 +232,12 @@ class Evaluator:
 
     def __init__(self, model, tok, store, *, policies: list[str], budgets: list[tuple[str, int | float]],
                  sink_blocks: int = 1, window_blocks: int = 2, obs_window: int = 32, streaming_fill: bool = True,
-                 cov_every: int = 16, max_new: int | None = None, log=None) -> None:
+                 cov_every: int = 16, max_new: int | None = None, dense_layers: int = 0, log=None) -> None:
         self.model, self.tok, self.store = model, tok, store
         self.policies, self.budgets = policies, budgets
         self.sink_blocks, self.window_blocks, self.obs_window = sink_blocks, window_blocks, obs_window
         self.streaming_fill, self.cov_every, self.max_new = streaming_fill, cov_every, max_new
+        self.dense_layers = dense_layers
         self.log = log or (lambda msg: None)
         self.bt = store.config.block_tokens
         self.eos = {i for i in [getattr(tok, "eos_token_id", None)] if i is not None}
@@ -299,7 +309,8 @@ class Evaluator:
                 - self.sink_blocks
         return TieredCache.resume(self.store, self.model, name, policy=policy, budget_tokens=budget,
                                   sink_blocks=self.sink_blocks, window_blocks=max(window, self.window_blocks),
-                                  obs_window=self.obs_window, commit_on_close=False)
+                                  obs_window=self.obs_window, dense_layers=self.dense_layers,
+                                  commit_on_close=False)
 
     def _step(self, cache, token: int) -> torch.Tensor:
         with torch.no_grad():
@@ -363,7 +374,7 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
         policies=("streaming", "h2o", "snapkv", "quest", "hybrid"),
         ppl_tokens: int = 256, ppl_cases: int = 1, sink_blocks: int = 1, window_blocks: int = 2,
         obs_window: int = 32, block_tokens: int | None = None, cov_every: int = 16, streaming_fill: bool = True,
-        text: str | None = None, store_dir: str | None = None, log=None) -> dict:
+        dense_layers: int = 0, text: str | None = None, store_dir: str | None = None, log=None) -> dict:
     """Everything of (a), (b), (c); returns the JSON-able result."""
     import tierstore
     from tierstore.adapters.fingerprint import kv_layout
@@ -386,7 +397,7 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
             store.manager.prepare(lay, "cpu")
             ev = Evaluator(model, tok, store, policies=list(policies), budgets=budgets, sink_blocks=sink_blocks,
                            window_blocks=window_blocks, obs_window=obs_window, streaming_fill=streaming_fill,
-                           cov_every=cov_every, log=log)
+                           cov_every=cov_every, dense_layers=dense_layers, log=log)
             configs = ev.configs()
             for length in lengths:
                 for i in range(cases):
@@ -425,6 +436,7 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
             "seed": seed, "cases": cases, "lengths": list(lengths), "budgets": [lab for lab, _ in budgets],
             "policies": list(policies), "ppl_tokens": ppl_tokens, "ppl_cases": ppl_cases, "block_tokens": bt,
             "sink_blocks": sink_blocks, "window_blocks": window_blocks, "obs_window": obs_window,
+            "dense_layers": dense_layers,
             "streaming_fill": streaming_fill, "threads": torch.get_num_threads(),
             "cells": summarize(needle_rows, ppl_rows, policies, budgets, lengths),
             "target": target(needle_rows, ppl_rows, policies, budgets),
@@ -574,6 +586,7 @@ def print_table(res: dict) -> None:
 @click.option("--sink-blocks", default=1, show_default=True)
 @click.option("--window-blocks", default=2, show_default=True)
 @click.option("--obs-window", default=32, show_default=True, help="prefill observation window (queries)")
+@click.option("--dense-layers", default=0, show_default=True, help="first layers attended exactly at every step")
 @click.option("--streaming-fill/--no-streaming-fill", default=True, show_default=True,
               help="widen streaming's recent window to the budget")
 @click.option("--threads", default=1, show_default=True,
@@ -581,7 +594,7 @@ def print_table(res: dict) -> None:
 @click.option("--quick", is_flag=True, help="smoke run: 2 cases, 1024 tokens, budgets 1/4,1/8, ppl 32 tokens")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_every, block_tokens, sink_blocks,
-            window_blocks, obs_window, streaming_fill, threads, quick, as_json) -> None:
+            window_blocks, obs_window, dense_layers, streaming_fill, threads, quick, as_json) -> None:
     """Needle accuracy, perplexity and attention-mass coverage of the sparse policies vs the full cache."""
     from tierstore.adapters.models import load_smollm2
     if quick:
@@ -603,7 +616,8 @@ def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_
     res = run(model, tok, seed=seed, cases=cases, lengths=[int(x) for x in lengths.split(",")],
               budgets=parse_budgets(budgets), policies=pols, ppl_tokens=ppl_tokens, ppl_cases=ppl_cases,
               sink_blocks=sink_blocks, window_blocks=window_blocks, obs_window=obs_window,
-              block_tokens=block_tokens, cov_every=cov_every, streaming_fill=streaming_fill, log=log)
+              block_tokens=block_tokens, cov_every=cov_every, streaming_fill=streaming_fill,
+              dense_layers=dense_layers, log=log)
     if as_json:
         click.echo(json.dumps(res, indent=1, default=float))
         return

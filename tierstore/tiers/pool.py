@@ -30,7 +30,8 @@ class SlotPool:
         shape = (2, layout.kv_heads, slots, layout.block_tokens, layout.head_dim)
         # one allocation; k and v are its halves, each [kv_heads, slots, block_tokens, head_dim]
         self.kv = torch.zeros(shape, dtype=layout.dtype, device=self.device, pin_memory=pin)
-        self.k, self.v = self.kv[0], self.kv[1]
+        with torch.enable_grad():  # views made under no_grad could not be written under grad mode
+            self.k, self.v = self.kv[0], self.kv[1]
         self.pinned = pin
         self._free = np.ones(slots, dtype=bool)
         self.used = 0
@@ -43,8 +44,12 @@ class SlotPool:
     def free_count(self) -> int:
         return self.slots - self.used
 
-    def alloc(self, n: int, near: int | None = None) -> list[int] | None:
-        """``n`` slots, all or nothing. Prefers the run right after ``near``, then any free run."""
+    def alloc(self, n: int, near: int | None = None, room: int = 0) -> list[int] | None:
+        """``n`` slots, all or nothing. Prefers the run right after ``near``; else, with ``room``,
+        the middle of a free run with ``room`` free slots on both sides (space for the owner of
+        the run before it to grow, and for this owner to grow: a sequence's blocks then stay in
+        long runs of consecutive slots, which attention reads as one view); else any free run,
+        else any free slots."""
         if n <= 0:
             return []
         if n > self.free_count:
@@ -53,25 +58,26 @@ class SlotPool:
         if near is not None and near + 1 + n <= self.slots and free[near + 1:near + 1 + n].all():
             got = list(range(near + 1, near + 1 + n))
         else:
-            got = self._find_run(n)
-            if got is None:
-                got = np.flatnonzero(free)[:n].tolist()
+            start = self._find_run(n + 2 * room) if room else None
+            if start is not None:
+                start += room
+            else:
+                start = self._find_run(n)
+            got = list(range(start, start + n)) if start is not None else np.flatnonzero(free)[:n].tolist()
         free[got] = False
         self.used += n
         return got
 
-    def _find_run(self, n: int) -> list[int] | None:
+    def _find_run(self, n: int) -> int | None:
+        """First slot of the first run of ``n`` free slots."""
         f = self._free.astype(np.int8)
         if n == 1:
             idx = np.flatnonzero(f)
-            return [int(idx[0])] if idx.size else None
+            return int(idx[0]) if idx.size else None
         edges = np.diff(np.concatenate(([0], f, [0])))
         starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
         ok = np.flatnonzero(ends - starts >= n)
-        if not ok.size:
-            return None
-        s = int(starts[ok[0]])
-        return list(range(s, s + n))
+        return int(starts[ok[0]]) if ok.size else None
 
     def release(self, slots: list[int]) -> None:
         if not slots:
