@@ -109,3 +109,25 @@ def test_one_case_through_the_pipeline(tmp_path):
     assert len(cells) == 2 * 5 and all(c["full_acc"] is not None and c["ppl_rel"] is not None for c in cells)
     assert all(abs(c["ppl_rel"]) < 1e-4 for c in cells if c["budget"] == "all")
     bq.print_table(res)  # renders
+
+
+def test_runs_of_other_lengths_merge_into_one_table(tmp_path):
+    import click
+    model = tiny()
+    kw = dict(seed=2, cases=1, budgets=[("1/4", 0.25)], policies=["quest"], ppl_tokens=8, block_tokens=16,
+              cov_every=4, text=TEXT)
+    a = bq.run(model, TOK, lengths=[200], store_dir=str(tmp_path / "a"), **kw)
+    b = bq.run(model, TOK, lengths=[260], store_dir=str(tmp_path / "b"), **kw)
+    m = bq.merge([a, b])
+    assert m["lengths"] == [200, 260] and len(m["needle"]) == 2 and len(m["ppl"]) == 2
+    assert {c["length"] for c in m["cells"]} == {200, 260, "all"}
+    every = next(c for c in m["cells"] if c["length"] == "all")
+    assert every["n"] == 2 and m["timing"]["total_s"] == pytest.approx(a["timing"]["total_s"] + b["timing"]["total_s"])
+    d = bq.run(model, TOK, lengths=[200], store_dir=str(tmp_path / "d"), first_case=1,
+               **{**kw, "ppl_tokens": 0})                     # more cases of a cell, needle only
+    m = bq.merge([d, a, b])
+    assert m["cases"] == 1 and len(m["needle"]) == 3 and len(m["ppl"]) == 2 and m["ppl_tokens"] == 8
+    assert next(c for c in m["cells"] if c["length"] == 200)["n"] == 2
+    c = bq.run(model, TOK, lengths=[200], store_dir=str(tmp_path / "c"), dense_layers=1, **kw)
+    with pytest.raises(click.UsageError, match="dense_layers"):
+        bq.merge([a, c])

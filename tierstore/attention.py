@@ -199,8 +199,7 @@ def _add_runs(mgr, acc: OnlineSoftmax, blocks, q_pos, pad, n_rep: int, kv_heads:
     first_q = int(q_pos[0])
     for pool, first_slot, n, first_tok, ntok in mgr.tier_runs(blocks):
         k, v = pool.view(first_slot, n, ntok)
-        for s in range(0, ntok, max_tokens):
-            e = min(ntok, s + max_tokens)
+        for s, e in _pieces(first_tok, ntok, first_q, max_tokens, acc.flash and pad is None and window is None):
             pad_c = None if pad is None else pad[first_tok + s:first_tok + e]
             if pad_c is None and window is None and first_tok + e - 1 <= first_q:
                 allowed = None  # every key precedes every query: no mask to build
@@ -219,3 +218,20 @@ def _add_runs(mgr, acc: OnlineSoftmax, blocks, q_pos, pad, n_rep: int, kv_heads:
             group_tokens += e - s
     if group:
         acc.add_group(group)
+
+
+def _pieces(first_tok: int, ntok: int, first_q: int, max_tokens: int, whole_prefix: bool):
+    """(start, end) offsets into a run of ``ntok`` keys from token ``first_tok``. Pieces that
+    need a mask hold at most ``max_tokens`` keys (their bias and scores are rows x keys floats).
+    ``whole_prefix`` (the fused kernel, no padding): keys before every query need no mask and
+    the kernel tiles internally, so they go in one piece however long."""
+    s = 0
+    if whole_prefix:
+        prefix = min(ntok, max(0, first_q + 1 - first_tok))  # keys at positions <= first query
+        if prefix:
+            yield 0, prefix
+            s = prefix
+    while s < ntok:
+        e = min(ntok, s + max_tokens)
+        yield s, e
+        s = e

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -232,12 +233,13 @@ class Evaluator:
 
     def __init__(self, model, tok, store, *, policies: list[str], budgets: list[tuple[str, int | float]],
                  sink_blocks: int = 1, window_blocks: int = 2, obs_window: int = 32, streaming_fill: bool = True,
-                 cov_every: int = 16, max_new: int | None = None, dense_layers: int = 0, log=None) -> None:
+                 cov_every: int = 16, max_new: int | None = None, dense_layers: int = 0, prefill_chunk: int = 1024,
+                 log=None) -> None:
         self.model, self.tok, self.store = model, tok, store
         self.policies, self.budgets = policies, budgets
         self.sink_blocks, self.window_blocks, self.obs_window = sink_blocks, window_blocks, obs_window
         self.streaming_fill, self.cov_every, self.max_new = streaming_fill, cov_every, max_new
-        self.dense_layers = dense_layers
+        self.dense_layers, self.prefill_chunk = dense_layers, prefill_chunk
         self.log = log or (lambda msg: None)
         self.bt = store.config.block_tokens
         self.eos = {i for i in [getattr(tok, "eos_token_id", None)] if i is not None}
@@ -260,7 +262,10 @@ class Evaluator:
                             commit_on_close=False)
         try:
             with torch.no_grad():
-                self.model(input_ids=torch.tensor([ids[:-1]]), cache=cache, use_cache=True, logits_to_keep=1)
+                body = ids[:-1]
+                for s in range(0, len(body), self.prefill_chunk):
+                    self.model(input_ids=torch.tensor([body[s:s + self.prefill_chunk]]), cache=cache, use_cache=True,
+                               logits_to_keep=1)
             live = [self.store.manager.summaries(cache.seqs[0], layer).mass.clone()
                     for layer in range(cache.layout.num_layers)] if self.mass_check is None else None
             cache.commit()
@@ -374,7 +379,8 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
         policies=("streaming", "h2o", "snapkv", "quest", "hybrid"),
         ppl_tokens: int = 256, ppl_cases: int = 1, sink_blocks: int = 1, window_blocks: int = 2,
         obs_window: int = 32, block_tokens: int | None = None, cov_every: int = 16, streaming_fill: bool = True,
-        dense_layers: int = 0, text: str | None = None, store_dir: str | None = None, log=None) -> dict:
+        dense_layers: int = 0, prefill_chunk: int = 1024, first_case: int = 0, text: str | None = None,
+        store_dir: str | None = None, checkpoint=None, log=None) -> dict:
     """Everything of (a), (b), (c); returns the JSON-able result."""
     import tierstore
     from tierstore.adapters.fingerprint import kv_layout
@@ -391,18 +397,46 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
     hot = int(longest * lay.token_bytes * 1.25) + (32 << 20)
     needle_rows: list[dict] = []
     ppl_rows: list[dict] = []
-    timing = {"prefill_s": 0.0, "needle_decode_s": 0.0, "ppl_decode_s": 0.0}
+    timing = {"prefill_s": 0.0, "needle_decode_s": 0.0, "ppl_decode_s": 0.0, "total_s": 0.0}
+    mass_check = None
+
+    def result(done: bool = False) -> dict:
+        timing["total_s"] = time.perf_counter() - t_start
+        chunk_note = ("one single-chunk exact prefill per case (policy h2o): its observation-window mass is what "
+                      "h2o, hybrid and snapkv start from (for one chunk, accumulated == observed)"
+                      if prefill_chunk >= max(lengths) else
+                      f"one exact prefill per case in {prefill_chunk}-token chunks (policy h2o): the attention mass of "
+                      "each chunk's observation window, accumulated, is what h2o, hybrid and snapkv start from")
+        return {"bench": "quality", "model": getattr(model.config, "_name_or_path", "") or "model",
+                "seed": seed, "cases": cases, "complete": done, "lengths": list(lengths),
+                "budgets": [lab for lab, _ in budgets],
+                "policies": list(policies), "ppl_tokens": ppl_tokens, "ppl_cases": ppl_cases, "block_tokens": bt,
+                "sink_blocks": sink_blocks, "window_blocks": window_blocks, "obs_window": obs_window,
+                "dense_layers": dense_layers, "prefill_chunk": prefill_chunk, "first_case": first_case,
+                "streaming_fill": streaming_fill, "threads": torch.get_num_threads(),
+                "cells": summarize(needle_rows, ppl_rows, policies, budgets, lengths),
+                "target": target(needle_rows, ppl_rows, policies, budgets),
+                "stored_mass": mass_check, "timing": dict(timing),
+                "notes": [chunk_note,
+                          "the held-back last prompt token is fed as a decode step, so every answer token and every "
+                          "scored ppl token comes from the policy's sparse step",
+                          "streaming's recent window is widened to fill the budget" if streaming_fill else
+                          "streaming attends sinks + window only (below the budget)"] + floor_notes(
+                              lengths, budgets, bt, sink_blocks, window_blocks),
+                "needle": needle_rows, "ppl": ppl_rows}
+
     try:
         with tierstore.open(tmp, hot=hot, warm="64MiB", block_tokens=bt) as store:
             store.manager.prepare(lay, "cpu")
             ev = Evaluator(model, tok, store, policies=list(policies), budgets=budgets, sink_blocks=sink_blocks,
                            window_blocks=window_blocks, obs_window=obs_window, streaming_fill=streaming_fill,
-                           cov_every=cov_every, dense_layers=dense_layers, log=log)
+                           cov_every=cov_every, dense_layers=dense_layers, prefill_chunk=prefill_chunk, log=log)
             configs = ev.configs()
             for length in lengths:
-                for i in range(cases):
+                for i in range(first_case, first_case + cases):
                     case = make_case(tok, text, seed, length, i)
                     name, tp = ev.prefill(case.ids)
+                    mass_check = ev.mass_check
                     timing["prefill_s"] += tp
                     t = time.perf_counter()
                     res = {_label(p, lab): ev.answer(name, case, p, b) for p, lab, b in configs}
@@ -411,11 +445,14 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                     store.delete(name)
                     needle_rows.append({**case.summary(), "results": res})
                     marks = " ".join(f"{k}:{'+' if v['correct'] else '-'}" for k, v in res.items())
-                    log(f"[needle {length} {i + 1}/{cases}] {len(case.ids)} tok depth {case.depth:.0%} "
+                    if checkpoint is not None:
+                        checkpoint(result())
+                    log(f"[needle {length} {i + 1}/{first_case + cases}] {len(case.ids)} tok depth {case.depth:.0%} "
                         f"prefill {tp:.1f}s decode {td:.1f}s full={res['full']['answer']!r} | {marks}")
                 for j in range(ppl_cases if ppl_tokens > 0 else 0):
                     ctx, cont = make_ppl_text(tok, text, seed, length, ppl_tokens, j)
                     name, tp = ev.prefill(ctx)
+                    mass_check = ev.mass_check
                     timing["prefill_s"] += tp
                     t = time.perf_counter()
                     res = {}
@@ -427,28 +464,12 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                     store.delete(name)
                     ppl_rows.append({"length": length, "index": j, "context": len(ctx), "tokens": len(cont),
                                      "results": res})
-            mass_check = ev.mass_check
+                    if checkpoint is not None:
+                        checkpoint(result())
     finally:
         if store_dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
-    timing["total_s"] = time.perf_counter() - t_start
-    return {"bench": "quality", "model": getattr(model.config, "_name_or_path", "") or "model",
-            "seed": seed, "cases": cases, "lengths": list(lengths), "budgets": [lab for lab, _ in budgets],
-            "policies": list(policies), "ppl_tokens": ppl_tokens, "ppl_cases": ppl_cases, "block_tokens": bt,
-            "sink_blocks": sink_blocks, "window_blocks": window_blocks, "obs_window": obs_window,
-            "dense_layers": dense_layers,
-            "streaming_fill": streaming_fill, "threads": torch.get_num_threads(),
-            "cells": summarize(needle_rows, ppl_rows, policies, budgets, lengths),
-            "target": target(needle_rows, ppl_rows, policies, budgets),
-            "stored_mass": mass_check, "timing": timing,
-            "notes": ["one single-chunk exact prefill per case (policy h2o): its observation-window mass is what "
-                      "h2o, hybrid and snapkv start from (for one chunk, accumulated == observed)",
-                      "the held-back last prompt token is fed as a decode step, so every answer token and every "
-                      "scored ppl token comes from the policy's sparse step",
-                      "streaming's recent window is widened to fill the budget" if streaming_fill else
-                      "streaming attends sinks + window only (below the budget)"] + floor_notes(
-                          lengths, budgets, bt, sink_blocks, window_blocks),
-            "needle": needle_rows, "ppl": ppl_rows}
+    return result(done=True)
 
 
 def floor_notes(lengths, budgets, bt: int, sink_blocks: int, window_blocks: int) -> list[str]:
@@ -572,6 +593,47 @@ def print_table(res: dict) -> None:
         con.print(f"note: {n}")
 
 
+def _writer(path: str):
+    def write(res: dict) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, default=float)
+        os.replace(tmp, path)
+    return write
+
+
+SAME = ("seed", "budgets", "policies", "ppl_tokens", "block_tokens", "sink_blocks", "window_blocks", "obs_window",
+        "dense_layers", "streaming_fill", "prefill_chunk")
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs of the same settings over other lengths or other cases (one process
+    per share of the work on a multi-core machine; ``--checkpoint`` files of unfinished runs)."""
+    if not results:
+        raise click.UsageError("nothing to merge")
+    first = results[0]
+    for r in results[1:]:
+        # a run without ppl rows (--ppl-tokens 0) merges with runs that scored ppl
+        diff = [k for k in SAME if r.get(k) != first.get(k) and not (k == "ppl_tokens" and not (r["ppl"] and first["ppl"]))]
+        if diff:
+            raise click.UsageError(f"cannot merge runs whose settings differ in {', '.join(diff)}")
+    with_ppl = [r for r in results if r["ppl"]]
+    first = with_ppl[0] if with_ppl else first
+    lengths = sorted({n for r in results for n in r["lengths"]})
+    needle = [row for r in results for row in r["needle"]]
+    ppl = [row for r in results for row in r["ppl"]]
+    budgets = [(lab, b) for lab, b in parse_budgets(",".join(first["budgets"]))]
+    out = dict(first)
+    timing = {k: sum(r["timing"][k] for r in results) for k in first["timing"]}
+    out.update(lengths=lengths, needle=needle, ppl=ppl, timing=timing,
+               cases=min(sum(row["length"] == n for row in needle) for n in lengths),
+               complete=all(r.get("complete", True) for r in results),
+               cells=summarize(needle, ppl, first["policies"], budgets, lengths),
+               target=target(needle, ppl, first["policies"], budgets),
+               notes=list(dict.fromkeys(n for r in results for n in r["notes"])))
+    return out
+
+
 @click.command("quality")
 @click.option("--seed", default=0, show_default=True, help="generates the needle cases and the ppl texts")
 @click.option("--cases", default=40, show_default=True, help="needle cases per (length, budget) cell")
@@ -591,11 +653,26 @@ def print_table(res: dict) -> None:
               help="widen streaming's recent window to the budget")
 @click.option("--threads", default=1, show_default=True,
               help="torch threads (1 is fastest on a few shared cores: the per-step ops are small)")
+@click.option("--first-case", default=0, show_default=True, help="index of the first needle case (share the cases "
+              "of a cell among processes, then --merge)")
+@click.option("--prefill-chunk", default=1024, show_default=True, help="prefill chunk (tokens)")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="rewrite this JSON file after every case (a long run that is stopped keeps its cases)")
 @click.option("--quick", is_flag=True, help="smoke run: 2 cases, 1024 tokens, budgets 1/4,1/8, ppl 32 tokens")
+@click.option("--merge", "merge_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="print the table of these --json results (same settings, other lengths) instead of running")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_every, block_tokens, sink_blocks,
-            window_blocks, obs_window, dense_layers, streaming_fill, threads, quick, as_json) -> None:
+            window_blocks, obs_window, dense_layers, streaming_fill, threads, first_case, prefill_chunk, checkpoint,
+            quick, merge_files, as_json) -> None:
     """Needle accuracy, perplexity and attention-mass coverage of the sparse policies vs the full cache."""
+    if merge_files:
+        res = merge([json.loads(open(f).read()) for f in merge_files])
+        if as_json:
+            click.echo(json.dumps(res, indent=1, default=float))
+        else:
+            print_table(res)
+        return
     from tierstore.adapters.models import load_smollm2
     if quick:
         cases, lengths, budgets, ppl_tokens, cov_every = 2, "1024", "1/4,1/8", 32, 8
@@ -617,7 +694,8 @@ def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_
               budgets=parse_budgets(budgets), policies=pols, ppl_tokens=ppl_tokens, ppl_cases=ppl_cases,
               sink_blocks=sink_blocks, window_blocks=window_blocks, obs_window=obs_window,
               block_tokens=block_tokens, cov_every=cov_every, streaming_fill=streaming_fill,
-              dense_layers=dense_layers, log=log)
+              dense_layers=dense_layers, prefill_chunk=prefill_chunk, first_case=first_case,
+              checkpoint=_writer(checkpoint) if checkpoint else None, log=log)
     if as_json:
         click.echo(json.dumps(res, indent=1, default=float))
         return

@@ -30,7 +30,8 @@ def _steps(model, cache, first: int, new: int) -> float:
         return new / (time.perf_counter() - t)
 
 
-def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str], hot: int | None) -> list[dict]:
+def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str], hot: int | None,
+            block_tokens: int = 64, dense_layers: int = 0) -> list[dict]:
     import tierstore
     from transformers import DynamicCache
     from tierstore.adapters.fingerprint import kv_layout, model_fingerprint
@@ -43,12 +44,12 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
         for s in range(0, tokens, 2048):
             out = model(input_ids=ids[:, s:s + 2048], cache=dyn, use_cache=True, logits_to_keep=1)
     first = int(out.logits[0, -1].argmax())
-    lay = kv_layout(model, 64)
+    lay = kv_layout(model, block_tokens)
     kv_bytes = tokens * lay.token_bytes
     rows = [{"tokens": tokens, "mode": "DynamicCache", "tok_s": None, "hot_bytes": kv_bytes}]
     d = tempfile.mkdtemp(prefix="tierstore-bench-")
     try:
-        with tierstore.open(d, hot="64MiB", warm="64MiB") as st:
+        with tierstore.open(d, hot="64MiB", warm="64MiB", block_tokens=block_tokens) as st:
             fp, fields = model_fingerprint(model)
             st.put_session("ctx", layout=lay, kv=[(l.keys[0], l.values[0]) for l in dyn.layers],
                            token_ids=ids[0].tolist(), fingerprint=fp, fingerprint_fields=fields)
@@ -57,18 +58,20 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
         sparse_hot = hot or 4 * budget * lay.token_bytes
         configs = [("exact", None, 2 * kv_bytes)] + [(p, budget, sparse_hot) for p in policies]
         for policy, b, hot_bytes in configs:
-            with tierstore.open(d, hot=hot_bytes, warm=2 * kv_bytes) as st:
+            with tierstore.open(d, hot=hot_bytes, warm=2 * kv_bytes, block_tokens=block_tokens) as st:
                 st.manager.prepare(lay, "cpu")
                 with TieredCache.resume(st, model, "ctx", policy=policy, budget_tokens=b,
-                                        commit_on_close=False) as cache:
+                                        dense_layers=dense_layers if b else 0, commit_on_close=False) as cache:
                     c = st.manager.counters
                     before = c.promotions.get("cold", 0) + c.promotions.get("warm", 0)  # the restore's
                     c.hot_peak = st.manager.usage()["hot_blocks"]
+                    in_place = c.warm_in_place
                     tps = _steps(model, cache, first, new)
                     rows.append({"tokens": tokens, "mode": f"{policy}" + (f" @{b}" if b else ""), "tok_s": tps,
                                  "hot_bytes": c.hot_peak * lay.block_bytes, "hot_budget": hot_bytes,
                                  "attended": max(cache.attended.values()) if cache.attended else tokens,
-                                 "recalls_per_step": (c.promotions.get("cold", 0) + c.promotions.get("warm", 0) - before) / new})
+                                 "recalls_per_step": (c.promotions.get("cold", 0) + c.promotions.get("warm", 0) - before) / new,
+                                 "warm_in_place_per_step": (c.warm_in_place - in_place) / new})
     finally:
         shutil.rmtree(d, ignore_errors=True)
     base = rows[0]["tok_s"]
@@ -84,8 +87,11 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
 @click.option("--policies", default="quest,h2o,hybrid,streaming", show_default=True)
 @click.option("--hot", default=None, help="hot budget of the sparse rows (default 4x the step budget)")
 @click.option("--dtype", default="float32", show_default=True)
+@click.option("--block-tokens", default=64, show_default=True)
+@click.option("--dense-layers", default=0, show_default=True, help="first layers attended exactly (sparse rows)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def sparse(tokens: str, budget: int, new: int, policies: str, hot: str | None, dtype: str, as_json: bool) -> None:
+def sparse(tokens: str, budget: int, new: int, policies: str, hot: str | None, dtype: str, block_tokens: int,
+           dense_layers: int, as_json: bool) -> None:
     """Decode tokens/s: sparse budget vs exact TieredCache vs DynamicCache (SmolLM2-135M)."""
     from tierstore.adapters.models import load_smollm2
     from tierstore.layout import parse_size
@@ -93,18 +99,19 @@ def sparse(tokens: str, budget: int, new: int, policies: str, hot: str | None, d
     rows = []
     for n in tokens.split(","):
         rows += measure(model, tok, int(n), budget, new, [p.strip() for p in policies.split(",")],
-                        parse_size(hot) if hot else None)
+                        parse_size(hot) if hot else None, block_tokens, dense_layers)
         click.echo(f"  {n} tokens: done", err=True)
     if as_json:
         click.echo(json.dumps({"bench": "sparse", "rows": rows}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
-    t = Table(title=f"decode tokens/s, budget {budget} tokens (SmolLM2-135M {dtype}, this machine)")
-    for c in ("tokens", "mode", "tok/s", "vs Dynamic", "attended", "hot MiB", "recalls/step"):
+    t = Table(title=f"decode tokens/s, budget {budget} tokens, {block_tokens}-token blocks, {dense_layers} dense "
+                    f"layers (SmolLM2-135M {dtype}, this machine)")
+    for c in ("tokens", "mode", "tok/s", "vs Dynamic", "attended", "hot MiB", "recalls/step", "warm reads/step"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(str(r["tokens"]), r["mode"], f"{r['tok_s']:.1f}", f"{r['vs_dynamic']:.2f}x",
                   str(r.get("attended", r["tokens"])), f"{r['hot_bytes'] / 2**20:.0f}",
-                  f"{r.get('recalls_per_step', 0):.0f}")
+                  f"{r.get('recalls_per_step', 0):.0f}", f"{r.get('warm_in_place_per_step', 0):.0f}")
     Console().print(t)
