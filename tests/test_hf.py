@@ -62,7 +62,7 @@ def test_exact_matches_dynamic_cache_across_tiers(store, kind):
         assert torch.equal(out.sequences, ref.sequences)
         assert max_dlogit(out, ref) < 1e-4
         # the blocks really went through every tier
-        assert s.demotions.get("hot", 0) > 0 and s.promotions.get("cold", 0) > 0 and s.promotions.get("warm", 0) > 0
+        assert s.demotions.get("hot", 0) > 0 and s.promotions.get("cold", 0) > 0 and s.hits.get("warm", 0) > 0  # read from warm (in place on CPU)
         assert s.hot_used_bytes <= s.hot_budget_bytes and s.warm_used_bytes <= s.warm_budget_bytes
 
 

@@ -472,6 +472,11 @@ class TierManager(WriteBack, SequenceOps):
                 warm.release(wslots)
                 continue
             break
+        # durable victims need no warm copy, but one is far cheaper to read back than cold (a
+        # record read, a checksum, a decode): keep them in free warm slots (evicting nothing)
+        spare = [b for b in victims if b.warm is None and b.durable][:warm.free_count]
+        sslots = warm.alloc(len(spare)) or []
+        need_warm, wslots = need_warm + spare[:len(sslots)], list(wslots) + sslots
         for b, ws in zip(need_warm, wslots):
             b.warm = ws
             warm.copy_in(ws, b.seq.hot, b.hot, non_blocking=True)
