@@ -20,6 +20,7 @@ model's device), the warm pool (host), and/or only in cold (LMDB). Contracts:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import logging
 import queue
@@ -413,7 +414,7 @@ class TierManager(WriteBack, SequenceOps):
     def _alloc_hot(self, pool: HotPool, n: int, near: int | None, room: int = 0) -> list[int]:
         slots = pool.alloc(n, near, room)
         while slots is None:  # eviction may wait; slots it frees can be taken meanwhile: again
-            self._evict_hot(pool, n - pool.free_count)
+            self._evict_hot(pool, n - pool.free_count, extra=pool.slots // 32)
             slots = pool.alloc(n, near, room)
         self.counters.hot_peak = max(self.counters.hot_peak, pool.used)
         return slots
@@ -422,26 +423,24 @@ class TierManager(WriteBack, SequenceOps):
         """The n least valuable candidates: transient first, then by each sequence's policy."""
         transient = [b for b in candidates if b.transient]
         if len(transient) >= n:  # streamed blocks: oldest first, no scoring needed
-            return sorted(transient, key=lambda b: b.last_used)[:n]
-        by_seq: dict[int, list[Block]] = {}
+            return heapq.nsmallest(n, transient, key=lambda b: b.last_used)
+        by_layer: dict[tuple[int, int], list[Block]] = {}
         for b in candidates:
-            by_seq.setdefault(b.seq.id, []).append(b)
-        ranked: list[tuple[int, float, Block]] = []
-        for blocks in by_seq.values():
-            seq = blocks[0].seq
-            for layer in {b.layer for b in blocks}:
-                s = self.summaries(seq, layer)
-                score = seq.policy.score(s)
-                if score.dim() > 1:
-                    score = score.max(-1).values
-                for b in blocks:
-                    if b.layer == layer:
-                        ranked.append((0 if b.transient else 1, float(score[b.index]), b))
-        ranked.sort(key=lambda t: (t[0], t[1]))
-        return [b for _, _, b in ranked[:n]]
+            by_layer.setdefault((b.seq.id, b.layer), []).append(b)
+        ranked: list[tuple[int, float, int, Block]] = []
+        for blocks in by_layer.values():
+            seq, layer = blocks[0].seq, blocks[0].layer
+            score = seq.policy.score(self.summaries(seq, layer))
+            if score.dim() > 1:
+                score = score.max(-1).values
+            sc = score.tolist()
+            ranked.extend((0 if b.transient else 1, sc[b.index], id(b), b) for b in blocks)
+        return [t[3] for t in heapq.nsmallest(n, ranked, key=lambda t: (t[0], t[1]))]
 
-    def _evict_hot(self, pool: HotPool, n: int) -> None:
-        """Demote n unpinned sealed blocks hot -> warm, all or nothing."""
+    def _evict_hot(self, pool: HotPool, n: int, extra: int = 0) -> None:
+        """Demote n unpinned sealed blocks hot -> warm, all or nothing; and up to ``extra`` more
+        that need no warm copy (durable, or already in warm): choosing victims scans every
+        resident block, so it is done for a batch of slots, not for each one."""
         while True:
             while True:
                 resident = [b for s in self._seqs.values() if s.hot is pool for layer in s.layers for b in layer
@@ -455,7 +454,8 @@ class TierManager(WriteBack, SequenceOps):
                 log.debug("evict fail: %s", [(b.layer, b.index, b.pins, b.queued, b.ntok, b.loading) for b in resident])
                 raise BudgetError(f"hot budget exhausted: need {n} more slots, only {len(cands)} blocks can be "
                                   f"demoted (pool of {pool.slots} blocks); raise hot= or lower the prefill chunk")
-            victims = self._victims(cands, n)
+            victims = self._victims(cands, min(len(cands), n + extra))
+            victims = victims[:n] + [b for b in victims[n:] if b.durable or b.warm is not None]
             need_warm = [b for b in victims if b.warm is None and not b.durable]
             warm = victims[0].seq.warm
             for b in victims:
