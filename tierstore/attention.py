@@ -178,7 +178,10 @@ def attend_exact(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torc
     if resident:
         with mgr.acquire(seq, layer, resident, in_place=in_place) as got:
             _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len, window)
-    rest = [b.index for b in blocks if not mgr.readable(b, in_place)] if len(resident) < len(blocks) else []
+    # everything not attended above, by the list taken before it (a block may have landed or
+    # left meanwhile: each block is attended exactly once)
+    done = set(resident)
+    rest = [b.index for b in blocks if b.index not in done] if len(resident) < len(blocks) else []
     group = max(1, min(16, seq.hot.slots // 4))
     chunks = [rest[i:i + group] for i in range(0, len(rest), group)]
     for i, ids in enumerate(chunks):
