@@ -237,8 +237,7 @@ class TieredCache(Cache):
             for r, seq in enumerate(self.seqs):
                 nxt = self._selected[r].get(layer + 1) if nxt_sparse else None
                 if nxt:
-                    # the previous step's choice; read in place from warm on CPU: cold -> warm only
-                    self.mgr.prefetch(seq, layer + 1, nxt, hot=not self.mgr.in_place(seq))
+                    self.mgr.prefetch_to_read(seq, layer + 1, nxt)  # the previous step's choice
                 elif not nxt_sparse:
                     self.mgr.prefetch_next(seq, layer + 1)
         return torch.stack(outs).to(query.dtype)

@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -27,7 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 import tierstore
 from tierstore.adapters.hf import TieredCache
 from tierstore.errors import (BudgetError, FormatVersionError, ImportFormatError, InvalidSessionNameError,
-                              InvalidSizeError, ModelMismatchError, SessionExistsError, TierstoreError)
+                              InvalidSizeError, ModelMismatchError, SessionExistsError)
 from tierstore.tools import crash_writer as cw
 from tierstore.tools import fuzz
 from tierstore.tools.cli import cli
@@ -82,11 +81,7 @@ def store_path(pristine, tmp_path_factory):
 
 
 def dump(store) -> dict:
-    out = {}
-    with store.cold.read() as txn:
-        for name, db in store.cold.dbs.items():
-            out.update({(name, bytes(k)): bytes(v) for k, v in txn.cursor(db=db)})
-    return out
+    return store.cold.snapshot()
 
 
 def dump_path(path: str) -> dict:

@@ -20,7 +20,6 @@ from tierstore.errors import (InvalidSessionNameError, MissingBlockError, QuotaE
 from tierstore.layout import KVLayout
 from tierstore.records import SessionRecord
 from tierstore.sessions import Lease
-from tierstore.tiers.cold import block_key
 
 FP = "fedcba9876543210" * 2
 BT = 16

@@ -9,9 +9,13 @@ import re
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 
+import numpy as np
 import torch
 
 from .errors import InvalidSessionNameError, InvalidSizeError
+
+# same-size integer types by element size: bit-exact copies of any float dtype (NaN payloads, -0.0)
+SAME_SIZE_INT = {2: (torch.int16, np.int16), 4: (torch.int32, np.int32)}
 
 FORMAT_VERSION = 1
 

@@ -352,6 +352,10 @@ class TierManager(WriteBack, SequenceOps):
                         with contextlib.suppress(BudgetError):
                             self._start_load(b, to_hot=False, evict=False)
 
+    def prefetch_to_read(self, seq: Seq, layer: int, block_ids: Iterable[int]) -> None:
+        """``prefetch`` to where attention reads blocks: hot, or warm where warm is read in place."""
+        self.prefetch(seq, layer, block_ids, hot=not self.in_place(seq))
+
     def summaries(self, seq: Seq, layer: int) -> Summaries:
         """Stacked summaries of the layer's blocks, partial tail included (for policies).
 

@@ -169,5 +169,4 @@ class SequenceOps:
         ids = [b.index for b in seq.layers[layer] if b.loading is None and b.hot is None
                and (b.warm is None or not in_place)]
         if ids:
-            # read in place: from cold to warm only
-            self.prefetch(seq, layer, ids[:max(1, min(16, seq.hot.slots // 4))], hot=not in_place)
+            self.prefetch_to_read(seq, layer, ids[:max(1, min(16, seq.hot.slots // 4))])

@@ -108,11 +108,10 @@ def second_run(args) -> None:
         conv.close()
     _say(f"[new process] Q: {FOLLOW_UP}\nA: {reply.strip()}")
     t0 = time.perf_counter()
-    ids = torch.tensor([history])
+    ids, dyn = torch.tensor([history]), DynamicCache()
     with torch.no_grad():
         for s in range(0, len(history), 1024):
-            model(input_ids=ids[:, s:s + 1024], cache=dyn if s else (dyn := DynamicCache()), use_cache=True,
-                  logits_to_keep=1)
+            model(input_ids=ids[:, s:s + 1024], cache=dyn, use_cache=True, logits_to_keep=1)
     ttft_prefill = time.perf_counter() - t0
     _say(f"time to first token: resume from disk {ttft_resume:.2f} s vs re-running the prefill of "
          f"{len(history)} tokens {ttft_prefill:.1f} s ({ttft_prefill / ttft_resume:.0f}x)")

@@ -106,13 +106,13 @@ def check_import(path: str, original_tensors: dict | None = None, store=None) ->
         _, tensors = read_export(path)
     except (ImportFormatError, FormatVersionError):
         if store is not None:
-            before = _snapshot(store)
+            before = store.cold.snapshot()
             try:
                 import_session(store, path, "imported", overwrite=True)
                 raise AssertionError("import_session took a file read_export refused")
             except (ImportFormatError, FormatVersionError):
                 pass
-            assert _snapshot(store) == before, "a refused import changed the store"
+            assert store.cold.snapshot() == before, "a refused import changed the store"
         return "refused"
     if original_tensors is not None:
         assert set(tensors) == set(original_tensors)
@@ -125,13 +125,6 @@ def check_import(path: str, original_tensors: dict | None = None, store=None) ->
             pass  # e.g. metadata that names an impossible session: refused, typed
     return "accepted"
 
-
-def _snapshot(store) -> dict:
-    out = {}
-    with store.cold.read() as txn:
-        for name, db in store.cold.dbs.items():
-            out.update({(name, bytes(k)): bytes(v) for k, v in txn.cursor(db=db)})
-    return out
 
 
 # -- on demand ---------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 import xxhash
 
 from ..errors import CorruptBlockError, FormatVersionError
-from ..layout import CODE_DTYPES, DTYPE_CODES, FORMAT_VERSION
+from ..layout import CODE_DTYPES, DTYPE_CODES, FORMAT_VERSION, SAME_SIZE_INT
 from .config import CODEC_IDS, DEFAULT_GROUP, DEFAULT_LEVEL, ID_CODECS, CodecConfig
 from .quant import QuantShape, decode_quant, encode_quant
 from .shuffle import RecordProblem, compress_section, decompress_frame, decompress_section, pack_frames, split_frames
@@ -50,9 +50,7 @@ _ZERO_SUM = bytes(16)
 # dims x fp32 x K+V = 8 MiB), far below an allocation that could hurt. A hostile header that
 # passes its checksum still cannot make the decoder allocate more than this.
 MAX_RAW_LEN = 256 << 20
-# same-size unsigned ints: bit-exact copies of any float dtype (NaN payloads, -0.0) through numpy
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-_UINT = {2: (torch.int16, np.int16), 4: (torch.int32, np.int32)}
 
 
 @dataclass(frozen=True)
@@ -273,7 +271,7 @@ def _outputs(hdr: RecordHeader, out_k, out_v, where: dict) -> tuple[torch.Tensor
 
 
 def _decode_raw(payload: memoryview, hdr: RecordHeader, ok: torch.Tensor, ov: torch.Tensor) -> None:
-    tdt, ndt = _UINT[hdr.itemsize]
+    tdt, ndt = SAME_SIZE_INT[hdr.itemsize]
     n = math.prod(hdr.shape)
     for i, o in enumerate((ok, ov)):
         src = np.frombuffer(payload, dtype=ndt, count=n, offset=i * n * hdr.itemsize).reshape(hdr.shape)
@@ -336,7 +334,7 @@ class RawBlockReader:
                                     *shape, raw_len, raw_len, _ZERO_SUM)[:_CHECKSUM_AT]
         self._zeroed = self._prefix + _ZERO_SUM
         self._len = HEADER_SIZE + raw_len
-        self._ndt = _UINT[itemsize][1]
+        self._ndt = SAME_SIZE_INT[itemsize][1]
         self._shape = (2, *shape)
         self._count = 2 * n
 

@@ -324,6 +324,15 @@ class ColdStore:
                     break
                 yield k, v
 
+    def snapshot(self) -> dict[tuple[str, bytes], bytes]:
+        """Every record of every sub-database, ``{(db, key): value}``, read in one transaction
+        (tests and the fuzzer compare stores before and after a refused operation)."""
+        out = {}
+        with self.read() as txn:
+            for name, db in self.dbs.items():
+                out.update({(name, bytes(k)): bytes(v) for k, v in txn.cursor(db=db)})
+        return out
+
     def lookup(self, chains: list[bytes], num_layers: int) -> int:
         """Longest prefix of ``chains`` whose blocks are stored for all ``num_layers`` layers."""
         with self.read() as txn:

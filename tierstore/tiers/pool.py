@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import BudgetError
-from ..layout import KVLayout
+from ..layout import SAME_SIZE_INT, KVLayout
 
 
 class SlotPool:
@@ -103,7 +103,7 @@ class SlotPool:
     def slot_major(self) -> np.ndarray:
         """CPU pools: the slots as one numpy view ``[slots, 2 (K, V), kv_heads, block_tokens,
         head_dim]`` of same-size unsigned ints (bit-exact copies of any float dtype)."""
-        kv = self.kv.view({4: torch.int32, 2: torch.int16}[self.kv.element_size()])
+        kv = self.kv.view(SAME_SIZE_INT[self.kv.element_size()][0])
         return kv.numpy().transpose(2, 0, 1, 3, 4)
 
     def copy_in(self, slot: int, src: "SlotPool", src_slot: int, *, non_blocking: bool = False) -> None:
