@@ -10,6 +10,7 @@ the token ids it holds from a forward pre-hook on the model; ``commit()`` persis
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from . import attention as attn
 from .fingerprint import kv_layout, model_fingerprint
 from tierstore.attention import WindowMass, attend_exact
 from tierstore.policies import get_policy
-from tierstore.sparse import SparseConfig, attend_selected, select_blocks
+from tierstore.sparse import SparseConfig, attend_selected, select
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,16 @@ class TieredCache(Cache):
     under which ``commit()`` persists, None for an in-memory cache. policy: placement policy
     (``exact``, ``lru``) or sparse policy (``streaming``, ``h2o``, ``snapkv``, ``quest``,
     ``hybrid``) with ``budget_tokens`` per step, ``sink_blocks``, ``window_blocks`` and
-    ``dense_layers`` (a count of first layers, or indices, attended exactly at every step).
+    ``dense_layers`` (a count of first layers, or indices, attended exactly at every step);
+    ``per_head``: every KV head selects its own blocks (None: the policy's default).
     hot/warm: this cache's share of the store's budgets (default: all that is left).
     auto_commit_blocks: commit after this many newly sealed blocks (None: off).
     """
 
     def __init__(self, store, model, session: str | Sequence[str] | None = None, *, policy: str = "exact",
                  budget_tokens: int | float | None = None, sink_blocks: int = 1, window_blocks: int = 2,
-                 sparse_prefill: bool = False, dense_layers: int | Sequence[int] = 0, obs_window: int = 32,
+                 sparse_prefill: bool = False, dense_layers: int | Sequence[int] = 0,
+                 per_head: bool | None = None, obs_window: int = 32,
                  hot: int | str | None = None, warm: int | str | None = None,
                  codec: str | CodecConfig | None = None, overwrite: bool = False,
                  auto_commit_blocks: int | None = None, commit_on_close: bool = True,
@@ -97,7 +100,7 @@ class TieredCache(Cache):
         self.policy, self.budget_tokens = policy, budget_tokens
         pol = get_policy(policy)
         self.sparse = None if budget_tokens is None or pol.selects_all else SparseConfig(
-            budget_tokens, sink_blocks, window_blocks, sparse_prefill, SparseConfig.dense(dense_layers))
+            budget_tokens, sink_blocks, window_blocks, sparse_prefill, SparseConfig.dense(dense_layers), per_head)
         if self.sparse is not None and not self.sparse.dense_layers <= set(range(self.layout.num_layers)):
             raise ValueError(f"dense_layers {sorted(self.sparse.dense_layers)} name layers the model "
                              f"({self.layout.num_layers} layers) does not have")
@@ -105,7 +108,8 @@ class TieredCache(Cache):
         self.force_exact = False
         self.approx_from: int | None = _resume.meta.get("approx_from") if _resume is not None else None
         self._selected: list[dict[int, list[int]]] = []  # per row: layer -> last selected blocks
-        self.attended: dict[int, int] = {}                # layer -> tokens attended at the last step
+        self.head_masks: list[dict] = []                   # per row: layer -> per-head mask of those (or None)
+        self.attended: dict[int, int] = {}                # layer -> tokens a head attended at the last step
         self.hot_bytes, self.warm_bytes = parse_size(hot, what="hot"), parse_size(warm, what="warm")
         self.auto_commit_blocks, self.commit_on_close = auto_commit_blocks, commit_on_close
         self.model_name = model_name or getattr(model.config, "_name_or_path", None) or None
@@ -218,12 +222,15 @@ class TieredCache(Cache):
             policy = seq.policy
             if sparse:
                 qg = query[r].reshape(lay.kv_heads, n_rep * q_len, lay.head_dim)
-                ids = select_blocks(self.mgr.summaries(seq, layer), policy, qg, self.sparse, lay.block_tokens)
-                out, mass = attend_selected(self.mgr, seq, layer, query[r], q_offset, pad, scale, ids)
+                ids, heads = select(functools.partial(self.mgr.summaries, seq, layer), policy, qg, self.sparse,
+                                    lay.block_tokens, n=len(self.mgr.blocks(seq, layer)))
+                out, mass = attend_selected(self.mgr, seq, layer, query[r], q_offset, pad, scale, ids, heads)
                 if policy.mass_mode == "accumulate":
                     self.mgr.note_attention(seq, layer, ids, mass)
                 self._selected[r][layer] = ids
-                self.attended[layer] = sum(self.mgr.blocks(seq, layer)[i].ntok for i in ids)
+                self.head_masks[r][layer] = heads
+                ntok = torch.tensor([self.mgr.blocks(seq, layer)[i].ntok for i in ids])
+                self.attended[layer] = int(ntok.sum()) if heads is None else int((heads * ntok).sum(1).max())
             else:
                 window = WindowMass(query[r], q_offset, self.obs_window, n_rep, lay.kv_heads, scale) \
                     if policy.mass_mode is not None and q_len > 1 else None
@@ -267,6 +274,7 @@ class TieredCache(Cache):
         for r in range(b):
             self.seqs.append(self._open_seq(self._row_name(r), key_states.device))
         self._selected = [{} for _ in range(b)]
+        self.head_masks = [{} for _ in range(b)]
         while len(self.token_ids) < b:
             self.token_ids.append([])
             self.pads.append(0)
@@ -294,6 +302,7 @@ class TieredCache(Cache):
                 self.mgr.close_sequence(seq, flush=False)
         self.seqs = new
         self._selected = [dict(self._selected[r]) if r < len(self._selected) else {} for r in rows]
+        self.head_masks = [dict(self.head_masks[r]) if r < len(self.head_masks) else {} for r in rows]
         self.token_ids = [list(self.token_ids[r]) for r in rows]
         self.pads = [self.pads[r] for r in rows]
         self._chains = [list(self._chains[r]) for r in rows]
@@ -439,6 +448,7 @@ class TieredCache(Cache):
             self.mgr.adopt_layer(seq, layer, list(zip(ntoks, keys[row], summs)))
         self.seqs = [seq]
         self._selected = [{}]
+        self.head_masks = [{}]
         self.token_ids, self.pads, self._chains = [rec.token_ids.tolist()], [rec.pad], [chains]
         self.lengths = [rec.length] * self.layout.num_layers
         self._committed_blocks = rec.length // self.layout.block_tokens

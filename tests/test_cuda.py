@@ -182,3 +182,32 @@ def test_device_memory_is_bounded_by_the_hot_pool(tmp_path):
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_allocated() - base == 0
         assert store.stats().hot_used_bytes <= store.config.hot_bytes
+
+
+def test_sparse_decode_on_cuda(tmp_path):
+    """Sparse attention with the hot pool on the GPU (summaries and scores in host memory): at a
+    budget >= the context it reproduces DynamicCache; under a small budget with a small hot pool
+    it recalls blocks and still generates."""
+    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+    from tierstore.adapters.hf import TieredCache
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = AutoModelForCausalLM.from_config(cfg).eval().to("cuda")
+    ids = torch.randint(1, 128, (1, 200), device="cuda")
+    kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    ref = model.generate(ids, cache=DynamicCache(), **kw)
+    bb = KVLayout(2, 2, 16, 8, torch.float32).block_bytes
+    for policy in ("quest", "hybrid", "h2o"):
+        with tierstore.open(tmp_path / policy, hot=bb * 64, warm=bb * 64, block_tokens=8) as st, \
+                TieredCache(st, model, policy=policy, budget_tokens=10_000) as cache:
+            out = model.generate(ids, cache=cache, **kw)
+        assert torch.equal(out.sequences, ref.sequences)
+        assert max((a - b).abs().max().item() for a, b in zip(out.scores, ref.scores)) < 1e-3
+        with tierstore.open(tmp_path / f"{policy}-small", hot=bb * 16, warm=bb * 64, block_tokens=8) as st, \
+                TieredCache(st, model, policy=policy, budget_tokens=32) as cache:
+            out = model.generate(ids, cache=cache, **kw)
+            assert out.sequences.shape[1] == ids.shape[1] + 12
+            assert max(cache.attended.values()) <= 32
+            assert st.stats().promotions.get("cold", 0) + st.stats().promotions.get("warm", 0) > 0

@@ -833,3 +833,65 @@ def test_cpu_attention_reads_warm_blocks_in_place(tmp_path):
     ref = torch.softmax(q.reshape(2, 2, 4) @ k.transpose(-1, -2) * 0.5, -1) @ v
     for out in outs.values():
         assert torch.allclose(out.reshape(2, 2, 4), ref, atol=1e-5)
+
+
+# -- background warm fill after a resume -----------------------------------------------------
+
+def _resumable(tmp_path, gen, nblocks=10, warm_blocks=64):
+    st_ = tierstore.open(tmp_path / "fill", hot=4 * BB, warm=warm_blocks * BB, codec="raw")
+    return (st_, *_cold_only_sequence(st_, gen, nblocks))
+
+
+def test_restore_fills_warm_in_the_background_bit_exact(tmp_path):
+    st_, b, K, V = _resumable(tmp_path, torch.Generator().manual_seed(21))
+    m = st_.manager
+    try:
+        hot = m.restore(b)
+        m.wait_filled(30)
+        assert hot == 2  # one block per layer fits hot; the other 18 were filled into warm
+        assert m.counters.warm_filled == 18
+        cold = m.counters.promotions["cold"]
+        for layer in range(2):
+            for blk in b.layers[layer]:
+                assert blk.hot is not None or blk.warm is not None
+            with m.acquire(b, layer, list(range(10)), in_place=True) as got:
+                for i, blk in enumerate(got):
+                    k, v = m.view(blk)
+                    assert same_bits(k, K[layer][:, i * BT:(i + 1) * BT]) and same_bits(v, V[layer][:, i * BT:(i + 1) * BT])
+        assert m.counters.promotions["cold"] == cold  # nothing read from cold any more
+        check_bookkeeping(st_)
+    finally:
+        st_.close()
+
+
+def test_warm_fill_leaves_a_corrupt_block_in_cold_and_its_read_names_it(tmp_path):
+    st_, b, K, V = _resumable(tmp_path, torch.Generator().manual_seed(22))
+    m = st_.manager
+    try:
+        _corrupt(st_, key_of("w", 3, 1))
+        m.restore(b)
+        m.wait_filled(30)
+        blk = b.layers[1][3]
+        assert blk.warm is None and blk.hot is None and blk.pins == 0 and blk.loading is None
+        assert all(x.warm is not None for i, x in enumerate(b.layers[1]) if i not in (3,) and x.hot is None)
+        with pytest.raises(CorruptBlockError, match="session 'reader', layer 1, block 3"):
+            with m.acquire(b, 1, [3], in_place=True):
+                pass
+        with m.acquire(b, 0, [3], in_place=True) as (x,):  # the same block of another layer reads back
+            assert same_bits(m.view(x)[0], K[0][:, 12:16])
+        check_bookkeeping(st_)
+    finally:
+        st_.close()
+
+
+def test_closing_a_sequence_while_its_warm_fill_runs(tmp_path):
+    st_, b, _, _ = _resumable(tmp_path, torch.Generator().manual_seed(23), nblocks=40, warm_blocks=256)
+    m = st_.manager
+    try:
+        m.restore(b)
+        m.close_sequence(b, flush=False)
+        m.wait_filled(30)
+        assert m.usage()["hot_blocks"] == 0 and m.usage()["warm_blocks"] == 0
+        check_bookkeeping(st_)
+    finally:
+        st_.close()

@@ -110,7 +110,7 @@ def test_block_in_cold_is_recalled_when_the_query_points_at_it(tmp_path):
         q = torch.zeros(4, 1, 4)
         q[:, :, 3] = 1.0
         before = mgr.counters.promotions.get("cold", 0)
-        sel = select_blocks(mgr.summaries(seq, 0), seq.policy, q.reshape(2, 2, 4), CFG, BT)
+        sel = select_blocks(mgr.summaries(seq, 0), seq.policy, q.reshape(2, 2, 4), CFG, BT)  # (union of heads)
         assert 5 in sel
         out, mass = attend_selected(mgr, seq, 0, q, 12 * BT - 1, None, 0.5, sel)
         assert mgr.counters.promotions.get("cold", 0) > before       # read from cold
@@ -201,3 +201,107 @@ def test_dense_layers_attend_everything_at_sparse_steps(tmp_path):
         assert (every - ref).abs().max() < 1e-4                       # all layers dense: exact
         with pytest.raises(ValueError, match="dense_layers"):
             TieredCache(st, model, policy="quest", budget_tokens=4 * BT, dense_layers=[2])
+
+
+def test_per_head_selection_takes_each_heads_own_top_blocks():
+    """Head 0 points at block 3, head 1 at block 6: shared selection (summed scores) keeps only the
+    larger; per-head selection keeps each head's own, and the mask says which head reads which."""
+    mass = torch.zeros(10, 2)
+    mass[3, 0], mass[6, 1], mass[4, 0], mass[4, 1] = 9.0, 5.0, 6.0, 0.5
+    cfg = SparseConfig(budget_tokens=4 * BT, sink_blocks=1, window_blocks=1)   # room for 2 top blocks
+    assert select_blocks(summaries(mass=mass), get_policy("h2o"), None, cfg, BT) == [0, 3, 4, 9]
+    ph = SparseConfig(budget_tokens=4 * BT, sink_blocks=1, window_blocks=1, per_head=True)
+    from tierstore.sparse import select
+    ids, heads = select(summaries(mass=mass), get_policy("h2o"), None, ph, BT)
+    assert ids == [0, 3, 4, 6, 9]
+    assert heads.tolist() == [[True, True, True, False, True],    # head 0: sinks, window, 3, 4
+                              [True, False, True, True, True]]    # head 1: sinks, window, 6, 4
+    # shared mode for a per-head policy: one selection
+    ids, heads = select(summaries(mass=mass), get_policy("h2o"), None, cfg, BT)
+    assert heads is None and ids == [0, 3, 4, 9]
+
+
+def test_head_masked_attention_equals_each_heads_own_dense_attention(tmp_path):
+    lay = KVLayout(num_layers=1, kv_heads=2, head_dim=4, block_tokens=BT, dtype=torch.float32)
+    with tierstore.open(tmp_path / "kv", hot=lay.block_bytes * 16, warm=lay.block_bytes * 4) as st:
+        mgr = st.manager
+        seq = mgr.open_sequence("s", lay, "cpu", policy="quest")
+        torch.manual_seed(1)
+        n = 6 * BT + 3  # a partial tail block
+        k, v = torch.randn(2, n, 4), torch.randn(2, n, 4)
+        mgr.append(seq, 0, k, v)
+        ids = [0, 2, 3, 6]
+        heads = torch.tensor([[True, True, False, True], [True, False, True, True]])
+        q = torch.randn(4, 1, 4)
+        out, mass = attend_selected(mgr, seq, 0, q, n - 1, None, 0.5, ids, heads)
+        qg = q.reshape(2, 2, 4)
+        for h in range(2):
+            cols = torch.cat([torch.arange(i * BT, min((i + 1) * BT, n)) for i, on in zip(ids, heads[h]) if on])
+            p = torch.softmax(qg[h] @ k[h, cols].T * 0.5, -1)
+            assert torch.allclose(out.reshape(2, 2, 4)[h], p @ v[h, cols], atol=1e-5)
+            for j, i in enumerate(ids):  # mass per block and head: the probability on its tokens
+                want = float(p[:, (cols >= i * BT) & (cols < (i + 1) * BT)].sum())
+                assert abs(float(mass[j, h]) - want) < 1e-5
+
+
+def test_quest_bound_equals_the_elementwise_definition():
+    from tierstore.policies.quest import quest_bound
+    torch.manual_seed(2)
+    lo = torch.randn(7, 3, 5)
+    s = summaries(n=7, heads=3, d=5, kmin=lo, kmax=lo + torch.rand(7, 3, 5))
+    q = torch.randn(3, 4, 5)
+    want = torch.maximum(q.unsqueeze(0) * s.kmin.unsqueeze(2), q.unsqueeze(0) * s.kmax.unsqueeze(2)).sum(-1).amax(-1)
+    assert torch.allclose(quest_bound(s, q), want, atol=1e-5)
+
+
+def test_stacked_summaries_follow_appends_growth_mass_and_truncation(tmp_path):
+    """The per-layer stack is updated in place; it must always equal a stack built afresh."""
+    lay = KVLayout(num_layers=1, kv_heads=2, head_dim=4, block_tokens=BT, dtype=torch.float32)
+    with tierstore.open(tmp_path / "kv", hot=lay.block_bytes * 64, warm=lay.block_bytes * 4) as st:
+        mgr = st.manager
+        seq = mgr.open_sequence("s", lay, "cpu", policy="h2o")
+        torch.manual_seed(3)
+        keys = torch.randn(2, 0, 4)
+
+        def check():
+            s = mgr.summaries(seq, 0)
+            n = keys.shape[1]
+            assert s.n == -(-n // BT)
+            for i in range(s.n):
+                kb = keys[:, i * BT:(i + 1) * BT]
+                assert torch.allclose(s.kmin[i], kb.amin(1)) and torch.allclose(s.kmax[i], kb.amax(1))
+                assert int(s.tokens[i]) == kb.shape[1]
+        for step in (13, 1, 1, 7, 30, 1, 2):  # prefill-sized and decode-sized appends
+            kk = torch.randn(2, step, 4)
+            keys = torch.cat([keys, kk], 1)
+            mgr.append(seq, 0, kk, torch.randn(2, step, 4))
+            check()
+        mgr.note_attention(seq, 0, [1, 3], torch.tensor([[0.5, 0.25], [1.0, 2.0]]))
+        s = mgr.summaries(seq, 0)
+        assert s.mass[1].tolist() == [0.5, 0.25] and s.mass[3].tolist() == [1.0, 2.0]
+        assert mgr.blocks(seq, 0)[3].summary.mass.tolist() == [1.0, 2.0]  # what commit persists
+        mgr.truncate(seq, 2 * BT + 5)
+        keys = keys[:, :2 * BT + 5]
+        check()
+        assert mgr.summaries(seq, 0).mass[1].tolist() == [0.5, 0.25]
+
+
+def test_bench_sparse_rows_on_a_tiny_model():
+    """`tierstore bench sparse` end to end on a tiny model: one row per mode, the sparse row
+    attends at most its budget per head, and the resumed blocks that did not fit hot were read
+    into warm in the background."""
+    from types import SimpleNamespace
+
+    from tierstore.tools.bench_sparse import measure
+
+    class Tok:
+        def __call__(self, text, return_tensors="pt"):
+            return SimpleNamespace(input_ids=torch.tensor([[b % 128 for b in text.encode()]]))
+
+    rows = measure(tiny(), Tok(), tokens=640, budget=64, new=3, policies=["quest"], hot=None,
+                   block_tokens=BT, dense_layers=1, warmup=2, per_head=True)
+    assert [r["mode"] for r in rows] == ["DynamicCache", "exact", "quest @64"]
+    assert all(r["tok_s"] > 0 and r["first_tok_s"] > 0 for r in rows)
+    q = rows[2]
+    assert q["attended"] <= 64 and q["hot_budget"] < 640 * KVLayout(2, 2, 16, BT, torch.float32).token_bytes
+    assert q["warm_filled"] > 0

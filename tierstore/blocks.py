@@ -66,9 +66,49 @@ class Seq:
         self.layers: list[list[Block]] = [[] for _ in range(layout.num_layers)]
         self.closed = False
         self.chains: list[bytes] = []  # chain hash of every *full* block whose token ids are known
-        self.summ: dict[int, tuple] = {}  # layer -> (tag, stacked Summaries) cache
+        self.summ: dict[int, _Stack] = {}  # layer -> stacked summaries (see TierManager.summaries)
 
     @property
     def length(self) -> int:
         blocks = self.layers[0]
         return sum(b.ntok for b in blocks)
+
+
+class _Stack:
+    """One layer's block summaries stacked for scoring, grown in place.
+
+    Rows ``[0, final)`` are sealed blocks whose summary is stacked (their mass is updated by
+    ``note_attention``); rows from ``final`` on (the partial tail, new blocks) and the rows in
+    ``missing`` (sealed blocks whose summary was unknown) are restacked at the next read.
+    ``first`` is the layer's first block: another first block means the layer was rebuilt."""
+
+    __slots__ = ("kmin", "kmax", "kmean", "mass", "tokens", "n", "final", "missing", "first")
+
+    def __init__(self, layout: KVLayout, first: "Block | None") -> None:
+        self.kmin = torch.zeros(0, layout.kv_heads, layout.head_dim)
+        self.kmax, self.kmean = torch.zeros_like(self.kmin), torch.zeros_like(self.kmin)
+        self.mass = torch.zeros(0, layout.kv_heads)
+        self.tokens = torch.zeros(0, dtype=torch.int64)
+        self.n = self.final = 0
+        self.missing: set[int] = set()
+        self.first = first
+
+    def grow(self, n: int) -> None:
+        """Room for ``n`` rows (capacity doubles; new rows are zero)."""
+        cap = self.tokens.shape[0]
+        if n <= cap:
+            return
+        cap = max(n, 2 * cap, 64)
+        for name in ("kmin", "kmax", "kmean", "mass", "tokens"):
+            old = getattr(self, name)
+            new = old.new_zeros((cap, *old.shape[1:]))
+            new[:old.shape[0]] = old
+            setattr(self, name, new)
+
+    def put(self, i: int, sm: "BlockSummary | None", ntok: int) -> None:
+        if sm is None:
+            self.kmin[i] = self.kmax[i] = self.kmean[i] = 0.0
+            self.mass[i] = 0.0
+        else:
+            self.kmin[i], self.kmax[i], self.kmean[i], self.mass[i] = sm.kmin, sm.kmax, sm.kmean, sm.mass
+        self.tokens[i] = ntok

@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .blocks import Block, Seq, _summary_of
+from .blocks import _Stack, Block, Seq, _summary_of
 from .codec import CodecConfig, decode_block
 from .errors import BudgetError, CorruptBlockError, MissingBlockError, StoreClosedError, TierstoreError
 from .layout import KVLayout
@@ -72,6 +72,9 @@ class TierManager(WriteBack, SequenceOps):
         self.warm_in_place = True
         self._encoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierstore-encode")
         self._loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierstore-load")
+        # background warm fills of resumed sessions: their own thread, so recalls never queue behind them
+        self._fillers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-fill")
+        self._fills: list[Future] = []
         self._wq: queue.Queue = queue.Queue()
         self._write_error: BaseException | None = None
         self._write_error_seqs: set[int] = set()  # whose write-backs failed
@@ -258,16 +261,18 @@ class TierManager(WriteBack, SequenceOps):
                     self.counters.prefetch_needed += 1
                     self.counters.prefetch_timely += self.readable(b, in_place)
                 if self.readable(b, in_place):
-                    tier = "hot" if b.hot is not None else "warm"
-                    if tier == "warm":
-                        self.counters.misses["hot"] += 1
-                        self.counters.warm_in_place += 1
-                    self.counters.hits[tier] += 1
-                    b.pins += 1
-                    b.last_used = self.step
+                    self._pin_readable(b)
                 elif b.hot is not None:  # a prefetch is still copying it in: a miss it serves
                     self.counters.misses["hot"] += 1
             missing = [b for b in blocks if not self.readable(b, in_place)]
+            if in_place and any(b.loading is not None and b.hot is None for b in missing):
+                # loads into warm in flight (a warm fill, a prefetch): read them where they land
+                self._wait_loads(missing)
+                landed = {id(b) for b in missing if self.readable(b, in_place)}
+                for b in missing:
+                    if id(b) in landed:
+                        self._pin_readable(b)
+                missing = [b for b in missing if id(b) not in landed]
             try:
                 self._promote(missing, transient=transient)
             except BaseException:
@@ -294,6 +299,30 @@ class TierManager(WriteBack, SequenceOps):
                 for b in blocks:
                     b.pins -= 1
                 self._cv.notify_all()
+
+    def _pin_readable(self, b: Block) -> None:
+        """Count and pin a block ``acquire`` reads where it is (lock held)."""
+        tier = "hot" if b.hot is not None else "warm"
+        if tier == "warm":
+            self.counters.misses["hot"] += 1
+            self.counters.warm_in_place += 1
+        self.counters.hits[tier] += 1
+        b.pins += 1
+        b.last_used = self.step
+
+    def _wait_loads(self, blocks: Sequence[Block]) -> None:
+        """Wait (lock held, released meanwhile) until none of ``blocks`` is loading; a failed
+        load's error is left to the caller's reload, which raises it where it applies."""
+        while True:
+            fut = next((b.loading for b in blocks if b.loading is not None), None)
+            if fut is None:
+                return
+            self._lock.release()
+            try:
+                with contextlib.suppress(Exception):
+                    fut.result()
+            finally:
+                self._lock.acquire()
 
     def hot_view(self, b: Block) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of a hot block: ``[kv_heads, ntok, head_dim]`` views of its slot."""
@@ -359,36 +388,34 @@ class TierManager(WriteBack, SequenceOps):
     def summaries(self, seq: Seq, layer: int) -> Summaries:
         """Stacked summaries of the layer's blocks, partial tail included (for policies).
 
-        Cached per layer until a block is added or changes length, so per-step scoring does
-        not restack; ``note_attention`` updates the cached mass in place."""
+        Kept stacked per layer and updated in place: a step restacks only the rows that can have
+        changed (the growing tail, new blocks, blocks whose summary was not known yet), so
+        scoring costs O(changed rows), not O(blocks); ``note_attention`` adds to the stacked mass."""
         with self._lock:
             blocks = seq.layers[layer]
-            tag = (len(blocks), blocks[-1].ntok if blocks else 0, id(blocks[-1]) if blocks else 0)
-            hit = seq.summ.get(layer)
-            if hit is not None and hit[0] == tag:
-                s = hit[1]
-                return Summaries(kmin=s.kmin, kmax=s.kmax, kmean=s.kmean, mass=s.mass,
-                                 last_used=torch.tensor([b.last_used for b in blocks], dtype=torch.int64),
-                                 tokens=s.tokens, step=self.step)
-            lay = seq.layout
-            n = len(blocks)
-            kmin = torch.zeros(n, lay.kv_heads, lay.head_dim)
-            kmax, kmean = torch.zeros_like(kmin), torch.zeros_like(kmin)
-            mass = torch.zeros(n, lay.kv_heads)
-            for i, b in enumerate(blocks):
+            st = seq.summ.get(layer)
+            if st is None or st.first is not (blocks[0] if blocks else None) or st.n > len(blocks):
+                st = seq.summ[layer] = _Stack(seq.layout, blocks[0] if blocks else None)
+            st.grow(len(blocks))
+            for i in sorted(set(range(st.final, len(blocks))) | st.missing):
+                b = blocks[i]
                 sm = b.summary
                 if (sm is None or sm.tokens != b.ntok) and b.hot is not None and b.loading is None and b.ntok:
                     fresh = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok])
                     if sm is not None:
                         fresh.mass += sm.mass  # a growing tail keeps the mass it received
                     sm = b.summary = fresh
-                if sm is not None:
-                    kmin[i], kmax[i], kmean[i], mass[i] = sm.kmin, sm.kmax, sm.kmean, sm.mass
-            out = Summaries(kmin=kmin, kmax=kmax, kmean=kmean, mass=mass,
-                            last_used=torch.tensor([b.last_used for b in blocks], dtype=torch.int64),
-                            tokens=torch.tensor([b.ntok for b in blocks], dtype=torch.int64), step=self.step)
-            seq.summ[layer] = (tag, out)
-            return out
+                st.put(i, sm, b.ntok)
+                if b.sealed and sm is not None:
+                    st.missing.discard(i)
+                elif b.sealed and i >= st.final:
+                    st.missing.add(i)
+            st.n = len(blocks)
+            st.final = st.n - (1 if blocks and not blocks[-1].sealed else 0)
+            n = st.n
+            return Summaries(kmin=st.kmin[:n], kmax=st.kmax[:n], kmean=st.kmean[:n], mass=st.mass[:n],
+                             last_used=torch.tensor([b.last_used for b in blocks], dtype=torch.int64),
+                             tokens=st.tokens[:n], step=self.step)
 
     def note_attention(self, seq: Seq, layer: int, block_ids: Sequence[int], mass: torch.Tensor, *,
                        replace: bool = False) -> None:
@@ -397,7 +424,7 @@ class TierManager(WriteBack, SequenceOps):
         mass = mass.detach().float().cpu()
         with self._lock:
             blocks = seq.layers[layer]
-            cached = seq.summ.get(layer)
+            st = seq.summ.get(layer)
             for i, m in zip(block_ids, mass):
                 b = blocks[i]
                 if b.summary is None and b.hot is not None and b.loading is None and b.ntok:
@@ -407,11 +434,14 @@ class TierManager(WriteBack, SequenceOps):
                         b.summary.mass.copy_(m)
                     else:
                         b.summary.mass += m
-                if cached is not None and i < cached[1].mass.shape[0]:
-                    if replace:
-                        cached[1].mass[i] = m
-                    else:
-                        cached[1].mass[i] += m
+            if st is not None and block_ids:
+                rows = torch.as_tensor(list(block_ids), dtype=torch.long)
+                keep = rows < st.n
+                rows, m = rows[keep], mass[keep]
+                if replace:
+                    st.mass[rows] = m
+                else:
+                    st.mass.index_add_(0, rows, m)
 
     # -- movement (lock held) ------------------------------------------------------------------
 
@@ -682,6 +712,7 @@ class TierManager(WriteBack, SequenceOps):
         self._writer.join()
         self._encoders.shutdown(wait=True)
         self._loaders.shutdown(wait=True)
+        self._fillers.shutdown(wait=True, cancel_futures=True)
         with self._lock:  # free the pools now: a cache object may outlive its store (and reference cycles gc)
             self._hot.clear()
             self._warm.clear()

@@ -25,6 +25,7 @@ class Counters:
     hot_peak: int = 0                                     # most hot slots in use at once
     warm_in_place: int = 0                                # block reads served from warm without a move
     restore_seconds: float = 0.0                          # reading resumed sessions' blocks into slots
+    warm_filled: int = 0                                  # resumed blocks read into warm in the background
 
 
 @dataclass(frozen=True)

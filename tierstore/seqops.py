@@ -3,13 +3,17 @@ search) and layer-ahead prefetch. Part of ``TierManager``."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 from .blocks import Block, Seq
 from .codec import RawBlockReader, decode_block
-from .errors import MissingBlockError
+from .errors import CorruptBlockError, MissingBlockError
 from .records import BlockSummary
+
+log = logging.getLogger(__name__)
 
 
 class SequenceOps:
@@ -17,11 +21,12 @@ class SequenceOps:
 
     # -- restore (resume) ---------------------------------------------------------------------
 
-    def restore(self, seq: Seq, *, reserve: int | None = None) -> int:
+    def restore(self, seq: Seq, *, reserve: int | None = None, fill_warm: bool = True) -> int:
         """Load a resumed sequence's blocks into hot slots now, as many as fit, in block order
         per layer (consecutive slots, so attention reads them as runs), newest blocks first
         when not all fit. Reads in batched read transactions, decodes straight into the slots
-        on a CPU hot pool (no warm staging) and through warm on CUDA. Returns blocks loaded."""
+        on a CPU hot pool (no warm staging) and through warm on CUDA. Returns blocks loaded.
+        ``fill_warm``: then read the blocks that did not fit into warm, in the background."""
         with self._lock:
             reserve = max(1, min(16, seq.hot.slots // 4)) if reserve is None else reserve
             per_layer = max(0, (seq.hot.free_count - reserve) // seq.layout.num_layers)
@@ -46,7 +51,63 @@ class SequenceOps:
         with self._lock:
             self.counters.promotions["cold"] += len(plan)
             self.counters.restore_seconds += time.perf_counter() - t
+            if fill_warm:
+                self._schedule_fill(seq)
         return len(plan)
+
+    def _schedule_fill(self, seq: Seq) -> None:
+        """Queue the background warm fill of a resumed sequence: per layer, in forward order, the
+        blocks that did not fit hot, as many as the warm budget leaves room for (a reserve stays
+        free for demotions). A read then finds them in host memory instead of cold."""
+        reserve = max(16, seq.warm.slots // 16)
+        quota = max(0, (seq.warm.free_count - reserve) // seq.layout.num_layers)
+        if quota:
+            self._fills = [f for f in self._fills if not f.done()]
+            self._fills += [self._fillers.submit(self._fill_layer, seq, layer, quota)
+                            for layer in range(seq.layout.num_layers)]
+
+    def wait_filled(self, timeout: float | None = None) -> None:
+        """Wait until the background warm fills queued so far are done (failed blocks stay in
+        cold: their error is raised by the read that needs them)."""
+        for f in list(self._fills):
+            f.result(timeout)
+
+    def _fill_layer(self, seq: Seq, layer: int, quota: int) -> None:
+        """One layer of the warm fill (a loader thread). The blocks are marked loading (with one
+        future) while they are read, so an acquire meanwhile waits for them rather than reading
+        them again; a sequence closed before its turn is skipped."""
+        with self._lock:
+            if self._closed or seq.closed or seq.id not in self._seqs:
+                return
+            todo = [b for b in seq.layers[layer]
+                    if b.durable and b.hot is None and b.warm is None and b.loading is None][-quota:]
+            slots = seq.warm.alloc(len(todo)) if todo else None
+            if not slots:
+                return
+            fut: Future = Future()
+            for b, slot in zip(todo, slots):
+                b.warm, b.loading, b.pins = slot, fut, b.pins + 1
+        err, bad = None, {}
+        try:
+            self._read_into(seq, seq.warm, list(zip(todo, slots)), bad=bad)
+        except BaseException as e:  # noqa: BLE001 - handed to any waiter through the future
+            err = e
+        with self._cv:
+            for b in todo:
+                b.loading = None
+                b.pins -= 1
+                if err is not None or id(b) in bad:
+                    self._drop_warm(b)  # stays in cold: the read that needs it raises the precise error
+            if err is None:
+                self.counters.warm_filled += len(todo) - len(bad)
+            self._cv.notify_all()
+        for e in bad.values():
+            log.warning("warm fill of %s: %s", seq.name, e)
+        if err is None:
+            fut.set_result(None)
+        else:
+            log.warning("warm fill of %s layer %d failed: %s", seq.name, layer, err)
+            fut.set_exception(err)
 
     def _restore_into(self, seq: Seq, plan: list[tuple[Block, int]]) -> None:
         if not plan:
@@ -73,32 +134,48 @@ class SequenceOps:
             raise
 
     def _restore_part(self, seq: Seq, part: list[tuple[Block, int]]) -> None:
-        cuda = seq.hot.is_cuda
+        self._read_into(seq, seq.hot, part)
+
+    def _read_into(self, seq: Seq, pool, part: list[tuple[Block, int]], bad: dict | None = None) -> None:
+        """Read durable blocks from cold into ``pool``'s slots in one read transaction. ``bad``
+        (a dict): a damaged or missing block is recorded there (id(block) -> error) and skipped,
+        instead of failing the whole read."""
         lay = seq.layout
-        if not cuda:  # full raw blocks: header compare + checksum + two copies into the slot arrays
+        fast, slots = None, None
+        if pool.kv.device.type != "cuda":  # full raw blocks: header compare + checksum + copies into the slot
             fast = RawBlockReader((lay.kv_heads, lay.block_tokens, lay.head_dim), lay.dtype)
-            slots = seq.hot.slot_major()
+            slots = pool.slot_major()
         moved = 0
         with self.store.cold.read(buffers=True) as txn:
             db = self.store.cold.dbs["blocks"]
             for b, slot in part:
-                data = txn.get(b.key, db=db)
-                if data is None:
-                    raise MissingBlockError("block missing from cold", **b.where())
-                moved += len(data)
-                if not cuda and fast.read(b.key, data, slots[slot]):
-                    continue
-                if cuda:
-                    k, v = decode_block(b.key, data, **b.where())
-                    hk, hv = seq.hot.block(slot)
-                    for h in range(k.shape[0]):  # contiguous per head: no device temporaries
-                        hk[h, :b.ntok].copy_(k[h], non_blocking=True)
-                        hv[h, :b.ntok].copy_(v[h], non_blocking=True)
-                else:
-                    hk, hv = seq.hot.block(slot)
-                    decode_block(b.key, data, out_k=hk, out_v=hv, **b.where())
+                try:
+                    moved += self._read_one(b, txn.get(b.key, db=db), pool, slot, fast,
+                                            None if slots is None else slots[slot])
+                except (MissingBlockError, CorruptBlockError) as e:
+                    if bad is None:
+                        raise
+                    bad[id(b)] = e
         with self._lock:
             self.counters.bytes_moved += moved
+
+    @staticmethod
+    def _read_one(b: Block, data, pool, slot: int, fast: RawBlockReader | None, dst) -> int:
+        """Decode one cold record into ``pool``'s slot; returns its stored bytes."""
+        if data is None:
+            raise MissingBlockError("block missing from cold", **b.where())
+        if fast is not None and fast.read(b.key, data, dst):
+            return len(data)
+        if pool.kv.device.type == "cuda":
+            k, v = decode_block(b.key, data, **b.where())
+            hk, hv = pool.block(slot)
+            for h in range(k.shape[0]):  # contiguous per head: no device temporaries
+                hk[h, :b.ntok].copy_(k[h], non_blocking=True)
+                hv[h, :b.ntok].copy_(v[h], non_blocking=True)
+        else:
+            hk, hv = pool.block(slot)
+            decode_block(b.key, data, out_k=hk, out_v=hv, **b.where())
+        return len(data)
 
     # -- sequence surgery (used by the transformers adapter) ------------------------------------
 
@@ -114,6 +191,7 @@ class SequenceOps:
         """Keep the first ``length`` tokens of every layer (crop)."""
         bt = seq.layout.block_tokens
         with self._lock:
+            seq.summ.clear()  # stacked summaries describe the old blocks
             for layer, blocks in enumerate(seq.layers):
                 keep = -(-length // bt)
                 for b in blocks[keep:]:

@@ -9,7 +9,7 @@ received is fed back to the policy's mass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,13 +23,16 @@ class SparseConfig:
     """budget_tokens: tokens attended per step (int), or a fraction of the context (float < 1);
     sink_blocks / window_blocks: always attended; sparse_prefill: select at prefill chunks too;
     dense_layers: layer indices attended exactly whatever the step (the early layers spread
-    their attention widely: no small selection covers them)."""
+    their attention widely: no small selection covers them); per_head: every KV head selects
+    its own top-k blocks (True), or one selection is shared by the heads of a layer (False);
+    None takes the policy's default."""
 
     budget_tokens: int | float
     sink_blocks: int = 1
     window_blocks: int = 2
     sparse_prefill: bool = False
     dense_layers: frozenset[int] = frozenset()  # layers that attend every token at every step
+    per_head: bool | None = None  # each KV head its own top-k (None: the policy's default)
 
     @staticmethod
     def dense(spec: int | Sequence[int]) -> frozenset[int]:
@@ -47,32 +50,61 @@ class SparseConfig:
         return max(self.sink_blocks + self.window_blocks, tokens // block_tokens)
 
 
-def select_blocks(s: Summaries, policy: Policy, query: torch.Tensor | None, cfg: SparseConfig,
-                  block_tokens: int) -> list[int]:
-    """Block indices to attend, ascending. query: [kv_heads, rows, head_dim] grouped, or None."""
-    n = s.n
+def select_blocks(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.Tensor | None,
+                  cfg: SparseConfig, block_tokens: int, n: int | None = None) -> list[int]:
+    """Block indices to attend, ascending (per-head selections: their union). See ``select``."""
+    return select(s, policy, query, cfg, block_tokens, n)[0]
+
+
+def select(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.Tensor | None,
+           cfg: SparseConfig, block_tokens: int, n: int | None = None) -> tuple[list[int], torch.Tensor | None]:
+    """The blocks a step attends to: (ids ascending, head_mask).
+
+    query: [kv_heads, rows, head_dim] grouped, or None. ``s``: the layer's summaries, or a
+    function returning them, called only when the policy scores (``n``, the layer's block count,
+    is then required). head_mask is None when every KV head attends every id (one selection per
+    layer, scores summed over heads), else bool [kv_heads, len(ids)]: per-head selection
+    (``cfg.per_head``, default the policy's), where each head takes its own top-k and ids is
+    their union (fetched once, each head attends only its own)."""
+    n = s.n if n is None else n
     k = cfg.budget_blocks(n, block_tokens)
     if policy.selects_all or n <= k:
-        return list(range(n))
+        return list(range(n)), None
     sinks = set(range(min(cfg.sink_blocks, n)))
     if not policy.topk:  # streaming: the recent window widens to fill the budget
-        return sorted(sinks | set(range(max(0, n - (k - len(sinks))), n)))
+        return sorted(sinks | set(range(max(0, n - (k - len(sinks))), n))), None
     chosen = sinks | set(range(max(0, n - cfg.window_blocks), n))
-    room = k - len(chosen)
-    if policy.topk and room > 0:
-        score = policy.score(s, query)
+    room = min(k - len(chosen), n - len(chosen))
+    if room <= 0:
+        return sorted(chosen), None
+    summ = s() if callable(s) else s
+    if query is not None:  # summaries live in host memory (so a long context's do not hold device memory)
+        query = query.to(summ.kmin.device)
+    score = policy.score(summ, query).float()
+    per_head = policy.per_head if cfg.per_head is None else cfg.per_head
+    if score.dim() == 1 or not per_head:
         if score.dim() > 1:
             score = score.sum(-1)  # one selection per layer, shared by the KV heads
-        score = score.float().clone()
+        score = score.clone()
         score[list(chosen)] = NEG_INF
-        top = torch.topk(score, min(room, n - len(chosen))).indices.tolist()
-        chosen.update(top)
-    return sorted(chosen)
+        chosen.update(torch.topk(score, room).indices.tolist())
+        return sorted(chosen), None
+    score = score.clone()                                   # [n, kv_heads]
+    fixed = torch.tensor(sorted(chosen), dtype=torch.long)
+    score[fixed] = NEG_INF
+    top = torch.topk(score, room, dim=0).indices            # [room, kv_heads]
+    picked = torch.zeros(score.shape, dtype=torch.bool)
+    picked.scatter_(0, top, True)
+    picked[fixed] = True
+    ids = picked.any(1).nonzero().squeeze(1)
+    return ids.tolist(), picked[ids].T.contiguous()
 
 
 def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,
-                    scale: float, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` [heads, q_len, head_dim] over the blocks ``ids`` only.
+                    scale: float, ids: list[int], head_mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` [heads, q_len, head_dim] over the blocks ``ids`` only (``head_mask``
+    bool [kv_heads, len(ids)]: each KV head's group attends only its own blocks of ``ids``).
 
     Returns (out float32 [heads, q_len, head_dim], mass float32 [len(ids), kv_heads]: the share of
     attention each block received, summed over the query rows of each KV head's group)."""
@@ -81,25 +113,53 @@ def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: t
     n_rep = heads // lay.kv_heads
     qg = q.float().reshape(lay.kv_heads, n_rep * q_len, d) * scale
     with mgr.acquire(seq, layer, ids, in_place=True) as got:
-        ks, vs, pos, sizes = [], [], [], []
-        for b in got:
-            k, v = mgr.view(b)
-            ks.append(k)
-            vs.append(v)
-            start = b.index * lay.block_tokens
-            pos.append(torch.arange(start, start + b.ntok, device=q.device))
-            sizes.append(b.ntok)
-        k = torch.cat(ks, 1).float()  # [kv_heads, T, d]: at most budget_tokens of one layer
-        v = torch.cat(vs, 1).float()
-    k_pos = torch.cat(pos)
+        k, v, k_pos = _gather(mgr, seq, got, q.device)
+    k, v = k.float(), v.float()
     s = torch.matmul(qg, k.transpose(-1, -2))  # [g, r, T]
     allowed = chunk_mask(torch.arange(q_offset, q_offset + q_len, device=q.device), k_pos,
                          None if pad is None else pad[k_pos], n_rep, lay.kv_heads)
+    if head_mask is not None:  # key -> its block's column in ids -> does this head attend it
+        col = torch.searchsorted(torch.as_tensor(ids, dtype=torch.long, device=k_pos.device),
+                                 torch.div(k_pos, lay.block_tokens, rounding_mode="floor"))
+        mine = head_mask.to(k_pos.device)[:, col].unsqueeze(1)  # [g, 1, T]
+        allowed = mine if allowed is None else allowed & mine
     if allowed is not None:
         s = s.masked_fill(~allowed, NEG_INF)
     p = torch.softmax(s, -1)
     p = torch.nan_to_num(p, nan=0.0)  # rows with no allowed key (padding queries)
     out = torch.matmul(p, v).reshape(heads, q_len, d)
     per_token = p.sum(1)  # [g, T]
-    mass = torch.stack([m.sum(-1) for m in per_token.split(sizes, dim=-1)])  # [n, g]
-    return out, mass
+    owner = torch.div(k_pos, lay.block_tokens, rounding_mode="floor")  # block index of each key
+    mass = per_token.new_zeros(owner.max().item() + 1 if len(owner) else 0, lay.kv_heads)
+    mass.index_add_(0, owner.to(per_token.device), per_token.T)  # [max index + 1, g]
+    return out, mass[torch.as_tensor(ids, dtype=torch.long, device=mass.device)]
+
+
+def _gather(mgr, seq, got, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K, V [kv_heads, T, head_dim] and positions [T] of the acquired blocks ``got``: the full
+    blocks of each tier in one indexed read of its pool, partial blocks sliced to their tokens
+    (the order of keys does not matter: every key carries its position)."""
+    lay = seq.layout
+    bt = lay.block_tokens
+    ks, vs, pos = [], [], []
+    for pool, attr in ((seq.hot, "hot"), (seq.warm, "warm")):
+        full = [b for b in got if b.sealed and (b.hot is not None) == (attr == "hot")]
+        if not full:
+            continue
+        slots = torch.tensor([getattr(b, attr) for b in full], dtype=torch.long, device=pool.kv.device)
+        kv = pool.kv.index_select(2, slots)  # [2, kv_heads, m, bt, head_dim]
+        if kv.device != device:
+            kv = kv.to(device)
+        ks.append(kv[0].reshape(lay.kv_heads, -1, lay.head_dim))
+        vs.append(kv[1].reshape(lay.kv_heads, -1, lay.head_dim))
+        idx = torch.tensor([b.index for b in full], dtype=torch.long, device=device)
+        pos.append((idx.unsqueeze(1) * bt + torch.arange(bt, device=device)).reshape(-1))
+    for b in got:
+        if not b.sealed:
+            k, v = mgr.view(b)
+            ks.append(k.to(device))
+            vs.append(v.to(device))
+            pos.append(torch.arange(b.index * bt, b.index * bt + b.ntok, device=device))
+    if len(ks) == 1:
+        return ks[0], vs[0], pos[0]
+    return torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(pos)

@@ -215,7 +215,9 @@ class Probe:
         bids, share = w.mass()  # [n, kv_heads], each query head's row sums to 1
         pos = {b: i for i, b in enumerate(bids)}
         sel = [pos[i] for i in ids if i in pos]
-        self.cover.append(float(share[sel].sum() / share.sum().clamp_min(1e-12)))
+        heads = c.head_masks[0].get(layer)
+        got = share[sel] if heads is None else share[sel] * heads[:, [j for j, i in enumerate(ids) if i in pos]].T
+        self.cover.append(float(got.sum() / share.sum().clamp_min(1e-12)))
         self.by_layer.setdefault(layer, []).append(self.cover[-1])
         if self.needle_blocks:
             self.hit.append(float(self.needle_blocks <= set(ids)))
@@ -234,12 +236,12 @@ class Evaluator:
     def __init__(self, model, tok, store, *, policies: list[str], budgets: list[tuple[str, int | float]],
                  sink_blocks: int = 1, window_blocks: int = 2, obs_window: int = 32, streaming_fill: bool = True,
                  cov_every: int = 16, max_new: int | None = None, dense_layers: int = 0, prefill_chunk: int = 1024,
-                 log=None) -> None:
+                 per_head: bool | None = None, log=None) -> None:
         self.model, self.tok, self.store = model, tok, store
         self.policies, self.budgets = policies, budgets
         self.sink_blocks, self.window_blocks, self.obs_window = sink_blocks, window_blocks, obs_window
         self.streaming_fill, self.cov_every, self.max_new = streaming_fill, cov_every, max_new
-        self.dense_layers, self.prefill_chunk = dense_layers, prefill_chunk
+        self.dense_layers, self.prefill_chunk, self.per_head = dense_layers, prefill_chunk, per_head
         self.log = log or (lambda msg: None)
         self.bt = store.config.block_tokens
         self.eos = {i for i in [getattr(tok, "eos_token_id", None)] if i is not None}
@@ -314,7 +316,7 @@ class Evaluator:
                 - self.sink_blocks
         return TieredCache.resume(self.store, self.model, name, policy=policy, budget_tokens=budget,
                                   sink_blocks=self.sink_blocks, window_blocks=max(window, self.window_blocks),
-                                  obs_window=self.obs_window, dense_layers=self.dense_layers,
+                                  obs_window=self.obs_window, dense_layers=self.dense_layers, per_head=self.per_head,
                                   commit_on_close=False)
 
     def _step(self, cache, token: int) -> torch.Tensor:
@@ -380,7 +382,7 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
         ppl_tokens: int = 256, ppl_cases: int = 1, sink_blocks: int = 1, window_blocks: int = 2,
         obs_window: int = 32, block_tokens: int | None = None, cov_every: int = 16, streaming_fill: bool = True,
         dense_layers: int = 0, prefill_chunk: int = 1024, first_case: int = 0, text: str | None = None,
-        store_dir: str | None = None, checkpoint=None, log=None) -> dict:
+        per_head: bool | None = None, store_dir: str | None = None, checkpoint=None, log=None) -> dict:
     """Everything of (a), (b), (c); returns the JSON-able result."""
     import tierstore
     from tierstore.adapters.fingerprint import kv_layout
@@ -412,7 +414,8 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                 "budgets": [lab for lab, _ in budgets],
                 "policies": list(policies), "ppl_tokens": ppl_tokens, "ppl_cases": ppl_cases, "block_tokens": bt,
                 "sink_blocks": sink_blocks, "window_blocks": window_blocks, "obs_window": obs_window,
-                "dense_layers": dense_layers, "prefill_chunk": prefill_chunk, "first_case": first_case,
+                "dense_layers": dense_layers, "per_head": per_head, "prefill_chunk": prefill_chunk,
+                "first_case": first_case,
                 "streaming_fill": streaming_fill, "threads": torch.get_num_threads(),
                 "cells": summarize(needle_rows, ppl_rows, policies, budgets, lengths),
                 "target": target(needle_rows, ppl_rows, policies, budgets),
@@ -430,7 +433,8 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
             store.manager.prepare(lay, "cpu")
             ev = Evaluator(model, tok, store, policies=list(policies), budgets=budgets, sink_blocks=sink_blocks,
                            window_blocks=window_blocks, obs_window=obs_window, streaming_fill=streaming_fill,
-                           cov_every=cov_every, dense_layers=dense_layers, prefill_chunk=prefill_chunk, log=log)
+                           cov_every=cov_every, dense_layers=dense_layers, prefill_chunk=prefill_chunk,
+                           per_head=per_head, log=log)
             configs = ev.configs()
             for length in lengths:
                 for i in range(first_case, first_case + cases):
@@ -603,7 +607,7 @@ def _writer(path: str):
 
 
 SAME = ("seed", "budgets", "policies", "ppl_tokens", "block_tokens", "sink_blocks", "window_blocks", "obs_window",
-        "dense_layers", "streaming_fill", "prefill_chunk")
+        "dense_layers", "per_head", "streaming_fill", "prefill_chunk")
 
 
 def merge(results: list[dict]) -> dict:
@@ -649,6 +653,8 @@ def merge(results: list[dict]) -> dict:
 @click.option("--window-blocks", default=2, show_default=True)
 @click.option("--obs-window", default=32, show_default=True, help="prefill observation window (queries)")
 @click.option("--dense-layers", default=0, show_default=True, help="first layers attended exactly at every step")
+@click.option("--per-head/--shared", "per_head", default=None,
+              help="each KV head selects its own blocks / one selection per layer (default: the policy's)")
 @click.option("--streaming-fill/--no-streaming-fill", default=True, show_default=True,
               help="widen streaming's recent window to the budget")
 @click.option("--threads", default=1, show_default=True,
@@ -663,7 +669,7 @@ def merge(results: list[dict]) -> dict:
               help="print the table of these --json results (same settings, other lengths) instead of running")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_every, block_tokens, sink_blocks,
-            window_blocks, obs_window, dense_layers, streaming_fill, threads, first_case, prefill_chunk, checkpoint,
+            window_blocks, obs_window, dense_layers, per_head, streaming_fill, threads, first_case, prefill_chunk, checkpoint,
             quick, merge_files, as_json) -> None:
     """Needle accuracy, perplexity and attention-mass coverage of the sparse policies vs the full cache."""
     if merge_files:
@@ -694,7 +700,7 @@ def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_
               budgets=parse_budgets(budgets), policies=pols, ppl_tokens=ppl_tokens, ppl_cases=ppl_cases,
               sink_blocks=sink_blocks, window_blocks=window_blocks, obs_window=obs_window,
               block_tokens=block_tokens, cov_every=cov_every, streaming_fill=streaming_fill,
-              dense_layers=dense_layers, prefill_chunk=prefill_chunk, first_case=first_case,
+              dense_layers=dense_layers, prefill_chunk=prefill_chunk, first_case=first_case, per_head=per_head,
               checkpoint=_writer(checkpoint) if checkpoint else None, log=log)
     if as_json:
         click.echo(json.dumps(res, indent=1, default=float))

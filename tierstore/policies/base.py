@@ -44,6 +44,7 @@ class Policy:
     topk = True           # False: selection is sinks + recent window only (streaming)
     mass_mode = None      # "accumulate" (every step adds), "observe" (prefill window replaces), None
     uses_summaries = True  # False: scores need no key bounds or mass (resume skips reading them)
+    per_head = False       # True: each KV head selects its own top-k blocks (scores [n, kv_heads])
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -10,16 +10,20 @@ from .base import Policy, Summaries
 
 def quest_bound(s: Summaries, query: torch.Tensor) -> torch.Tensor:
     """query: float [kv_heads, rows, head_dim] (query heads grouped by KV head) ->
-    [n, kv_heads]: max over the group's rows of sum_d max(q_d * kmin_d, q_d * kmax_d)."""
-    q = query.float().unsqueeze(0)                           # [1, g, r, d]
-    lo = q * s.kmin.unsqueeze(2)                             # [n, g, r, d]
-    hi = q * s.kmax.unsqueeze(2)
-    return torch.maximum(lo, hi).sum(-1).amax(-1)            # [n, g]
+    [n, kv_heads]: max over the group's rows of sum_d max(q_d * kmin_d, q_d * kmax_d).
+
+    As kmax >= kmin, the larger product is q_d * kmax_d where q_d >= 0 and q_d * kmin_d where
+    q_d < 0: two batched matmuls, no [n, heads, rows, head_dim] temporary."""
+    q = query.float()
+    up = torch.bmm(s.kmax.transpose(0, 1), q.clamp_min(0).transpose(1, 2))    # [g, n, r]
+    up += torch.bmm(s.kmin.transpose(0, 1), q.clamp_max(0).transpose(1, 2))
+    return up.amax(-1).transpose(0, 1)                                         # [n, g]
 
 
 @register
 class Quest(Policy):
     name = "quest"
+    per_head = True  # each KV head its own top-k: a retrieval head is not outvoted by the others
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         if query is None:  # placement without a query: keep the newest blocks
