@@ -221,9 +221,12 @@ def test_per_head_selection_takes_each_heads_own_top_blocks():
     assert heads is None and ids == [0, 3, 4, 9]
 
 
-def test_head_masked_attention_equals_each_heads_own_dense_attention(tmp_path):
+@pytest.mark.parametrize("heads", [[[True, True, False, True], [True, False, True, True]],    # read per head
+                                   [[True, True, False, True], [True, False, False, True]]])  # union, masked
+@pytest.mark.parametrize("hot", [16, 4])  # all blocks hot / most read in place from warm
+def test_head_masked_attention_equals_each_heads_own_dense_attention(tmp_path, heads, hot):
     lay = KVLayout(num_layers=1, kv_heads=2, head_dim=4, block_tokens=BT, dtype=torch.float32)
-    with tierstore.open(tmp_path / "kv", hot=lay.block_bytes * 16, warm=lay.block_bytes * 4) as st:
+    with tierstore.open(tmp_path / "kv", hot=lay.block_bytes * hot, warm=lay.block_bytes * 6) as st:
         mgr = st.manager
         seq = mgr.open_sequence("s", lay, "cpu", policy="quest")
         torch.manual_seed(1)
@@ -231,9 +234,11 @@ def test_head_masked_attention_equals_each_heads_own_dense_attention(tmp_path):
         k, v = torch.randn(2, n, 4), torch.randn(2, n, 4)
         mgr.append(seq, 0, k, v)
         ids = [0, 2, 3, 6]
-        heads = torch.tensor([[True, True, False, True], [True, False, True, True]])
+        heads = torch.tensor(heads)
         q = torch.randn(4, 1, 4)
+        warm_reads = mgr.counters.warm_in_place
         out, mass = attend_selected(mgr, seq, 0, q, n - 1, None, 0.5, ids, heads)
+        assert (mgr.counters.warm_in_place > warm_reads) == (hot == 4)
         qg = q.reshape(2, 2, 4)
         for h in range(2):
             cols = torch.cat([torch.arange(i * BT, min((i + 1) * BT, n)) for i, on in zip(ids, heads[h]) if on])

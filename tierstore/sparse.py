@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import NEG_INF, chunk_mask
+from .attention import NEG_INF
 from .policies import Policy, Summaries
 
 
@@ -113,26 +113,68 @@ def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: t
     n_rep = heads // lay.kv_heads
     qg = q.float().reshape(lay.kv_heads, n_rep * q_len, d) * scale
     with mgr.acquire(seq, layer, ids, in_place=True) as got:
-        k, v, k_pos = _gather(mgr, seq, got, q.device)
+        picked = _gather_heads(seq, got, head_mask, q.device) if head_mask is not None else None
+        if picked is not None:  # every head its own blocks: [kv_heads, T, d], positions [kv_heads, T]
+            k, v, k_pos, valid = picked
+        else:                   # the blocks every head attends (a head mask, if any, applied below)
+            k, v, k_pos = _gather(mgr, seq, got, q.device)
+            k_pos, valid = k_pos.unsqueeze(0), None
     k, v = k.float(), v.float()
+    if valid is not None:  # slot tails past a partial block's tokens: masked, and no NaN * 0 from stale bytes
+        v = v.masked_fill(~valid.unsqueeze(-1), 0.0)
     s = torch.matmul(qg, k.transpose(-1, -2))  # [g, r, T]
-    allowed = chunk_mask(torch.arange(q_offset, q_offset + q_len, device=q.device), k_pos,
-                         None if pad is None else pad[k_pos], n_rep, lay.kv_heads)
-    if head_mask is not None:  # key -> its block's column in ids -> does this head attend it
+    q_pos = torch.arange(q_offset, q_offset + q_len, device=q.device).repeat(n_rep)  # rows: (rep, token)
+    allowed = k_pos.unsqueeze(1) <= q_pos.view(1, -1, 1)  # [1|g, r, T] causal
+    if valid is not None:
+        allowed = allowed & valid.unsqueeze(1)
+    if pad is not None:
+        allowed = allowed & pad[k_pos].unsqueeze(1)
+    if head_mask is not None and picked is None:  # key -> its block's column in ids -> this head's?
         col = torch.searchsorted(torch.as_tensor(ids, dtype=torch.long, device=k_pos.device),
-                                 torch.div(k_pos, lay.block_tokens, rounding_mode="floor"))
-        mine = head_mask.to(k_pos.device)[:, col].unsqueeze(1)  # [g, 1, T]
-        allowed = mine if allowed is None else allowed & mine
-    if allowed is not None:
+                                 torch.div(k_pos[0], lay.block_tokens, rounding_mode="floor"))
+        allowed = allowed & head_mask.to(k_pos.device)[:, col].unsqueeze(1)
+    if not bool(allowed.all()):
         s = s.masked_fill(~allowed, NEG_INF)
     p = torch.softmax(s, -1)
     p = torch.nan_to_num(p, nan=0.0)  # rows with no allowed key (padding queries)
     out = torch.matmul(p, v).reshape(heads, q_len, d)
     per_token = p.sum(1)  # [g, T]
-    owner = torch.div(k_pos, lay.block_tokens, rounding_mode="floor")  # block index of each key
-    mass = per_token.new_zeros(owner.max().item() + 1 if len(owner) else 0, lay.kv_heads)
-    mass.index_add_(0, owner.to(per_token.device), per_token.T)  # [max index + 1, g]
-    return out, mass[torch.as_tensor(ids, dtype=torch.long, device=mass.device)]
+    owner = torch.div(k_pos, lay.block_tokens, rounding_mode="floor").expand_as(per_token)  # block of each key
+    flat = owner * lay.kv_heads + torch.arange(lay.kv_heads, device=owner.device).unsqueeze(1)
+    mass = per_token.new_zeros((int(owner.max()) + 1) * lay.kv_heads if owner.numel() else 0)
+    mass.index_add_(0, flat.reshape(-1).to(mass.device), per_token.reshape(-1))
+    return out, mass.view(-1, lay.kv_heads)[torch.as_tensor(ids, dtype=torch.long, device=mass.device)]
+
+
+def _gather_heads(seq, got, head_mask: torch.Tensor, device):
+    """Per-head selections read per head: K, V [kv_heads, K*bt, head_dim] where row h holds only
+    the K blocks head h selected (one indexed read of (head, slot) pairs per tier), their
+    positions [kv_heads, K*bt] and the valid-token mask (None when every block is full). None
+    when the heads selected different numbers of blocks (the caller reads the union instead)."""
+    lay = seq.layout
+    bt, g = lay.block_tokens, lay.kv_heads
+    counts = head_mask.sum(1)
+    if not bool((counts == counts[0]).all()):
+        return None
+    n = int(counts[0])
+    hh, jj = head_mask.nonzero(as_tuple=True)  # row-major: head 0's blocks first, in id order
+    blocks = [got[j] for j in jj.tolist()]
+    kv = None
+    for pool, attr in ((seq.hot, "hot"), (seq.warm, "warm")):
+        rows = [i for i, b in enumerate(blocks) if (b.hot is not None) == (attr == "hot")]
+        if not rows:
+            continue
+        slots = torch.tensor([getattr(blocks[i], attr) for i in rows], dtype=torch.long, device=pool.kv.device)
+        part = pool.kv[:, hh[rows].to(pool.kv.device), slots]  # [2, P, bt, head_dim]
+        if kv is None:
+            kv = part.new_empty((2, g * n, bt, lay.head_dim), device=device)
+        kv[:, torch.tensor(rows, device=device)] = part.to(device)
+    idx = torch.tensor([b.index for b in blocks], dtype=torch.long, device=device)
+    offs = torch.arange(bt, device=device)
+    pos = (idx.unsqueeze(1) * bt + offs).reshape(g, n * bt)
+    ntok = torch.tensor([b.ntok for b in blocks], device=device)
+    valid = None if bool((ntok == bt).all()) else (offs < ntok.unsqueeze(1)).reshape(g, n * bt)
+    return (kv[0].reshape(g, n * bt, lay.head_dim), kv[1].reshape(g, n * bt, lay.head_dim), pos, valid)
 
 
 def _gather(mgr, seq, got, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
