@@ -895,3 +895,56 @@ def test_closing_a_sequence_while_its_warm_fill_runs(tmp_path):
         check_bookkeeping(st_)
     finally:
         st_.close()
+
+
+def test_exact_attention_right_after_a_resume_reads_filled_blocks_in_place(tmp_path):
+    """Blocks still being filled into warm when exact attention streams them are waited for and
+    read where they land: never copied up to hot; the output is dense attention's."""
+    from tierstore.attention import attend_exact
+    lay = KVLayout(num_layers=2, kv_heads=2, head_dim=8, block_tokens=4, dtype=torch.float32)
+    n = 40 * lay.block_tokens
+    torch.manual_seed(5)
+    K = [torch.randn(2, n, 8) for _ in range(2)]
+    V = [torch.randn(2, n, 8) for _ in range(2)]
+    with tierstore.open(tmp_path / "s", hot=6 * lay.block_bytes, warm=128 * lay.block_bytes, codec="raw") as st_:
+        m = st_.manager
+        a = m.open_sequence("writer", lay, "cpu")
+        for layer in range(2):
+            m.append(a, layer, K[layer], V[layer])
+        m.set_keys(a, {i: [key_of("x", i, layer) for layer in range(2)] for i in range(40)})
+        m.flush(a)
+        m.close_sequence(a)
+        b = m.open_sequence("reader", lay, "cpu")
+        for layer in range(2):
+            for i in range(40):
+                m.adopt(b, layer, i, 4, key_of("x", i, layer), None)
+        m.restore(b)
+        m.wait_filled(30)
+        # a load into warm still in flight when attention starts (as a fill task is while it
+        # reads its layer): the block is marked loading until a timer completes it
+        from concurrent.futures import Future
+        late = [blk for blk in b.layers[0] if blk.warm is not None][:3]
+        fut: Future = Future()
+        with m._lock:
+            for blk in late:
+                blk.loading, blk.pins = fut, blk.pins + 1
+
+        def land():
+            with m._cv:
+                for blk in late:
+                    blk.loading, blk.pins = None, blk.pins - 1
+                m._cv.notify_all()
+            fut.set_result(None)
+        timer = threading.Timer(0.3, land)
+        timer.start()
+        q = torch.randn(4, 1, 8)
+        try:
+            for layer in range(2):
+                out = attend_exact(m, b, layer, q, n, None, 0.3)
+                ref = torch.softmax(q.reshape(2, 2, 8) @ K[layer].transpose(1, 2) * 0.3, -1) @ V[layer]
+                assert torch.allclose(out.reshape(2, 2, 8), ref, atol=1e-5)
+        finally:
+            timer.join()
+        assert fut.done()
+        assert m.counters.promotions.get("warm", 0) == 0 and all(blk.hot is None for blk in late)
+        check_bookkeeping(st_)

@@ -186,8 +186,10 @@ def attend_exact(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torc
     chunks = [rest[i:i + group] for i in range(0, len(rest), group)]
     for i, ids in enumerate(chunks):
         if i + 1 < len(chunks):
-            mgr.prefetch(seq, layer, chunks[i + 1])
-        with mgr.acquire(seq, layer, ids, transient=True) as got:
+            mgr.prefetch_to_read(seq, layer, chunks[i + 1])
+        # in place: a block that lands in warm meanwhile (a prefetch, a resume's warm fill) is
+        # read there, not copied up; blocks only in cold are loaded (straight into hot on CPU)
+        with mgr.acquire(seq, layer, ids, transient=True, in_place=in_place) as got:
             _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len, window)
     return acc.result().reshape(heads, q_len, d)
 
