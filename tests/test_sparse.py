@@ -284,7 +284,8 @@ def test_stacked_summaries_follow_appends_growth_mass_and_truncation(tmp_path):
         mgr.note_attention(seq, 0, [1, 3], torch.tensor([[0.5, 0.25], [1.0, 2.0]]))
         s = mgr.summaries(seq, 0)
         assert s.mass[1].tolist() == [0.5, 0.25] and s.mass[3].tolist() == [1.0, 2.0]
-        assert mgr.blocks(seq, 0)[3].summary.mass.tolist() == [1.0, 2.0]  # what commit persists
+        mgr.sync_mass(seq)  # what a commit persists
+        assert mgr.blocks(seq, 0)[3].summary.mass.tolist() == [1.0, 2.0]
         mgr.truncate(seq, 2 * BT + 5)
         keys = keys[:, :2 * BT + 5]
         check()
@@ -310,3 +311,28 @@ def test_bench_sparse_rows_on_a_tiny_model():
     q = rows[2]
     assert q["attended"] <= 64 and q["hot_budget"] < 640 * KVLayout(2, 2, 16, BT, torch.float32).token_bytes
     assert q["warm_filled"] > 0
+
+
+def test_decode_mass_reaches_the_committed_summaries(tmp_path):
+    """Mass fed back at decode steps lands in the stacked summaries first; a commit must persist
+    exactly what the live stack holds (and a crop must not lose it)."""
+    from tierstore.records import BlockSummary
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 40))
+    bb = KVLayout(2, 2, 16, BT, torch.float32).block_bytes
+    with tierstore.open(tmp_path / "kv", hot=bb * 32, warm=bb * 32, block_tokens=BT) as st:
+        with TieredCache(st, model, session="m", policy="h2o", budget_tokens=4 * BT) as cache:
+            model.generate(ids, cache=cache, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            seq = cache.seqs[0]
+            assert 0 in seq.summ  # the policy scored: its mass went to the stack
+            before = st.manager.summaries(seq, 1).mass[0].clone()
+            cache.crop(-3)  # drops the stacks: their mass must be written back first
+            live = [st.manager.summaries(seq, layer).mass.clone() for layer in range(2)]
+            assert torch.equal(live[1][0], before) and float(before.sum()) > 0
+            cache.commit()
+        rec = st.session("m")
+        chains = rec.chains()
+        for layer in range(2):
+            keys = [block_key(c, layer) for c in chains]
+            for i, (k, r) in enumerate(zip(keys, st.cold.get_many("summaries", keys))):
+                assert torch.allclose(BlockSummary.unseal(k, bytes(r)).mass, live[layer][i]), (layer, i)

@@ -420,12 +420,19 @@ class TierManager(WriteBack, SequenceOps):
     def note_attention(self, seq: Seq, layer: int, block_ids: Sequence[int], mass: torch.Tensor, *,
                        replace: bool = False) -> None:
         """Feed attention mass back: ``mass`` float [len(block_ids), kv_heads] is added to the
-        blocks' accumulated mass (``replace``: becomes it, e.g. a prefill observation window)."""
+        blocks' accumulated mass (``replace``: becomes it, e.g. a prefill observation window).
+
+        Sealed blocks stacked in the layer's summaries take it there only (one ``index_add_``;
+        ``sync_mass`` writes it back into their summaries before anything reads those); the
+        others (the growing tail, blocks not stacked yet) take it in their own summary."""
         mass = mass.detach().float().cpu()
         with self._lock:
             blocks = seq.layers[layer]
             st = seq.summ.get(layer)
+            stacked = (lambda i: i < st.final and i not in st.missing) if st is not None else (lambda i: False)
             for i, m in zip(block_ids, mass):
+                if stacked(i):
+                    continue
                 b = blocks[i]
                 if b.summary is None and b.hot is not None and b.loading is None and b.ntok:
                     b.summary = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok])  # the tail too
@@ -442,6 +449,17 @@ class TierManager(WriteBack, SequenceOps):
                     st.mass[rows] = m
                 else:
                     st.mass.index_add_(0, rows, m)
+
+    def sync_mass(self, seq: Seq) -> None:
+        """Write the stacked mass of sealed blocks back into their summaries (before a commit
+        persists them, a crop drops the stacks, or a clone copies them)."""
+        with self._lock:
+            for layer, st in seq.summ.items():
+                blocks = seq.layers[layer]
+                for i in range(min(st.final, len(blocks))):
+                    sm = blocks[i].summary
+                    if sm is not None and i not in st.missing:
+                        sm.mass.copy_(st.mass[i])
 
     # -- movement (lock held) ------------------------------------------------------------------
 

@@ -191,6 +191,7 @@ class SequenceOps:
         """Keep the first ``length`` tokens of every layer (crop)."""
         bt = seq.layout.block_tokens
         with self._lock:
+            self.sync_mass(seq)
             seq.summ.clear()  # stacked summaries describe the old blocks
             for layer, blocks in enumerate(seq.layers):
                 keep = -(-length // bt)
@@ -212,6 +213,7 @@ class SequenceOps:
         """A copy of ``src`` (beam search, num_return_sequences). Durable blocks share their cold
         record; resident ones are copied into new slots of the same tier."""
         with self._lock:
+            self.sync_mass(src)
             dst = Seq(next(self._ids), src.name, src.layout, src.device, src.codec, src.policy, src.hot, src.warm)
             dst.chains = list(src.chains)
             self._seqs[dst.id] = dst

@@ -37,6 +37,7 @@ class WriteBack:
     def mass_summaries(self, seq: Seq) -> list[tuple[bytes, bytes]]:
         """Sealed summaries of the durable blocks that received attention mass, to be rewritten
         at commit (the copy written at seal time has the mass of that moment)."""
+        self.sync_mass(seq)
         with self._lock:
             return [(b.key, b.summary.seal(b.key)) for layer in seq.layers for b in layer
                     if b.durable and b.key is not None and b.summary is not None
