@@ -310,17 +310,21 @@ class TierManager(WriteBack, SequenceOps):
         b.pins += 1
         b.last_used = self.step
 
-    def _wait_loads(self, blocks: Sequence[Block]) -> None:
-        """Wait (lock held, released meanwhile) until none of ``blocks`` is loading; a failed
-        load's error is left to the caller's reload, which raises it where it applies."""
+    def _wait_loads(self, blocks: Sequence[Block], *, raise_errors: bool = False) -> None:
+        """Wait (lock held, released meanwhile) until none of ``blocks`` is loading. A failed
+        load gave its slots back; its error is raised with ``raise_errors``, else left to the
+        caller's reload from cold, which raises it (naming the block) where it is needed."""
         while True:
             fut = next((b.loading for b in blocks if b.loading is not None), None)
             if fut is None:
                 return
             self._lock.release()
             try:
-                with contextlib.suppress(Exception):
+                if raise_errors:
                     fut.result()
+                else:
+                    with contextlib.suppress(Exception):
+                        fut.result()
             finally:
                 self._lock.acquire()
 
@@ -413,9 +417,10 @@ class TierManager(WriteBack, SequenceOps):
             st.n = len(blocks)
             st.final = st.n - (1 if blocks and not blocks[-1].sealed else 0)
             n = st.n
+            recency = torch.tensor([b.last_used for b in blocks], dtype=torch.int64) \
+                if seq.policy.uses_last_used else None  # O(blocks): only for a policy that reads it
             return Summaries(kmin=st.kmin[:n], kmax=st.kmax[:n], kmean=st.kmean[:n], mass=st.mass[:n],
-                             last_used=torch.tensor([b.last_used for b in blocks], dtype=torch.int64),
-                             tokens=st.tokens[:n], step=self.step)
+                             tokens=st.tokens[:n], step=self.step, last_used=recency)
 
     def note_attention(self, seq: Seq, layer: int, block_ids: Sequence[int], mass: torch.Tensor, *,
                        replace: bool = False) -> None:
@@ -582,14 +587,9 @@ class TierManager(WriteBack, SequenceOps):
             b.pins += 1
         try:
             while True:
-                for b in blocks:  # wait for loads in flight (a prefetch may have stopped at warm)
-                    fut = b.loading
-                    if fut is not None:
-                        self._lock.release()
-                        try:
-                            fut.result()
-                        finally:
-                            self._lock.acquire()
+                # loads in flight (a prefetch may have stopped at warm); a failed one raises here,
+                # or the loop would start it again
+                self._wait_loads(blocks, raise_errors=True)
                 todo = [b for b in blocks if b.hot is None and b.loading is None]
                 if not todo:
                     if all(b.loading is None for b in blocks):

@@ -21,12 +21,12 @@ class SequenceOps:
 
     # -- restore (resume) ---------------------------------------------------------------------
 
-    def restore(self, seq: Seq, *, reserve: int | None = None, fill_warm: bool = True) -> int:
+    def restore(self, seq: Seq, *, reserve: int | None = None) -> int:
         """Load a resumed sequence's blocks into hot slots now, as many as fit, in block order
         per layer (consecutive slots, so attention reads them as runs), newest blocks first
         when not all fit. Reads in batched read transactions, decodes straight into the slots
         on a CPU hot pool (no warm staging) and through warm on CUDA. Returns blocks loaded.
-        ``fill_warm``: then read the blocks that did not fit into warm, in the background."""
+        The blocks that did not fit are then read into warm in the background."""
         with self._lock:
             reserve = max(1, min(16, seq.hot.slots // 4)) if reserve is None else reserve
             per_layer = max(0, (seq.hot.free_count - reserve) // seq.layout.num_layers)
@@ -51,8 +51,7 @@ class SequenceOps:
         with self._lock:
             self.counters.promotions["cold"] += len(plan)
             self.counters.restore_seconds += time.perf_counter() - t
-            if fill_warm:
-                self._schedule_fill(seq)
+            self._schedule_fill(seq)
         return len(plan)
 
     def _schedule_fill(self, seq: Seq) -> None:
@@ -121,9 +120,9 @@ class SequenceOps:
             parts = [p for p in (plan[:half], plan[half:]) if p]
         try:
             if len(parts) == 1:
-                self._restore_part(seq, parts[0])
+                self._read_into(seq, seq.hot, parts[0])
             else:
-                futs = [self._loaders.submit(self._restore_part, seq, part) for part in parts]
+                futs = [self._loaders.submit(self._read_into, seq, seq.hot, part) for part in parts]
                 failed = next((e for e in (f.exception() for f in futs) if e is not None), None)
                 if failed is not None:
                     raise failed
@@ -132,9 +131,6 @@ class SequenceOps:
                 for b, _ in plan:
                     self._drop_hot(b)
             raise
-
-    def _restore_part(self, seq: Seq, part: list[tuple[Block, int]]) -> None:
-        self._read_into(seq, seq.hot, part)
 
     def _read_into(self, seq: Seq, pool, part: list[tuple[Block, int]], bad: dict | None = None) -> None:
         """Read durable blocks from cold into ``pool``'s slots in one read transaction. ``bad``

@@ -104,7 +104,8 @@ def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: t
                     scale: float, ids: list[int], head_mask: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [heads, q_len, head_dim] over the blocks ``ids`` only (``head_mask``
-    bool [kv_heads, len(ids)]: each KV head's group attends only its own blocks of ``ids``).
+    bool [kv_heads, len(ids)]: each KV head's group attends only its own blocks of ``ids``, the
+    same number per head).
 
     Returns (out float32 [heads, q_len, head_dim], mass float32 [len(ids), kv_heads]: the share of
     attention each block received, summed over the query rows of each KV head's group)."""
@@ -113,10 +114,9 @@ def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: t
     n_rep = heads // lay.kv_heads
     qg = q.float().reshape(lay.kv_heads, n_rep * q_len, d) * scale
     with mgr.acquire(seq, layer, ids, in_place=True) as got:
-        picked = _gather_heads(seq, got, head_mask, q.device) if head_mask is not None else None
-        if picked is not None:  # every head its own blocks: [kv_heads, T, d], positions [kv_heads, T]
-            k, v, k_pos, valid = picked
-        else:                   # the blocks every head attends (a head mask, if any, applied below)
+        if head_mask is not None:  # every head its own blocks: [kv_heads, T, d], positions [kv_heads, T]
+            k, v, k_pos, valid = _gather_heads(seq, got, head_mask, q.device)
+        else:                      # the blocks every head attends
             k, v, k_pos = _gather(mgr, seq, got, q.device)
             k_pos, valid = k_pos.unsqueeze(0), None
     k, v = k.float(), v.float()
@@ -129,10 +129,6 @@ def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: t
         allowed = allowed & valid.unsqueeze(1)
     if pad is not None:
         allowed = allowed & pad[k_pos].unsqueeze(1)
-    if head_mask is not None and picked is None:  # key -> its block's column in ids -> this head's?
-        col = torch.searchsorted(torch.as_tensor(ids, dtype=torch.long, device=k_pos.device),
-                                 torch.div(k_pos[0], lay.block_tokens, rounding_mode="floor"))
-        allowed = allowed & head_mask.to(k_pos.device)[:, col].unsqueeze(1)
     if not bool(allowed.all()):
         s = s.masked_fill(~allowed, NEG_INF)
     p = torch.softmax(s, -1)
@@ -149,13 +145,13 @@ def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: t
 def _gather_heads(seq, got, head_mask: torch.Tensor, device):
     """Per-head selections read per head: K, V [kv_heads, K*bt, head_dim] where row h holds only
     the K blocks head h selected (one indexed read of (head, slot) pairs per tier), their
-    positions [kv_heads, K*bt] and the valid-token mask (None when every block is full). None
-    when the heads selected different numbers of blocks (the caller reads the union instead)."""
+    positions [kv_heads, K*bt] and the valid-token mask (None when every block is full). Every
+    head must select the same number of blocks (as ``select`` does: the fixed ones + its top-k)."""
     lay = seq.layout
     bt, g = lay.block_tokens, lay.kv_heads
     counts = head_mask.sum(1)
     if not bool((counts == counts[0]).all()):
-        return None
+        raise ValueError(f"a head mask must give every KV head the same number of blocks, got {counts.tolist()}")
     n = int(counts[0])
     hh, jj = head_mask.nonzero(as_tuple=True)  # row-major: head 0's blocks first, in id order
     blocks = [got[j] for j in jj.tolist()]

@@ -18,18 +18,19 @@ class Summaries:
 
     kmin, kmax, kmean: float32 [n, kv_heads, head_dim] (post-RoPE keys)
     mass:              float32 [n, kv_heads] accumulated attention mass
-    last_used:         int64 [n] manager step at which each block was last read
     tokens:            int64 [n] valid tokens per block
     step:              the manager's current step
+    last_used:         int64 [n] manager step at which each block was last read (only for a
+                       policy with ``uses_last_used``: building it walks every block)
     """
 
     kmin: torch.Tensor
     kmax: torch.Tensor
     kmean: torch.Tensor
     mass: torch.Tensor
-    last_used: torch.Tensor
     tokens: torch.Tensor
     step: int
+    last_used: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -45,6 +46,7 @@ class Policy:
     mass_mode = None      # "accumulate" (every step adds), "observe" (prefill window replaces), None
     uses_summaries = True  # False: scores need no key bounds or mass (resume skips reading them)
     per_head = False       # True: each KV head selects its own top-k blocks (scores [n, kv_heads])
+    uses_last_used = False  # True: scores read ``Summaries.last_used``
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

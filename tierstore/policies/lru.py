@@ -12,6 +12,7 @@ from .base import Policy, Summaries
 class LRU(Policy):
     name = "lru"
     uses_summaries = False
+    uses_last_used = True
     selects_all = True
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
