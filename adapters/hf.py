@@ -73,7 +73,7 @@ class TieredCache(Cache):
     is switched to ``tierstore`` until ``close()``); session: name (or one name per batch row)
     under which ``commit()`` persists, None for an in-memory cache. policy: placement policy
     (``exact``, ``lru``) or sparse policy (``streaming``, ``h2o``, ``snapkv``, ``quest``,
-    ``hybrid``) with ``budget_tokens`` per step, ``sink_blocks``, ``window_blocks`` and
+    ``hybrid``, ``sketch``) with ``budget_tokens`` per step, ``sink_blocks``, ``window_blocks`` and
     ``dense_layers`` (a count of first layers, or indices, attended exactly at every step);
     ``per_head``: every KV head selects its own blocks (None: the policy's default).
     hot/warm: this cache's share of the store's budgets (default: all that is left).

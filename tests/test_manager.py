@@ -712,7 +712,7 @@ def _run_threads(targets, timeout: float) -> None:
     alive = [t.name for t in threads if t.is_alive()]
     if alive:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        raise AssertionError(f"deadlock: threads {alive} still running after {timeout}s")
+        raise AssertionError(f"deadlock: threads {alive} still running after {timeout}s (errors: {errors!r})")
     if errors:
         raise errors[0]
 

@@ -24,15 +24,18 @@ log = logging.getLogger(__name__)
 
 def open(path: str | os.PathLike, *, hot: int | str | None = None, warm: int | str | None = None,
          cold: int | str | None = None, codec: str | CodecConfig | None = None,
-         block_tokens: int | None = None, readonly: bool = False, create: bool = True) -> "Store":
+         block_tokens: int | None = None, readonly: bool = False, create: bool = True,
+         sketch_dims: int | None = None) -> "Store":
     """Open (or create) the store in directory ``path``.
 
     hot/warm: byte budgets of the device and host tiers, shared by every cache of this store
     in this process ("1GiB", 1 << 30, ...). cold: optional quota of the LMDB tier.
     codec: cold codec ("raw", "zstd", "int8+zstd", ...). readonly=True never writes.
+    sketch_dims: key sketch dimensions per token and KV head that rank blocks for sparse
+    attention (``tierstore.sketch``; default 16, 0 turns sketches off).
     """
     cfg = StoreConfig.build(path, hot=hot, warm=warm, cold=cold, codec=codec,
-                            block_tokens=block_tokens, readonly=readonly)
+                            block_tokens=block_tokens, readonly=readonly, sketch_dims=sketch_dims)
     return Store(cfg, create=create)
 
 

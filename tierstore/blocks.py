@@ -10,16 +10,20 @@ from .codec import CodecConfig
 from .layout import KVLayout
 from .policies import Policy
 from .records import BlockSummary
+from .sketch import Basis
 from .tiers.hot import HotPool
 from .tiers.warm import WarmPool
 
-def _summary_of(k: torch.Tensor) -> BlockSummary:
+def _summary_of(k: torch.Tensor, basis: Basis | None = None) -> BlockSummary:
     """``BlockSummary.of_keys`` kept in host memory: summaries of a long context must not hold
-    device memory outside the hot pool (one transfer for the three statistics)."""
+    device memory outside the hot pool (one transfer for the three statistics; the sketch is
+    projected on the host)."""
     s = BlockSummary.of_keys(k)
     if s.kmin.device.type != "cpu":
         kmin, kmax, kmean = torch.stack([s.kmin, s.kmax, s.kmean]).cpu()
         s = BlockSummary(kmin=kmin, kmax=kmax, kmean=kmean, mass=s.mass.cpu(), tokens=s.tokens)
+    if basis is not None:
+        s.sketch, s.tag = basis.project(k.float().cpu() - s.kmean.unsqueeze(1)), basis.tag
     return s
 
 
@@ -27,7 +31,7 @@ class Block:
     """One layer's block of one sequence. Mutable bookkeeping, guarded by the manager lock."""
 
     __slots__ = ("seq", "layer", "index", "ntok", "hot", "warm", "key", "durable", "queued", "pins",
-                 "last_used", "summary", "transient", "loading", "ready", "prefetched")
+                 "last_used", "summary", "transient", "loading", "ready", "prefetched", "restated")
 
     def __init__(self, seq: "Seq", layer: int, index: int) -> None:
         self.seq, self.layer, self.index = seq, layer, index
@@ -44,6 +48,7 @@ class Block:
         self.loading: Future | None = None
         self.ready: torch.cuda.Event | None = None  # CUDA: copy into the hot slot done
         self.prefetched = False
+        self.restated = False              # summary changed (sketched) after it was written
 
     @property
     def sealed(self) -> bool:
@@ -80,11 +85,13 @@ class _Stack:
     Rows ``[0, final)`` are sealed blocks whose summary is stacked (their mass is updated by
     ``note_attention``); rows from ``final`` on (the partial tail, new blocks) and the rows in
     ``missing`` (sealed blocks whose summary was unknown) are restacked at the next read.
-    ``first`` is the layer's first block: another first block means the layer was rebuilt."""
+    ``first`` is the layer's first block: another first block means the layer was rebuilt.
+    ``basis``: the sketch basis the rows were stacked with (another one means restacking);
+    ``sketch`` [kv_heads, capacity, block_tokens, r] exists with it (zero rows: not sketched)."""
 
-    __slots__ = ("kmin", "kmax", "kmean", "mass", "tokens", "n", "final", "missing", "first")
+    __slots__ = ("kmin", "kmax", "kmean", "mass", "tokens", "n", "final", "missing", "first", "basis", "sketch")
 
-    def __init__(self, layout: KVLayout, first: "Block | None") -> None:
+    def __init__(self, layout: KVLayout, first: "Block | None", basis: Basis | None = None) -> None:
         self.kmin = torch.zeros(0, layout.kv_heads, layout.head_dim)
         self.kmax, self.kmean = torch.zeros_like(self.kmin), torch.zeros_like(self.kmin)
         self.mass = torch.zeros(0, layout.kv_heads)
@@ -92,6 +99,9 @@ class _Stack:
         self.n = self.final = 0
         self.missing: set[int] = set()
         self.first = first
+        self.basis = basis
+        self.sketch = None if basis is None else \
+            torch.zeros(layout.kv_heads, 0, layout.block_tokens, basis.dims, dtype=torch.float16)
 
     def grow(self, n: int) -> None:
         """Room for ``n`` rows (capacity doubles; new rows are zero)."""
@@ -104,6 +114,10 @@ class _Stack:
             new = old.new_zeros((cap, *old.shape[1:]))
             new[:old.shape[0]] = old
             setattr(self, name, new)
+        if self.sketch is not None:
+            new = self.sketch.new_zeros((self.sketch.shape[0], cap, *self.sketch.shape[2:]))
+            new[:, :self.sketch.shape[1]] = self.sketch
+            self.sketch = new
 
     def put(self, i: int, sm: "BlockSummary | None", ntok: int) -> None:
         if sm is None:
@@ -112,3 +126,7 @@ class _Stack:
         else:
             self.kmin[i], self.kmax[i], self.kmean[i], self.mass[i] = sm.kmin, sm.kmax, sm.kmean, sm.mass
         self.tokens[i] = ntok
+        if self.sketch is not None:
+            self.sketch[:, i] = 0.0
+            if sm is not None and sm.sketch is not None and sm.tag == self.basis.tag:
+                self.sketch[:, i, :sm.sketch.shape[1]] = sm.sketch

@@ -16,6 +16,7 @@ DEFAULT_WARM = 4 << 30
 # decodes straight into preallocated slots (notes/baseline.md: ~0.04 s vs ~0.1-0.4 s for zstd
 # at 8k tokens). Pick "zstd" when storage is slower than ~0.5 GB/s or space matters.
 DEFAULT_CODEC = "raw"
+DEFAULT_SKETCH_DIMS = 16  # tierstore.sketch: 16 dims per token and KV head rank blocks token by token
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,13 @@ class StoreConfig:
     codec: CodecConfig
     block_tokens: int
     readonly: bool
+    sketch_dims: int = DEFAULT_SKETCH_DIMS  # key sketch dimensions per token (0: no sketches)
 
     @classmethod
     def build(cls, path: str | os.PathLike, *, hot: int | str | None = None, warm: int | str | None = None,
               cold: int | str | None = None, codec: str | CodecConfig | None = None,
-              block_tokens: int | None = None, readonly: bool = False) -> "StoreConfig":
+              block_tokens: int | None = None, readonly: bool = False,
+              sketch_dims: int | None = None) -> "StoreConfig":
         env = os.environ
         hot_b = parse_size(hot if hot is not None else env.get("TIERSTORE_HOT", DEFAULT_HOT), what="hot")
         warm_b = parse_size(warm if warm is not None else env.get("TIERSTORE_WARM", DEFAULT_WARM), what="warm")
@@ -40,8 +43,11 @@ class StoreConfig:
         if bt <= 0 or bt > 65536:
             raise BudgetError(f"block_tokens must be in 1..65536, got {bt}")
         cfg = CodecConfig.parse(codec if codec is not None else env.get("TIERSTORE_CODEC", DEFAULT_CODEC))
+        dims = int(sketch_dims if sketch_dims is not None else env.get("TIERSTORE_SKETCH_DIMS", DEFAULT_SKETCH_DIMS))
+        if dims < 0:
+            raise ValueError(f"sketch_dims must be >= 0, got {dims}")
         return cls(path=os.fspath(path), hot_bytes=hot_b or 0, warm_bytes=warm_b or 0, cold_bytes=cold_b,
-                   codec=cfg, block_tokens=bt, readonly=readonly)
+                   codec=cfg, block_tokens=bt, readonly=readonly, sketch_dims=dims)
 
 
 def default_store_path() -> str:

@@ -30,13 +30,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .blocks import _Stack, Block, Seq, _summary_of
+from .blocks import Block, Seq, _summary_of
 from .codec import CodecConfig, decode_block
 from .errors import BudgetError, CorruptBlockError, MissingBlockError, StoreClosedError, TierstoreError
 from .layout import KVLayout
 from .metrics import Counters
-from .policies import Policy, Summaries, get_policy
+from .policies import Policy, get_policy
 from .records import BlockSummary
+from .scoring import Scoring
 from .seqops import SequenceOps
 from .tiers.cold import block_key
 from .tiers.hot import HotPool
@@ -51,7 +52,7 @@ SCRATCH_MIN_BUDGET = 8 << 20  # below this, no reservation: attention pieces shr
 
 
 
-class TierManager(WriteBack, SequenceOps):
+class TierManager(WriteBack, SequenceOps, Scoring):
     """One per store and process; thread-safe. See the module docstring for the contracts."""
 
     def __init__(self, store) -> None:
@@ -67,6 +68,7 @@ class TierManager(WriteBack, SequenceOps):
         self._ids = itertools.count(1)
         self.step = 0
         self.counters = Counters()
+        self._init_scoring(cfg.sketch_dims)
         # A CPU hot pool reads warm blocks where they are: both tiers are host memory, so a
         # warm -> hot copy would only add a copy and evict a hot block (CUDA copies them up).
         self.warm_in_place = True
@@ -144,6 +146,7 @@ class TierManager(WriteBack, SequenceOps):
                     self._drop_warm(b)
             seq.closed = True
             self._seqs.pop(seq.id, None)
+            self._forget_pending(seq)
             if self._write_error is not None and self._write_error_seqs <= {seq.id}:
                 self._write_error = None  # only this sequence's write-backs failed: moot once it is closed
 
@@ -188,9 +191,12 @@ class TierManager(WriteBack, SequenceOps):
                 b.last_used = self.step
                 pos += take
                 if b.sealed:
-                    b.summary = _summary_of(hk)
+                    basis = self._basis(seq.layout, layer)
+                    b.summary = _summary_of(hk, basis)
                     if mass is not None:
                         b.summary.mass += mass
+                    if basis is None and self.sketch_dims > 0 and not self.store.cold.readonly:
+                        self._calibrate(seq, layer, b, hk)
                     if b.index < len(seq.chains):
                         b.key = block_key(seq.chains[b.index], layer)
                     self._maybe_write_back(b)
@@ -388,83 +394,6 @@ class TierManager(WriteBack, SequenceOps):
     def prefetch_to_read(self, seq: Seq, layer: int, block_ids: Iterable[int]) -> None:
         """``prefetch`` to where attention reads blocks: hot, or warm where warm is read in place."""
         self.prefetch(seq, layer, block_ids, hot=not self.in_place(seq))
-
-    def summaries(self, seq: Seq, layer: int) -> Summaries:
-        """Stacked summaries of the layer's blocks, partial tail included (for policies).
-
-        Kept stacked per layer and updated in place: a step restacks only the rows that can have
-        changed (the growing tail, new blocks, blocks whose summary was not known yet), so
-        scoring costs O(changed rows), not O(blocks); ``note_attention`` adds to the stacked mass."""
-        with self._lock:
-            blocks = seq.layers[layer]
-            st = seq.summ.get(layer)
-            if st is None or st.first is not (blocks[0] if blocks else None) or st.n > len(blocks):
-                st = seq.summ[layer] = _Stack(seq.layout, blocks[0] if blocks else None)
-            st.grow(len(blocks))
-            for i in sorted(set(range(st.final, len(blocks))) | st.missing):
-                b = blocks[i]
-                sm = b.summary
-                if (sm is None or sm.tokens != b.ntok) and b.hot is not None and b.loading is None and b.ntok:
-                    fresh = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok])
-                    if sm is not None:
-                        fresh.mass += sm.mass  # a growing tail keeps the mass it received
-                    sm = b.summary = fresh
-                st.put(i, sm, b.ntok)
-                if b.sealed and sm is not None:
-                    st.missing.discard(i)
-                elif b.sealed and i >= st.final:
-                    st.missing.add(i)
-            st.n = len(blocks)
-            st.final = st.n - (1 if blocks and not blocks[-1].sealed else 0)
-            n = st.n
-            recency = torch.tensor([b.last_used for b in blocks], dtype=torch.int64) \
-                if seq.policy.uses_last_used else None  # O(blocks): only for a policy that reads it
-            return Summaries(kmin=st.kmin[:n], kmax=st.kmax[:n], kmean=st.kmean[:n], mass=st.mass[:n],
-                             tokens=st.tokens[:n], step=self.step, last_used=recency)
-
-    def note_attention(self, seq: Seq, layer: int, block_ids: Sequence[int], mass: torch.Tensor, *,
-                       replace: bool = False) -> None:
-        """Feed attention mass back: ``mass`` float [len(block_ids), kv_heads] is added to the
-        blocks' accumulated mass (``replace``: becomes it, e.g. a prefill observation window).
-
-        Sealed blocks stacked in the layer's summaries take it there only (one ``index_add_``;
-        ``sync_mass`` writes it back into their summaries before anything reads those); the
-        others (the growing tail, blocks not stacked yet) take it in their own summary."""
-        mass = mass.detach().float().cpu()
-        with self._lock:
-            blocks = seq.layers[layer]
-            st = seq.summ.get(layer)
-            stacked = (lambda i: i < st.final and i not in st.missing) if st is not None else (lambda i: False)
-            for i, m in zip(block_ids, mass):
-                if stacked(i):
-                    continue
-                b = blocks[i]
-                if b.summary is None and b.hot is not None and b.loading is None and b.ntok:
-                    b.summary = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok])  # the tail too
-                if b.summary is not None:
-                    if replace:
-                        b.summary.mass.copy_(m)
-                    else:
-                        b.summary.mass += m
-            if st is not None and block_ids:
-                rows = torch.as_tensor(list(block_ids), dtype=torch.long)
-                keep = rows < st.n
-                rows, m = rows[keep], mass[keep]
-                if replace:
-                    st.mass[rows] = m
-                else:
-                    st.mass.index_add_(0, rows, m)
-
-    def sync_mass(self, seq: Seq) -> None:
-        """Write the stacked mass of sealed blocks back into their summaries (before a commit
-        persists them, a crop drops the stacks, or a clone copies them)."""
-        with self._lock:
-            for layer, st in seq.summ.items():
-                blocks = seq.layers[layer]
-                for i in range(min(st.final, len(blocks))):
-                    sm = blocks[i].summary
-                    if sm is not None and i not in st.missing:
-                        sm.mass.copy_(st.mass[i])
 
     # -- movement (lock held) ------------------------------------------------------------------
 

@@ -134,6 +134,12 @@ class BlockSummary:
 
     kmin, kmax, kmean: float32 [kv_heads, head_dim] over the block's tokens (post-RoPE keys).
     mass: float32 [kv_heads] accumulated attention mass (H2O); ``tokens`` valid tokens.
+    sketch: float16 [kv_heads, tokens, r] or None: each token's key minus ``kmean``, in the
+    top-r principal directions of the layer's key basis whose tag is ``tag`` (``tierstore.sketch``).
+
+    Byte form: ``<III`` (heads, head_dim, tokens), kmin, kmax, kmean, mass as float32; with a
+    sketch, then ``<I`` r, the 8-byte basis tag and the sketch as float16 (older summaries end
+    before it).
     """
 
     kmin: torch.Tensor
@@ -141,19 +147,27 @@ class BlockSummary:
     kmean: torch.Tensor
     mass: torch.Tensor
     tokens: int
+    sketch: torch.Tensor | None = None
+    tag: bytes | None = None
 
     @classmethod
-    def of_keys(cls, k: torch.Tensor) -> "BlockSummary":
-        """k: [kv_heads, ntok, head_dim] (any float dtype) -> summary."""
+    def of_keys(cls, k: torch.Tensor, basis=None) -> "BlockSummary":
+        """k: [kv_heads, ntok, head_dim] (any float dtype) -> summary (with the sketch in
+        ``basis``, a ``tierstore.sketch.Basis``, when given)."""
         kf = k.float()
-        return cls(kmin=kf.amin(1), kmax=kf.amax(1), kmean=kf.mean(1),
-                   mass=torch.zeros(k.shape[0]), tokens=int(k.shape[1]))
+        kmean = kf.mean(1)
+        sketch = None if basis is None else basis.project(kf - kmean.unsqueeze(1))
+        return cls(kmin=kf.amin(1), kmax=kf.amax(1), kmean=kmean, mass=torch.zeros(k.shape[0]),
+                   tokens=int(k.shape[1]), sketch=sketch, tag=None if basis is None else basis.tag)
 
     def to_bytes(self) -> bytes:
         h, d = self.kmin.shape
         parts = [struct.pack("<III", h, d, self.tokens)]
         for t in (self.kmin, self.kmax, self.kmean, self.mass):
-            parts.append(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
+            parts.append(f32_bytes(t))
+        if self.sketch is not None:
+            sk = self.sketch.detach().to("cpu", torch.float16).contiguous().numpy().astype("<f2")
+            parts += [struct.pack("<I", self.sketch.shape[-1]), self.tag, sk.tobytes()]
         return b"".join(parts)
 
     @classmethod
@@ -161,13 +175,24 @@ class BlockSummary:
         if len(body) < 12:
             raise CorruptBlockError("summary truncated", **where)
         h, d, tokens = struct.unpack_from("<III", body, 0)
-        if len(body) != 12 + 4 * (3 * h * d + h):
+        base = 12 + 4 * (3 * h * d + h)
+        if len(body) < base:
             raise CorruptBlockError("summary length does not match its shape", **where)
-        arr = np.frombuffer(body, dtype="<f4", offset=12).astype(np.float32)
+        arr = np.frombuffer(body, dtype="<f4", count=3 * h * d + h, offset=12).astype(np.float32)
         t = torch.from_numpy(arr)
         hd = h * d
+        sketch = tag = None
+        if len(body) > base:
+            if len(body) < base + 12:
+                raise CorruptBlockError("summary sketch header truncated", **where)
+            (r,) = struct.unpack_from("<I", body, base)
+            tag = bytes(body[base + 4:base + 12])
+            if r == 0 or r > d or len(body) != base + 12 + 2 * h * tokens * r:
+                raise CorruptBlockError(f"summary sketch length does not match its shape (r={r})", **where)
+            sk = np.frombuffer(body, dtype="<f2", offset=base + 12).astype(np.float16)
+            sketch = torch.from_numpy(sk).view(h, tokens, r)
         return cls(kmin=t[:hd].view(h, d), kmax=t[hd:2 * hd].view(h, d), kmean=t[2 * hd:3 * hd].view(h, d),
-                   mass=t[3 * hd:].clone(), tokens=tokens)
+                   mass=t[3 * hd:].clone(), tokens=tokens, sketch=sketch, tag=tag)
 
     def seal(self, key: bytes) -> bytes:
         return seal_envelope(key, SUMMARY_KIND, self.to_bytes())
@@ -175,3 +200,8 @@ class BlockSummary:
     @classmethod
     def unseal(cls, key: bytes, data: bytes, **where) -> "BlockSummary":
         return cls.from_bytes(open_envelope(key, SUMMARY_KIND, data, error=CorruptBlockError, **where), **where)
+
+
+def f32_bytes(t: torch.Tensor) -> bytes:
+    """float32 little-endian bytes of a tensor (host copy)."""
+    return t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()

@@ -3,6 +3,7 @@ search) and layer-ahead prefetch. Part of ``TierManager``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -11,7 +12,6 @@ from concurrent.futures import Future
 from .blocks import Block, Seq
 from .codec import RawBlockReader, decode_block
 from .errors import CorruptBlockError, MissingBlockError
-from .records import BlockSummary
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class SequenceOps:
                     c.ntok, c.key, c.durable, c.last_used = b.ntok, b.key, b.durable, b.last_used
                     if b.summary is not None:
                         s = b.summary
-                        c.summary = BlockSummary(s.kmin, s.kmax, s.kmean, s.mass.clone(), s.tokens)
+                        c.summary = dataclasses.replace(s, mass=s.mass.clone())
                     b.pins += 1
                     try:
                         if b.hot is not None:

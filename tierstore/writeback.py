@@ -35,13 +35,14 @@ class WriteBack:
                 self._cv.wait(0.05)
 
     def mass_summaries(self, seq: Seq) -> list[tuple[bytes, bytes]]:
-        """Sealed summaries of the durable blocks that received attention mass, to be rewritten
-        at commit (the copy written at seal time has the mass of that moment)."""
+        """Sealed summaries of the durable blocks that received attention mass or a sketch after
+        they were written, to be rewritten at commit (the copy written at seal time has the
+        mass of that moment)."""
         self.sync_mass(seq)
         with self._lock:
             return [(b.key, b.summary.seal(b.key)) for layer in seq.layers for b in layer
                     if b.durable and b.key is not None and b.summary is not None
-                    and b.summary.tokens == b.ntok and bool(b.summary.mass.any())]
+                    and b.summary.tokens == b.ntok and (b.restated or bool(b.summary.mass.any()))]
 
     def write_now(self, blocks: Sequence[Block]) -> None:
         """Encode and store keyed blocks synchronously (the partial tail at commit)."""
@@ -86,7 +87,7 @@ class WriteBack:
                 v[h].copy_(dv[h])
         if b.summary is None or b.summary.tokens != b.ntok:
             mass = b.summary.mass if b.summary is not None else None
-            b.summary = _summary_of(k)
+            b.summary = _summary_of(k, self._basis(b.seq.layout, b.layer))
             if mass is not None:
                 b.summary.mass += mass
         rec = encode_block(b.key, k, v, b.seq.codec)

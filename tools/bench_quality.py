@@ -378,7 +378,7 @@ def _label(policy: str, blabel: str) -> str:
 
 def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168),
         budgets: list[tuple[str, int | float]] | None = None,
-        policies=("streaming", "h2o", "snapkv", "quest", "hybrid"),
+        policies=("streaming", "h2o", "snapkv", "quest", "hybrid", "sketch"),
         ppl_tokens: int = 256, ppl_cases: int = 1, sink_blocks: int = 1, window_blocks: int = 2,
         obs_window: int = 32, block_tokens: int | None = None, cov_every: int = 16, streaming_fill: bool = True,
         dense_layers: int = 0, prefill_chunk: int = 1024, first_case: int = 0, text: str | None = None,
@@ -644,7 +644,7 @@ def merge(results: list[dict]) -> dict:
 @click.option("--lengths", default="2048,4096,7168", show_default=True, help="prompt lengths in tokens")
 @click.option("--budgets", default="1/4,1/8,1/16", show_default=True,
               help="per-step selection budgets: fractions of the context, or token counts")
-@click.option("--policies", default="streaming,h2o,snapkv,quest,hybrid", show_default=True)
+@click.option("--policies", default="streaming,h2o,snapkv,quest,hybrid,sketch", show_default=True)
 @click.option("--ppl-tokens", default=256, show_default=True, help="held-out continuation scored per length (0: skip)")
 @click.option("--ppl-cases", default=1, show_default=True, help="ppl texts per length")
 @click.option("--cov-every", default=16, show_default=True, help="measure mass coverage every N ppl steps")

@@ -93,7 +93,7 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
 @click.option("--new", default=16, show_default=True, help="decode steps timed")
 @click.option("--warmup", default=8, show_default=True, help="steps timed apart right after the resume")
 @click.option("--per-head/--shared", "per_head", default=None, help="per-KV-head selection (default: the policy's)")
-@click.option("--policies", default="quest,h2o,hybrid,streaming", show_default=True)
+@click.option("--policies", default="sketch,quest,h2o,hybrid,streaming", show_default=True)
 @click.option("--hot", default=None, help="hot budget of the sparse rows (default 4x the step budget)")
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--block-tokens", default=64, show_default=True)

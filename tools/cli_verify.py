@@ -23,6 +23,7 @@ from ..errors import (CorruptBlockError, CorruptRecordError, FormatVersionError,
                       MissingBlockError, SessionNotFoundError, TierstoreError)
 from ..layout import FORMAT_VERSION, check_session_name
 from ..records import BlockSummary, SessionRecord
+from ..sketch import Basis
 from ..tiers.cold import block_key
 from .cli_scan import StoreSnapshot, scan_store, snapshot
 
@@ -180,6 +181,7 @@ def verify_store(store, names: Sequence[str] = (), *,
         elif int(meta.get("format_version", 0)) > FORMAT_VERSION:
             v.damage.append(Problem("format_version", f"store written by format version "
                                     f"{meta['format_version']}; this tierstore reads <= {FORMAT_VERSION}"))
+        _check_bases(txn, cold, v.warnings)
         for n, rec in enumerate(targets):
             if progress is not None:
                 progress(n, len(targets))
@@ -190,3 +192,20 @@ def verify_store(store, names: Sequence[str] = (), *,
         n_blocks = sum(1 for f in v.seen.values() if not any(k == "missing_block" for k, _, _ in f))
         return VerifyReport(sessions=checked, blocks=n_blocks, damage=v.damage, warnings=v.warnings,
                             orphan_records=snap.orphan_keys, orphan_bytes=snap.orphan_bytes)
+
+
+def _check_bases(txn, cold, warnings: list[Problem]) -> None:
+    """Key-sketch bases (meta ``sketch:*``): a damaged one only costs ranking quality (its layer
+    is ranked without sketches), so it is a warning; the KV is intact."""
+    cur = txn.cursor(db=cold.dbs["meta"])
+    if not cur.set_range(b"sketch:"):
+        return
+    for k, raw in cur:
+        key = bytes(k)
+        if not key.startswith(b"sketch:"):
+            break
+        try:
+            Basis.unseal(key, bytes(raw))
+        except CorruptRecordError as e:
+            warnings.append(Problem("corrupt_sketch_basis", f"{e.reason}; sparse attention ranks that layer "
+                                    "without key sketches (the KV is intact)"))

@@ -22,6 +22,6 @@ def get_policy(policy: "str | Policy", **params) -> Policy:
     return cls(**params)
 
 
-from . import exact, h2o, hybrid, lru, quest, snapkv, streaming  # noqa: E402,F401  (register the built-ins)
+from . import exact, h2o, hybrid, lru, quest, sketch, snapkv, streaming  # noqa: E402,F401  (register the built-ins)
 
 __all__ = ["Policy", "Summaries", "POLICIES", "register", "get_policy"]

@@ -1,5 +1,6 @@
-"""hybrid: the query-aware Quest bound plus the accumulated attention mass (H2O), each
-normalised per KV head, so a block either the current query or past queries needed ranks high."""
+"""hybrid: a query-aware score (the key-sketch estimate where the layer has sketches, else the
+Quest bound) plus the accumulated attention mass (H2O), each normalised per KV head, so a
+block either the current query or past queries needed ranks high."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from . import register
 from .base import Policy, Summaries
-from .quest import quest_bound
+from .sketch import query_score
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -27,4 +28,4 @@ class Hybrid(Policy):
         mass = s.mass / s.tokens.clamp_min(1).unsqueeze(-1).float()   # [n, kv_heads]
         if query is None or s.n == 0:
             return mass
-        return (1 - self.weight) * _unit(quest_bound(s, query)) + self.weight * _unit(mass)
+        return (1 - self.weight) * _unit(query_score(s, query)) + self.weight * _unit(mass)
