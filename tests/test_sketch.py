@@ -236,3 +236,18 @@ def test_no_sketches_when_turned_off_and_a_damaged_basis_is_not_used(tmp_path, c
         from tierstore.tools.cli_verify import verify_store
         rep = verify_store(st)
         assert [w.kind for w in rep.warnings] == ["corrupt_sketch_basis"] and "sketch basis" in rep.warnings[0].reason
+
+
+def test_mass_on_the_stack_survives_the_restack_when_the_basis_appears(tmp_path):
+    with tierstore.open(tmp_path / "kv", hot=LAY.block_bytes * 400, warm=LAY.block_bytes * 8,
+                        block_tokens=BT) as st:
+        mgr = st.manager
+        seq = mgr.open_sequence("s", LAY, "cpu", policy="sketch")
+        _fill(mgr, seq, 20 * BT)
+        assert mgr.summaries(seq, 0).sketch is None                  # stacked, no basis yet
+        mass = torch.rand(20, 2)
+        mgr.note_attention(seq, 0, list(range(20)), mass)           # sealed rows: on the stack only
+        _fill(mgr, seq, CALIB_TOKENS, seed=1)                       # the basis is fitted
+        s = mgr.summaries(seq, 0)                                   # restacked with sketches
+        assert s.sketch is not None
+        assert torch.allclose(s.mass[:20], mass)

@@ -42,10 +42,10 @@ class Scoring:
             blocks = seq.layers[layer]
             basis = self._basis(seq.layout, layer)
             st = seq.summ.get(layer)
-            if st is not None and st.basis is not basis:
+            same_blocks = st is not None and st.first is (blocks[0] if blocks else None) and st.n <= len(blocks)
+            if same_blocks and st.basis is not basis:
                 self._sync_stack(blocks, st)  # its mass goes back to the summaries before restacking
-            if st is None or st.first is not (blocks[0] if blocks else None) or st.n > len(blocks) \
-                    or st.basis is not basis:
+            if not same_blocks or st.basis is not basis:
                 st = seq.summ[layer] = _Stack(seq.layout, blocks[0] if blocks else None, basis)
             st.grow(len(blocks))
             for i in sorted(set(range(st.final, len(blocks))) | st.missing):

@@ -544,9 +544,13 @@ def target(needle_rows, ppl_rows, policies, budgets) -> dict | None:
     if lab is None:
         return None
     cells = [c for c in summarize(needle_rows, ppl_rows, policies, budgets, ["all"]) if c["budget"] == lab]
-    best = max(cells, key=lambda c: ((c["kept"] or 0), -(c["ppl_rel"] if c["ppl_rel"] is not None else 1e9)))
-    ok = best["kept"] is not None and best["kept"] >= 0.95 and (best["ppl_rel"] is None or best["ppl_rel"] <= 0.02)
-    return {"budget": lab, "policy": best["policy"], "kept": best["kept"], "ppl_rel": best["ppl_rel"], "met": ok}
+
+    def meets(c) -> bool:
+        return c["kept"] is not None and c["kept"] >= 0.95 and (c["ppl_rel"] is None or c["ppl_rel"] <= 0.02)
+
+    # a policy that meets both halves, else the one that keeps the most needles (then: lowest ppl)
+    best = max(cells, key=lambda c: (meets(c), (c["kept"] or 0), -(c["ppl_rel"] if c["ppl_rel"] is not None else 1e9)))
+    return {"budget": lab, "policy": best["policy"], "kept": best["kept"], "ppl_rel": best["ppl_rel"], "met": meets(best)}
 
 
 # -- CLI -----------------------------------------------------------------------------------------
