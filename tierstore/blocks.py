@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future
 
 import torch
@@ -18,12 +19,10 @@ def _summary_of(k: torch.Tensor, basis: Basis | None = None) -> BlockSummary:
     """``BlockSummary.of_keys`` kept in host memory: summaries of a long context must not hold
     device memory outside the hot pool (one transfer for the three statistics; the sketch is
     projected on the host)."""
-    s = BlockSummary.of_keys(k)
+    s = BlockSummary.of_keys(k, basis)
     if s.kmin.device.type != "cpu":
         kmin, kmax, kmean = torch.stack([s.kmin, s.kmax, s.kmean]).cpu()
-        s = BlockSummary(kmin=kmin, kmax=kmax, kmean=kmean, mass=s.mass.cpu(), tokens=s.tokens)
-    if basis is not None:
-        s.sketch, s.tag = basis.project(k.float().cpu() - s.kmean.unsqueeze(1)), basis.tag
+        s = dataclasses.replace(s, kmin=kmin, kmax=kmax, kmean=kmean, mass=s.mass.cpu())
     return s
 
 
@@ -48,7 +47,7 @@ class Block:
         self.loading: Future | None = None
         self.ready: torch.cuda.Event | None = None  # CUDA: copy into the hot slot done
         self.prefetched = False
-        self.restated = False              # summary changed (sketched) after it was written
+        self.restated = False              # summary recomputed after the block was written
 
     @property
     def sealed(self) -> bool:

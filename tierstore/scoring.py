@@ -12,6 +12,7 @@ import lmdb
 import torch
 
 from .blocks import _Stack, Block, Seq, _summary_of
+from .records import BlockSummary
 from .errors import CorruptRecordError, TierstoreError
 from .layout import KVLayout
 from .policies import Summaries
@@ -37,7 +38,7 @@ class Scoring:
         changed (the growing tail, new blocks, blocks whose summary was not known yet), so
         scoring costs O(changed rows), not O(blocks); ``note_attention`` adds to the stacked mass.
         A stack is rebuilt when the layer's sketch basis appears; a resident block whose sketch
-        is missing or of another basis is sketched then."""
+        is missing or of another basis is sketched then (``_resummarize``)."""
         with self._lock:
             blocks = seq.layers[layer]
             basis = self._basis(seq.layout, layer)
@@ -51,14 +52,8 @@ class Scoring:
             for i in sorted(set(range(st.final, len(blocks))) | st.missing):
                 b = blocks[i]
                 sm = b.summary
-                if (sm is None or sm.tokens != b.ntok) and b.hot is not None and b.loading is None and b.ntok:
-                    fresh = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok], basis)
-                    if sm is not None:
-                        fresh.mass += sm.mass  # a growing tail keeps the mass it received
-                    sm = b.summary = fresh
-                elif basis is not None and sm is not None and sm.tag != basis.tag and b.sealed:
-                    self._sketch_block(b, basis)
-                    sm = b.summary
+                if sm is None or sm.tokens != b.ntok or (basis is not None and b.sealed and sm.tag != basis.tag):
+                    sm = self._resummarize(b, basis) or sm
                 st.put(i, sm, b.ntok)
                 if b.sealed and sm is not None:
                     st.missing.discard(i)
@@ -91,9 +86,8 @@ class Scoring:
                 if stacked(i):
                     continue
                 b = blocks[i]
-                if b.summary is None and b.hot is not None and b.loading is None and b.ntok:
-                    b.summary = _summary_of(seq.hot.block(b.hot)[0][:, :b.ntok],  # the tail too
-                                            self._basis(seq.layout, layer))
+                if b.summary is None:  # the tail too
+                    self._resummarize(b, self._basis(seq.layout, layer))
                 if b.summary is not None:
                     if replace:
                         b.summary.mass.copy_(m)
@@ -158,7 +152,8 @@ class Scoring:
             log.warning("sketch basis of layer %d could not be fitted; the layer is ranked without sketches", layer)
             return
         for pb in cal.pending:
-            self._sketch_block(pb, fitted)
+            if not pb.seq.closed and pb.sealed and pb.summary is not None and pb.summary.tag != fitted.tag:
+                self._resummarize(pb, fitted)
         self._encoders.submit(self._store_basis, seq.layout, layer, fitted)
 
     def _forget_pending(self, seq: Seq) -> None:
@@ -180,19 +175,22 @@ class Scoring:
             with self._lock:
                 self._bases[(layout, layer)] = stored
 
-    def _sketch_block(self, b: Block, basis: Basis) -> None:
-        """Give a sealed, resident block's summary its sketch in ``basis`` (its mass kept);
-        a block only in cold keeps its summary (scored by its mean) until it is resident."""
-        sm = b.summary
-        if b.seq.closed or not b.sealed or sm is None or sm.tag == basis.tag or b.loading is not None:
-            return
+    def _resummarize(self, b: Block, basis: Basis | None) -> BlockSummary | None:
+        """Recompute ``b``'s summary (sketched in ``basis``) from its keys where it is resident,
+        keeping the mass it received; None (summary unchanged) when it is only in cold or loading.
+        A block written (or being written) is marked to have its summary rewritten at the next
+        commit."""
+        if b.loading is not None or not b.ntok:
+            return None
         if b.warm is not None:  # complete whenever it exists (a hot slot may be mid-promotion)
             k = b.seq.warm.block(b.warm)[0]
         elif b.hot is not None:
             k = b.seq.hot.block(b.hot)[0]
         else:
-            return
-        fresh = _summary_of(k, basis)
-        fresh.mass.copy_(sm.mass)
+            return None
+        fresh = _summary_of(k[:, :b.ntok], basis)
+        if b.summary is not None:
+            fresh.mass += b.summary.mass  # a growing tail, or a block sketched late, keeps its mass
         b.summary = fresh
-        b.restated = True
+        b.restated = b.restated or b.durable or b.queued
+        return fresh

@@ -40,9 +40,12 @@ class WriteBack:
         mass of that moment)."""
         self.sync_mass(seq)
         with self._lock:
-            return [(b.key, b.summary.seal(b.key)) for layer in seq.layers for b in layer
-                    if b.durable and b.key is not None and b.summary is not None
-                    and b.summary.tokens == b.ntok and (b.restated or bool(b.summary.mass.any()))]
+            out = [b for layer in seq.layers for b in layer
+                   if b.durable and b.key is not None and b.summary is not None
+                   and b.summary.tokens == b.ntok and (b.restated or bool(b.summary.mass.any()))]
+            for b in out:
+                b.restated = False  # rewritten once (mass changes keep a block in the list anyway)
+            return [(b.key, b.summary.seal(b.key)) for b in out]
 
     def write_now(self, blocks: Sequence[Block]) -> None:
         """Encode and store keyed blocks synchronously (the partial tail at commit)."""

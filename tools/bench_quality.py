@@ -30,7 +30,6 @@ window is widened to fill the budget (``--streaming-fill``, default on).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -39,10 +38,11 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 
 import click
 import torch
+
+from .quality_report import _label, _mean, merge, parse_budgets, perplexity, print_table, summarize, target
 
 # -- cases ---------------------------------------------------------------------------------------
 
@@ -150,24 +150,6 @@ def is_correct(answer: str, code: str) -> bool:
     return bool(normalize(code)) and normalize(code) in normalize(answer)
 
 
-def perplexity(nlls: list[float]) -> float:
-    return math.exp(sum(nlls) / len(nlls)) if nlls else float("nan")
-
-
-def parse_budgets(spec: str) -> list[tuple[str, int | float]]:
-    """"1/4,1/8,512" -> [("1/4", 0.25), ("1/8", 0.125), ("512", 512)] (fractions of the context, or tokens)."""
-    out: list[tuple[str, int | float]] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        if "/" in part or "." in part:
-            f = float(Fraction(part))
-            if not 0 < f < 1:
-                raise click.BadParameter(f"budget fraction {part!r} must be in (0, 1)")
-            out.append((part, f))
-        else:
-            out.append((part, int(part)))
-    return out
-
-
 # -- evaluation ----------------------------------------------------------------------------------
 
 
@@ -223,11 +205,6 @@ class Probe:
             self.hit.append(float(self.needle_blocks <= set(ids)))
         self.attended.append(int(c.attended.get(layer, 0)))
         return out
-
-
-def _mean(xs) -> float | None:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
 
 
 class Evaluator:
@@ -372,10 +349,6 @@ class Evaluator:
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _label(policy: str, blabel: str) -> str:
-    return "full" if policy == "exact" else f"{policy}@{blabel}"
-
-
 def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168),
         budgets: list[tuple[str, int | float]] | None = None,
         policies=("streaming", "h2o", "snapkv", "quest", "hybrid", "sketch"),
@@ -492,115 +465,6 @@ def floor_notes(lengths, budgets, bt: int, sink_blocks: int, window_blocks: int)
     return out
 
 
-def summarize(needle_rows, ppl_rows, policies, budgets, lengths) -> list[dict]:
-    """One row per (length or 'all', budget, policy)."""
-    cells = []
-    for length in list(lengths) + ["all"]:
-        nr = [r for r in needle_rows if length == "all" or r["length"] == length]
-        pr = [r for r in ppl_rows if length == "all" or r["length"] == length]
-        full_acc = _mean(r["results"]["full"]["correct"] for r in nr)
-        full_nll = [x for r in pr for x in r["results"]["full"]["nll"]]
-        full_ppl = perplexity(full_nll) if full_nll else None
-        for blab, _ in budgets:
-            for p in policies:
-                key = _label(p, blab)
-                acc = _mean(r["results"][key]["correct"] for r in nr)
-                nll = [x for r in pr for x in r["results"][key]["nll"]]
-                ppl = perplexity(nll) if nll else None
-                cells.append({
-                    "length": length, "budget": blab, "policy": p, "n": len(nr),
-                    "acc": acc, "full_acc": full_acc,
-                    "kept": acc / full_acc if acc is not None and full_acc else None,
-                    "ppl": ppl, "full_ppl": full_ppl,
-                    "ppl_rel": ppl / full_ppl - 1 if ppl is not None and full_ppl else None,
-                    "cover_needle": _mean(r["results"][key]["cover"] for r in nr
-                                          if r["results"][key]["cover"] is not None),
-                    "needle_selected": _mean(r["results"][key]["needle_selected"] for r in nr
-                                             if r["results"][key]["needle_selected"] is not None),
-                    "cover_ppl": _mean(r["results"][key]["cover"] for r in pr
-                                       if r["results"][key]["cover"] is not None),
-                    "attended": _mean(r["results"][key]["attended"] for r in nr + pr
-                                      if r["results"][key]["attended"] is not None),
-                    "cover_layers": _layer_mean(r["results"][key].get("cover_layers") for r in nr + pr),
-                    "context": _mean([len_of(r) for r in nr] + [r["context"] for r in pr]),
-                })
-    return cells
-
-
-def _layer_mean(rows) -> list[float] | None:
-    rows = [r for r in rows if r]
-    if not rows:
-        return None
-    return [round(sum(col) / len(col), 4) for col in zip(*rows)]
-
-
-def len_of(r: dict) -> int:
-    return r["tokens"]
-
-
-def target(needle_rows, ppl_rows, policies, budgets) -> dict | None:
-    """The issue's target at 1/8: best policy keeps >= 95% of full accuracy and ppl within 2%."""
-    lab = next((lab for lab, b in budgets if isinstance(b, float) and abs(b - 0.125) < 1e-9), None)
-    if lab is None:
-        return None
-    cells = [c for c in summarize(needle_rows, ppl_rows, policies, budgets, ["all"]) if c["budget"] == lab]
-
-    def meets(c) -> bool:
-        return c["kept"] is not None and c["kept"] >= 0.95 and (c["ppl_rel"] is None or c["ppl_rel"] <= 0.02)
-
-    # a policy that meets both halves, else the one that keeps the most needles (then: lowest ppl)
-    best = max(cells, key=lambda c: (meets(c), (c["kept"] or 0), -(c["ppl_rel"] if c["ppl_rel"] is not None else 1e9)))
-    return {"budget": lab, "policy": best["policy"], "kept": best["kept"], "ppl_rel": best["ppl_rel"], "met": meets(best)}
-
-
-# -- CLI -----------------------------------------------------------------------------------------
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{x:.0%}"
-
-
-def _f(x, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def print_table(res: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    con = Console(width=None if sys.stdout.isatty() else 170)
-    t = Table(title=f"sparse attention quality: SmolLM2-135M-Instruct fp32, seed {res['seed']}, {res['cases']} needle "
-                    f"cases per cell, ppl over {res['ppl_tokens']} tokens x {res['ppl_cases']}, "
-                    f"{res['block_tokens']}-token blocks")
-    for c in ("length", "budget", "policy", "needle acc", "full acc", "kept", "needle sel", "mass cov (needle)",
-              "ppl", "full ppl", "Δppl", "mass cov (ppl)", "attended tok"):
-        t.add_column(c, justify="right")
-    prev = None
-    for c in res["cells"]:
-        if prev is not None and (c["length"], c["budget"]) != prev:
-            t.add_section()
-        prev = (c["length"], c["budget"])
-        t.add_row(str(c["length"]), c["budget"], c["policy"], _pct(c["acc"]), _pct(c["full_acc"]), _pct(c["kept"]),
-                  _pct(c["needle_selected"]), _pct(c["cover_needle"]), _f(c["ppl"], ".3f"), _f(c["full_ppl"], ".3f"),
-                  "-" if c["ppl_rel"] is None else f"{c['ppl_rel']:+.1%}", _pct(c["cover_ppl"]),
-                  _f(c["attended"], ".0f"))
-    con.print(t)
-    tg = res.get("target")
-    if tg:
-        con.print(f"target at {tg['budget']}: best policy {tg['policy']} keeps {_pct(tg['kept'])} of the full cache's "
-                  f"needle accuracy (>= 95%), ppl {'-' if tg['ppl_rel'] is None else format(tg['ppl_rel'], '+.1%')} "
-                  f"(<= 2%): {'MET' if tg['met'] else 'NOT MET'}")
-    m = res.get("stored_mass")
-    if m:
-        con.print(f"stored summaries after commit: {m['blocks_with_mass']}/{m['blocks']} blocks carry mass; "
-                  f"stored {m['stored_mass']:.1f} vs live {m['live_mass']:.1f} (max diff {m['max_abs_diff']:.2g})")
-    tm = res["timing"]
-    con.print(f"time: {tm['total_s']:.0f} s (prefill {tm['prefill_s']:.0f} s, "
-              f"needle decode {tm['needle_decode_s']:.0f} s, "
-              f"ppl decode {tm['ppl_decode_s']:.0f} s), {res['threads']} torch thread(s)")
-    for n in res["notes"]:
-        con.print(f"note: {n}")
-
-
 def _writer(path: str):
     def write(res: dict) -> None:
         tmp = f"{path}.tmp"
@@ -608,38 +472,6 @@ def _writer(path: str):
             json.dump(res, f, default=float)
         os.replace(tmp, path)
     return write
-
-
-SAME = ("seed", "budgets", "policies", "ppl_tokens", "block_tokens", "sink_blocks", "window_blocks", "obs_window",
-        "dense_layers", "per_head", "streaming_fill", "prefill_chunk")
-
-
-def merge(results: list[dict]) -> dict:
-    """One result from runs of the same settings over other lengths or other cases (one process
-    per share of the work on a multi-core machine; ``--checkpoint`` files of unfinished runs)."""
-    if not results:
-        raise click.UsageError("nothing to merge")
-    first = results[0]
-    for r in results[1:]:
-        # a run without ppl rows (--ppl-tokens 0) merges with runs that scored ppl
-        diff = [k for k in SAME if r.get(k) != first.get(k) and not (k == "ppl_tokens" and not (r["ppl"] and first["ppl"]))]
-        if diff:
-            raise click.UsageError(f"cannot merge runs whose settings differ in {', '.join(diff)}")
-    with_ppl = [r for r in results if r["ppl"]]
-    first = with_ppl[0] if with_ppl else first
-    lengths = sorted({n for r in results for n in r["lengths"]})
-    needle = [row for r in results for row in r["needle"]]
-    ppl = [row for r in results for row in r["ppl"]]
-    budgets = [(lab, b) for lab, b in parse_budgets(",".join(first["budgets"]))]
-    out = dict(first)
-    timing = {k: sum(r["timing"][k] for r in results) for k in first["timing"]}
-    out.update(lengths=lengths, needle=needle, ppl=ppl, timing=timing,
-               cases=min(sum(row["length"] == n for row in needle) for n in lengths),
-               complete=all(r.get("complete", True) for r in results),
-               cells=summarize(needle, ppl, first["policies"], budgets, lengths),
-               target=target(needle, ppl, first["policies"], budgets),
-               notes=list(dict.fromkeys(n for r in results for n in r["notes"])))
-    return out
 
 
 @click.command("quality")
