@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tierstore.adapters.models import long_text
-from tierstore.tools import bench_quality as bq
+from tierstore.tools.bench.quality import eval as bq
 
 
 class CharTokenizer:

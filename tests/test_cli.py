@@ -29,7 +29,7 @@ import tierstore
 from tierstore import KVLayout
 from tierstore.tiers.cold import block_key
 from tierstore.tools.cli import cli
-from tierstore.tools.cli_verify import verify_store
+from tierstore.maintenance.verify import verify_store
 
 LAYOUT = KVLayout(num_layers=2, kv_heads=2, head_dim=8, block_tokens=4, dtype=torch.float32)
 LAYOUT16 = KVLayout(num_layers=3, kv_heads=2, head_dim=8, block_tokens=4, dtype=torch.float16)

@@ -199,7 +199,7 @@ def test_lossy_constant_and_extremes_exact(spec):
 
 
 def test_int4_size_and_error_targets_on_kv_like_data():
-    """Sizes count scales and header; measured real-KV errors are in tools/bench_codec.py."""
+    """Sizes count scales and header; measured real-KV errors are in tools/bench/codec.py."""
     k, v = smooth((3, 64, 64), torch.float16, 5)
     fp16 = 2 * k.numel() * 2
     assert fp16 / len(encode_block(KEY, k, v, "int4")) > 3.15
@@ -426,7 +426,7 @@ def test_golden_fixtures_stay_small():
 # ------------------------------------------------------------------------------- bench helpers
 
 def test_measure_codecs_on_synthetic_kv():
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_codec.py"
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench" / "codec.py"
     spec = importlib.util.spec_from_file_location("bench_codec_under_test", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -31,7 +31,7 @@ from tierstore.errors import (CorruptBlockError, CorruptRecordError, FormatVersi
 from tierstore.tiers.cold import block_key
 from tierstore.tools import crash_writer as cw
 from tierstore.tools.cli import cli
-from tierstore.tools.cli_verify import verify_store
+from tierstore.maintenance.verify import verify_store
 
 SUBDBS = ("meta", "sessions", "blocks", "summaries", "refs", "leases")
 
@@ -365,7 +365,7 @@ _PAGE_FLIPS = textwrap.dedent("""
     torch.set_num_threads(1)
     import tierstore
     from tierstore.errors import TierstoreError
-    from tierstore.tools.cli_verify import verify_store
+    from tierstore.maintenance.verify import verify_store
     src, work = sys.argv[1], sys.argv[2]
     with tierstore.open(src, readonly=True) as st:
         want = {r.name: [t.clone() for kv in st.load_session(r.name)[1] for t in kv] for r in st.list()}

@@ -2,7 +2,7 @@
 write-back, inside a commit); every session it reported as committed must resume and continue
 exactly, nothing uncommitted may be visible, and ``tierstore verify`` must stay clean.
 
-The long variant: ``tierstore bench crash --kills N`` (``tools/bench_crash.py``).
+The long variant: ``tierstore bench crash --kills N`` (``tools/bench/crash.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tierstore.tools import crash_writer as cw
-from tierstore.tools.bench_crash import read_reports, run_trials
+from tierstore.tools.bench.crash import read_reports, run_trials
 
 SCHEDULE = ["outside", "prefill", "writeback", "commit", "txn", "committed"]
 

@@ -21,7 +21,7 @@ from tierstore import KVLayout
 from tierstore.errors import ImportFormatError
 from tierstore.records import SessionRecord
 from tierstore.tools.cli import cli
-from tierstore.tools.exchange import export_session, import_session, read_export, tensors_checksum
+from tierstore.maintenance.exchange import export_session, import_session, read_export, tensors_checksum
 
 LAYOUT = KVLayout(num_layers=2, kv_heads=2, head_dim=8, block_tokens=4, dtype=torch.float32)
 BF16 = KVLayout(num_layers=3, kv_heads=1, head_dim=4, block_tokens=4, dtype=torch.bfloat16)

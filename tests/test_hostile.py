@@ -30,7 +30,7 @@ from tierstore.errors import (BudgetError, FormatVersionError, ImportFormatError
 from tierstore.tools import crash_writer as cw
 from tierstore.tools import fuzz
 from tierstore.tools.cli import cli
-from tierstore.tools.exchange import export_session, import_session, read_export, tensors_checksum
+from tierstore.maintenance.exchange import export_session, import_session, read_export, tensors_checksum
 
 EXAMPLES = int(os.environ.get("TIERSTORE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,

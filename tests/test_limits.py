@@ -31,9 +31,9 @@ from tierstore.adapters.hf import TieredCache
 from tierstore.errors import QuotaExceededError, StoreReadOnlyError, TierstoreError
 from tierstore.tiers import cold as cold_mod
 from tierstore.tools import crash_writer as cw
-from tierstore.tools.bench_crash import check_session
+from tierstore.tools.bench.crash import check_session
 from tierstore.tools.cli import cli
-from tierstore.tools.cli_verify import verify_store
+from tierstore.maintenance.verify import verify_store
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ _MAP_READER = textwrap.dedent("""
     from tierstore.tiers import cold
     cold.ColdStore.__init__.__kwdefaults__["map_size"] = 1 << 20
     import tierstore
-    from tierstore.tools.cli_verify import verify_store
+    from tierstore.maintenance.verify import verify_store
     with tierstore.open(sys.argv[1], readonly=True) as st:
         start = st.cold.env.info()["map_size"]
         print(start, [r.name for r in st.list()], flush=True)
@@ -139,7 +139,7 @@ _DISK_FULL = textwrap.dedent("""
     from tierstore.adapters.hf import TieredCache
     from tierstore.errors import TierstoreError
     from tierstore.tools import crash_writer as cw
-    from tierstore.tools.cli_verify import verify_store
+    from tierstore.maintenance.verify import verify_store
     path, margin = sys.argv[1], int(sys.argv[2])
     model = cw.tiny_model()
     out = {}
@@ -263,7 +263,7 @@ _RO_CHECK = textwrap.dedent("""
     from click.testing import CliRunner
     from tierstore.errors import StoreReadOnlyError
     from tierstore.tools.cli import cli
-    from tierstore.tools.cli_verify import verify_store
+    from tierstore.maintenance.verify import verify_store
     mnt, out_dir = sys.argv[1], sys.argv[2]
     store = os.path.join(mnt, "kv")
     out = {"touch": None}
@@ -334,7 +334,7 @@ def test_threads_return_their_reader_slots(tmp_path, model):
         def hold():
             try:
                 with st.cold.read() as txn:
-                    txn.get(b"base", db=st.cold.dbs["sessions"])
+                    txn.get(b"base", db=st.cold.db("sessions"))
                     barrier.wait(30)
                     release.wait(30)
                 st.load_session("base")                       # and once more, after letting go

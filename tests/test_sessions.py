@@ -20,6 +20,7 @@ from tierstore.errors import (InvalidSessionNameError, MissingBlockError, QuotaE
 from tierstore.layout import KVLayout
 from tierstore.records import SessionRecord
 from tierstore.sessions import Lease
+from tierstore.tiers.schema import DB_NAMES
 
 FP = "fedcba9876543210" * 2
 BT = 16
@@ -58,8 +59,7 @@ def prefix_kv(kv, n):
 
 
 def count(store, db: str) -> int:
-    with store.cold.read() as txn:
-        return txn.stat(store.cold.dbs[db])["entries"]
+    return store.cold.entries(db)
 
 
 def refs(store) -> dict[bytes, int]:
@@ -68,7 +68,7 @@ def refs(store) -> dict[bytes, int]:
 
 def snapshot(store) -> dict:
     """Every key/value of every database: 'nothing changed' means this is equal."""
-    return {db: dict(store.cold.scan(db)) for db in store.cold.dbs}
+    return {db: dict(store.cold.scan(db)) for db in DB_NAMES}
 
 
 def record(store, name, ids, **kw) -> SessionRecord:
@@ -366,7 +366,7 @@ def test_unreadable_dead_and_foreign_leases(store):
     from tierstore.sessions import _boot_id
 
     def plant(value: bytes):
-        store.cold.write(lambda txn: txn.put(b"doc", value, db=store.cold.dbs["leases"]))
+        store.cold.write(lambda txn: txn.put(b"doc", value, db=store.cold.db("leases")))
 
     def lease(**kw) -> Lease:
         base = dict(session="doc", pid=os.getpid(), host=socket.gethostname(), boot=_boot_id(), start="1",

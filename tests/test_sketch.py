@@ -233,7 +233,7 @@ def test_no_sketches_when_turned_off_and_a_damaged_basis_is_not_used(tmp_path, c
             _fill(st.manager, seq, 4 * BT)
         assert "without key sketches" in caplog.text
         assert st.manager._basis(LAY, 0) is None
-        from tierstore.tools.cli_verify import verify_store
+        from tierstore.maintenance.verify import verify_store
         rep = verify_store(st)
         assert [w.kind for w in rep.warnings] == ["corrupt_sketch_basis"] and "sketch basis" in rep.warnings[0].reason
 

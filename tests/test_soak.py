@@ -22,8 +22,8 @@ import torch
 from tierstore.adapters.hf import TieredCache
 from tierstore.errors import SessionBusyError
 from tierstore.tools import crash_writer as cw
-from tierstore.tools.bench_crash import TrialReport, check_session, check_store, read_reports, stale_readers
-from tierstore.tools.cli_verify import verify_store
+from tierstore.tools.bench.crash import TrialReport, check_session, check_store, read_reports, stale_readers
+from tierstore.maintenance.verify import verify_store
 
 SECONDS = float(os.environ.get("TIERSTORE_SOAK_SECONDS", "10"))
 READERS = 3
@@ -33,7 +33,7 @@ _READER = textwrap.dedent("""
     torch.set_num_threads(1)
     from click.testing import CliRunner
     from tierstore.tools import crash_writer as cw
-    from tierstore.tools.bench_crash import check_session
+    from tierstore.tools.bench.crash import check_session
     from tierstore.tools.cli import cli
     path, mine, seconds, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     model = cw.tiny_model()

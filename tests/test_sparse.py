@@ -299,7 +299,7 @@ def test_bench_sparse_rows_on_a_tiny_model():
     into warm in the background."""
     from types import SimpleNamespace
 
-    from tierstore.tools.bench_sparse import measure
+    from tierstore.tools.bench.sparse import measure
 
     class Tok:
         def __call__(self, text, return_tensors="pt"):

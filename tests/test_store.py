@@ -32,7 +32,8 @@ from tierstore.errors import (CorruptBlockError, CorruptRecordError, FormatVersi
 from tierstore.layout import KVLayout
 from tierstore.records import SESSION_KIND, SessionRecord
 from tierstore.sessions import SessionStore
-from tierstore.tiers.cold import DB_NAMES, ColdStore, block_key
+from tierstore.tiers.cold import ColdStore
+from tierstore.tiers.schema import DB_NAMES, block_key
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _INT = {2: torch.int16, 4: torch.int32}
@@ -79,8 +80,7 @@ def assert_kv_equal(got, want):
 
 def entries(store_or_cold, db: str) -> int:
     cold = getattr(store_or_cold, "cold", store_or_cold)
-    with cold.read() as txn:
-        return txn.stat(cold.dbs[db])["entries"]
+    return cold.entries(db)
 
 
 def file_digest(path: Path) -> str:
@@ -361,7 +361,7 @@ def test_readers_in_another_process_see_only_committed_data(store):
         assert ask() == {"names": ["a"], "a": want_a, "b": None}
 
         def half_commit(txn):  # the record is written, the transaction still open
-            txn.put(b"b", rec_b.seal(), db=store.cold.dbs["sessions"])
+            txn.put(b"b", rec_b.seal(), db=store.cold.db("sessions"))
             seen.append(ask())
         seen: list = []
         store.cold.write(half_commit)
@@ -527,9 +527,9 @@ def test_unwritable_directory(tmp_path):
 def _raw_put(store, db: str, key: bytes, value: bytes | None) -> None:
     def fn(txn):
         if value is None:
-            txn.delete(key, db=store.cold.dbs[db])
+            txn.delete(key, db=store.cold.db(db))
         else:
-            txn.put(key, value, db=store.cold.dbs[db])
+            txn.put(key, value, db=store.cold.db(db))
     store.cold.write(fn)
 
 
@@ -665,5 +665,9 @@ def test_stats_fields(tmp_path):
 
 
 def test_store_databases_exist(store):
-    assert set(store.cold.dbs) == set(DB_NAMES)
+    with store.cold.read() as txn:  # the main database names exactly the sub-databases
+        assert {bytes(k).decode() for k in txn.cursor().iternext(values=False)} == set(DB_NAMES)
+    assert all(store.cold.db(n) is not None for n in DB_NAMES)
+    with pytest.raises(KeyError, match="not a sub-database"):
+        store.cold.db("nope")
     assert store.sessions.meta()["block_tokens"] == 16

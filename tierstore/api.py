@@ -17,7 +17,8 @@ from .errors import ModelMismatchError, StoreClosedError
 from .layout import KVLayout, check_session_name
 from .records import BlockSummary, SessionRecord
 from .sessions import GcReport, SessionStore
-from .tiers.cold import ColdStore, block_key
+from .tiers.cold import ColdStore
+from .tiers.schema import block_key
 
 log = logging.getLogger(__name__)
 

@@ -87,6 +87,15 @@ class StoreClosedError(TierstoreError):
     """The store was closed, or is used in a process forked after it was opened."""
 
 
+class StoreBusyError(TierstoreError):
+    """Another process writes to (or reads from) the store at ``path``; the operation
+    (``tierstore compact``) needs it idle. ``reason`` says who holds it."""
+
+    def __init__(self, reason: str, *, path: str) -> None:
+        self.reason, self.path = reason, path
+        super().__init__(f"{path}: {reason}")
+
+
 class QuotaExceededError(TierstoreError):
     """A commit would exceed the cold tier's quota; the previous state is intact."""
 

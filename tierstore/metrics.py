@@ -63,8 +63,8 @@ class StoreStats:
 def collect_stats(store) -> StoreStats:
     pages = store.cold.page_stats()
     with store.cold.read() as txn:
-        cold_blocks = txn.stat(store.cold.dbs["blocks"])["entries"]
-        sessions = txn.stat(store.cold.dbs["sessions"])["entries"]
+        cold_blocks = store.cold.entries("blocks", txn)
+        sessions = store.cold.entries("sessions", txn)
     mgr = store._manager
     if mgr is not None:
         u = mgr.usage()

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import socket
-import struct
 import time
 import uuid
 from collections.abc import Iterable
@@ -26,7 +25,8 @@ from .errors import (CorruptRecordError, FormatVersionError, MissingBlockError, 
                      SessionExistsError, SessionNotFoundError, TierstoreError)
 from .layout import FORMAT_VERSION, check_session_name
 from .records import SessionRecord
-from .tiers.cold import CHAIN_BYTES, ColdStore, block_key
+from .tiers.cold import ColdStore
+from .tiers.schema import META_STORE, block_key, chain_of, decode_refs, encode_refs, name_key
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +105,14 @@ class SessionStore:
 
     def read(self, name: str, txn: lmdb.Transaction | None = None) -> SessionRecord:
         check_session_name(name)
-        if txn is None:
-            data = self.cold.get("sessions", name.encode())
-        else:
-            data = txn.get(name.encode(), db=self.cold.dbs["sessions"])
+        data = self.cold.get("sessions", name_key(name), txn=txn)
         if data is None:
             raise SessionNotFoundError("no such session", session=name)
         return SessionRecord.unseal(name, bytes(data))
 
     def exists(self, name: str) -> bool:
         check_session_name(name)
-        return self.cold.get("sessions", name.encode()) is not None
+        return self.cold.get("sessions", name_key(name)) is not None
 
     def names(self) -> list[str]:
         return [k.decode() for k, _ in self.cold.scan("sessions", keys_only=True)]
@@ -142,7 +139,7 @@ class SessionStore:
         items = list(items)
 
         def fn(txn: lmdb.Transaction) -> int:
-            blocks, sums = self.cold.dbs["blocks"], self.cold.dbs["summaries"]
+            blocks, sums = self.cold.db("blocks"), self.cold.db("summaries")
             n = 0
             for key, rec, summ in items:
                 if txn.put(key, rec, db=blocks, overwrite=False):
@@ -168,12 +165,12 @@ class SessionStore:
         summaries = list(summaries)
 
         def fn(txn: lmdb.Transaction) -> SessionRecord:
-            dbs = self.cold.dbs
-            old_raw = txn.get(record.name.encode(), db=dbs["sessions"])
+            sessions = self.cold.db("sessions")
+            old_raw = txn.get(name_key(record.name), db=sessions)
             if old_raw is not None and expect_new:
                 raise SessionExistsError("session already exists", session=record.name)
             old_chains = SessionRecord.unseal(record.name, bytes(old_raw)).chains() if old_raw else []
-            cur = txn.cursor(db=dbs["blocks"])
+            cur = self.cold.cursor(txn, "blocks")
             for i, c in enumerate(new_chains):
                 for layer in range(layers):
                     if not cur.set_key(block_key(c, layer)):
@@ -181,9 +178,10 @@ class SessionStore:
                                                 layer=layer, block=i)
             self._adjust_refs(txn, gained=set(new_chains) - set(old_chains),
                               lost=set(old_chains) - set(new_chains), layers=layers)
+            sums = self.cold.db("summaries")
             for key, summ in summaries:
-                txn.put(key, summ, db=dbs["summaries"])
-            txn.put(record.name.encode(), record.seal(), db=dbs["sessions"])
+                txn.put(key, summ, db=sums)
+            txn.put(name_key(record.name), record.seal(), db=sessions)
             self.cold.check_quota(txn)
             return record
 
@@ -192,37 +190,37 @@ class SessionStore:
     def _adjust_refs(self, txn: lmdb.Transaction, *, gained: set[bytes], lost: set[bytes],
                      layers: int) -> int:
         """Reference counts; positions that drop to zero lose their blocks and summaries."""
-        dbs = self.cold.dbs
+        refs = self.cold.db("refs")
         for c in gained:
             n = self._ref_count(txn, c)
-            txn.put(c, struct.pack("<I", n + 1), db=dbs["refs"])
+            txn.put(c, encode_refs(n + 1), db=refs)
         freed = 0
         for c in lost:
             n = self._ref_count(txn, c)
             if n > 1:
-                txn.put(c, struct.pack("<I", n - 1), db=dbs["refs"])
+                txn.put(c, encode_refs(n - 1), db=refs)
                 continue
-            txn.delete(c, db=dbs["refs"])
+            txn.delete(c, db=refs)
             freed += self._delete_position(txn, c)
         return freed
 
     def _ref_count(self, txn: lmdb.Transaction, chain: bytes) -> int:
-        raw = txn.get(chain, db=self.cold.dbs["refs"])
+        raw = self.cold.get("refs", chain, txn=txn)
         if raw is None:
             return 0
-        if len(raw) != 4:  # refs carry no checksum: a damaged count must stop the write, not guess
+        n = decode_refs(raw)
+        if n is None:  # refs carry no checksum: a damaged count must stop the write, not guess
             raise CorruptRecordError(f"reference count of chain position {chain.hex()} is damaged "
                                      f"({len(raw)} bytes); nothing was changed (see `tierstore verify`)")
-        return struct.unpack("<I", raw)[0]
+        return n
 
     def _delete_position(self, txn: lmdb.Transaction, chain: bytes) -> int:
         """Delete every layer's block and summary at one chain position; returns bytes freed."""
-        dbs = self.cold.dbs
         freed = 0
         for db in ("blocks", "summaries"):
-            cur = txn.cursor(db=dbs[db])
+            cur = self.cold.cursor(txn, db)
             if cur.set_range(chain):
-                while cur.key()[:CHAIN_BYTES] == chain:
+                while chain_of(cur.key()) == chain:
                     freed += len(cur.key()) + len(cur.value())
                     if not cur.delete():
                         break
@@ -250,15 +248,16 @@ class SessionStore:
         names = [check_session_name(n) for n in names]
 
         def fn(txn: lmdb.Transaction) -> int:
+            sessions, leases = self.cold.db("sessions"), self.cold.db("leases")
             freed = 0
             for name in names:
-                raw = txn.get(name.encode(), db=self.cold.dbs["sessions"])
+                raw = txn.get(name_key(name), db=sessions)
                 if raw is None:
                     raise SessionNotFoundError("no such session", session=name)
                 rec = SessionRecord.unseal(name, bytes(raw))
                 freed += len(raw)
-                txn.delete(name.encode(), db=self.cold.dbs["sessions"])
-                txn.delete(name.encode(), db=self.cold.dbs["leases"])
+                txn.delete(name_key(name), db=sessions)
+                txn.delete(name_key(name), db=leases)
                 freed += self._adjust_refs(txn, gained=set(), lost=set(rec.chains()),
                                            layers=rec.layout.num_layers)
             return freed
@@ -273,13 +272,13 @@ class SessionStore:
                    start=_process_start(os.getpid()), token=uuid.uuid4().hex, since=time.time())
 
         def fn(txn: lmdb.Transaction) -> Lease:
-            raw = txn.get(name.encode(), db=self.cold.dbs["leases"])
+            raw = self.cold.get("leases", name_key(name), txn=txn)
             held = Lease.from_bytes(bytes(raw)) if raw else None
             if held is not None and held.alive():
                 raise SessionBusyError(
                     f"another writer holds it (pid {held.pid} on {held.host} since "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.since))})", session=name)
-            txn.put(name.encode(), me.to_bytes(), db=self.cold.dbs["leases"])
+            txn.put(name_key(name), me.to_bytes(), db=self.cold.db("leases"))
             return me
 
         return self.cold.write(fn)  # type: ignore[return-value]
@@ -289,9 +288,10 @@ class SessionStore:
             return
 
         def fn(txn: lmdb.Transaction) -> None:
-            raw = txn.get(lease.session.encode(), db=self.cold.dbs["leases"])
+            key = name_key(lease.session)
+            raw = self.cold.get("leases", key, txn=txn)
             if raw is not None and (held := Lease.from_bytes(bytes(raw))) and held.token == lease.token:
-                txn.delete(lease.session.encode(), db=self.cold.dbs["leases"])
+                txn.delete(key, db=self.cold.db("leases"))
 
         self.cold.write(fn)
 
@@ -310,10 +310,10 @@ class SessionStore:
         keys: list[bytes] = []
         size = 0
         with (self.cold.read() if txn is None else contextlib.nullcontext(txn)) as t:
-            refs = self.cold.dbs["refs"]
+            refs = self.cold.db("refs")
             for db in ("blocks", "summaries"):
                 for k, v in self.cold.scan(db, txn=t):
-                    if t.get(k[:CHAIN_BYTES], db=refs) is None:
+                    if t.get(chain_of(k), db=refs) is None:
                         keys.append(bytes([0 if db == "blocks" else 1]) + k)
                         size += len(k) + len(v)
         return keys, size
@@ -327,12 +327,12 @@ class SessionStore:
             return GcReport(len(keys), size, deleted=False, skipped_live_writers=len(live) if not force else 0)
 
         def fn(txn: lmdb.Transaction) -> int:
-            refs = self.cold.dbs["refs"]
+            refs = self.cold.db("refs")
             n = 0
             for k in keys:
                 db = "blocks" if k[0] == 0 else "summaries"
-                if txn.get(k[1:1 + CHAIN_BYTES], db=refs) is None:  # still an orphan
-                    n += bool(txn.delete(k[1:], db=self.cold.dbs[db]))
+                if txn.get(chain_of(k[1:]), db=refs) is None:  # still an orphan
+                    n += bool(txn.delete(k[1:], db=self.cold.db(db)))
             return n
 
         self.cold.write(fn)
@@ -342,11 +342,11 @@ class SessionStore:
 
     def init_meta(self, block_tokens: int) -> dict:
         def fn(txn: lmdb.Transaction) -> dict:
-            raw = txn.get(b"store", db=self.cold.dbs["meta"])
+            raw = self.cold.get("meta", META_STORE, txn=txn)
             if raw is None:
                 meta = {"format_version": FORMAT_VERSION, "created": time.time(),
                         "block_tokens": block_tokens}
-                txn.put(b"store", json.dumps(meta).encode(), db=self.cold.dbs["meta"])
+                txn.put(META_STORE, json.dumps(meta).encode(), db=self.cold.db("meta"))
                 return meta
             try:
                 meta = json.loads(bytes(raw))
@@ -362,6 +362,6 @@ class SessionStore:
         return self.cold.write(fn)  # type: ignore[return-value]
 
     def meta(self) -> dict | None:
-        raw = self.cold.get("meta", b"store")
+        raw = self.cold.get("meta", META_STORE)
         return None if raw is None else json.loads(raw)
 

@@ -29,6 +29,7 @@ from .codec import open_envelope, seal_envelope
 from .errors import CorruptRecordError
 from .layout import KVLayout, fingerprint_digest
 from .records import f32_bytes
+from .tiers.schema import sketch_key
 
 BASIS_KIND = b"SKCH"
 CALIB_TOKENS = 512  # sealed tokens of a layer the basis is fitted from
@@ -37,7 +38,7 @@ FP16_MAX = 65504.0
 
 def basis_key(layout: KVLayout, layer: int) -> bytes:
     """Meta-table key of a layer's basis: one per KV layout (shape, block size, dtype)."""
-    return b"sketch:" + fingerprint_digest(layout.to_json()).encode() + b":" + str(layer).encode()
+    return sketch_key(fingerprint_digest(layout.to_json()), layer)
 
 
 @dataclass(frozen=True)

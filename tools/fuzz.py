@@ -85,7 +85,7 @@ def sample_export(path: str) -> bytes:
     import tierstore
     from tierstore import KVLayout
 
-    from .exchange import export_session
+    from ..maintenance.exchange import export_session
 
     lay = KVLayout(num_layers=2, kv_heads=2, head_dim=4, block_tokens=4, dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
@@ -100,7 +100,7 @@ def sample_export(path: str) -> bytes:
 
 def check_import(path: str, original_tensors: dict | None = None, store=None) -> str:
     """The import parser's contract on one file; with ``store``, a refused file changes nothing."""
-    from .exchange import import_session, read_export
+    from ..maintenance.exchange import import_session, read_export
 
     try:
         _, tensors = read_export(path)
@@ -165,7 +165,7 @@ def run(examples: int, targets: tuple[str, ...] = ("decode", "import"), seed: in
     if "import" in targets:
         import tierstore
 
-        from .exchange import read_export
+        from ..maintenance.exchange import read_export
 
         with tempfile.TemporaryDirectory() as d:
             src = os.path.join(d, "src.safetensors")

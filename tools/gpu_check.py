@@ -72,7 +72,7 @@ def manager_overlap(mib: int = 256, block_tokens: int = 64) -> dict:
     """Compute alone, the manager's warm -> hot recall alone, and both together."""
     import tierstore
     from tierstore.layout import KVLayout
-    from tierstore.tiers.cold import block_key
+    from tierstore.tiers.schema import block_key
 
     lay = KVLayout(num_layers=30, kv_heads=3, head_dim=64, block_tokens=block_tokens, dtype=torch.float16)
     per_layer = max(1, mib * MIB // lay.block_bytes // lay.num_layers)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 CODEC_IDS: dict[str, int] = {"raw": 0, "zstd": 1, "int8": 2, "int8+zstd": 3, "int4": 4, "int4+zstd": 5}
 ID_CODECS: dict[int, str] = {v: k for k, v in CODEC_IDS.items()}
 
-# Level 1, measured with tools/bench_codec.py on SmolLM2-135M KV (8,192 tokens, 64-token blocks,
+# Level 1, measured with tools/bench/codec.py on SmolLM2-135M KV (8,192 tokens, 64-token blocks,
 # byte planes, one thread): bf16 1.442x at level 1 vs 1.421x at 3, 1.412x at 5, 1.419x at 9 and
 # 1.232x at -1; fp16 1.155x at every level 1-9; fp32 1.182x at 1 vs 1.175x at 3. Encode (bf16)
 # 490 MB/s at 1, 311 at 3, 81 at 9; decode ~1.1 GB/s at every level. Only the sign/exponent

@@ -1,18 +1,16 @@
 """Cold tier: a thin raw-bytes store on one LMDB environment. No policy, no decoding.
 
-Sub-databases (all keys are bytes):
-
-* ``meta``      store-level facts (format version, created, block_tokens)
-* ``sessions``  session name -> sealed session record (the single point of visibility)
-* ``blocks``    chain hash (16 B) || layer (u16 BE) -> block record (see ``codec``)
-* ``summaries`` same key as the block -> sealed block summary
-* ``refs``      chain hash (16 B) -> u32 LE count of session records that reference it
-* ``leases``    session name -> JSON writer lease
+The sub-databases, their keys and values are ``schema``'s (the one owner of the on-disk
+layout). Code outside the storage layer names a sub-database and never holds an LMDB handle:
+``get``/``get_many``/``scan``/``entries`` take an open transaction (``txn=``) or open their own;
+``cursor(txn, name)`` and ``db(name)`` are for storage code (sessions, seqops) and for tests that
+write hostile bytes.
 
 Contracts:
 
 * ``put_many`` writes all items in one write transaction or none (all-or-nothing).
-* ``get_many`` reads in one read transaction (a consistent snapshot) and returns copies.
+* ``get_many`` reads in one read transaction (a consistent snapshot: its own, or the caller's
+  ``txn=``) and returns copies (views in a ``buffers=True`` transaction).
 * ``lookup(chains)`` returns how many leading chain positions are stored for *every* layer:
   the longest stored prefix.
 * Map full grows the map (x2) and retries; a map grown by another process is adopted.
@@ -29,22 +27,20 @@ import contextlib
 import errno
 import logging
 import os
-import struct
 import threading
+import types
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Callable
 
 import lmdb
 
 from ..errors import (CorruptRecordError, NotAStoreError, QuotaExceededError, StoreClosedError,
                       StoreReadOnlyError, TierstoreError)
+from .schema import DB_NAMES, block_key  # block_key: manager and adapters import it from here still
 
 log = logging.getLogger(__name__)
 
-DB_NAMES = ("meta", "sessions", "blocks", "summaries", "refs", "leases")
-CHAIN_BYTES = 16
-KEY_BYTES = CHAIN_BYTES + 2
 DEFAULT_MAP_SIZE = 1 << 30
 MAX_READERS = 512
 
@@ -57,15 +53,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def block_key(chain: bytes, layer: int) -> bytes:
-    """Key of one layer's block at one chain position."""
-    return chain + struct.pack(">H", layer)
-
-
-def split_key(key: bytes) -> tuple[bytes, int]:
-    return key[:CHAIN_BYTES], struct.unpack(">H", key[CHAIN_BYTES:KEY_BYTES])[0]
 
 
 class _Gate:
@@ -151,13 +138,13 @@ class ColdStore:
                 self.env.reader_check()
             if not readonly:
                 self._refuse_foreign()
-            self.dbs = {}
+            self._dbs: dict[str, object] = {}
             for name in DB_NAMES:
                 if readonly:
                     with self.env.begin() as t:
                         if t.get(name.encode()) is None:
                             raise NotAStoreError(f"{self.path}: not a tierstore store (no {name!r} database)")
-                self.dbs[name] = self.env.open_db(name.encode(), create=not readonly)
+                self._dbs[name] = self.env.open_db(name.encode(), create=not readonly)
         except lmdb.Error as e:
             self.env.close()
             raise NotAStoreError(f"{self.path}: not a tierstore store ({e})") from e
@@ -276,22 +263,56 @@ class ColdStore:
             log.info("%s: LMDB map full, growing map to %d bytes", self.path, new)
             self.env.set_mapsize(new)
 
+    # -- sub-databases ---------------------------------------------------------------------
+
+    def db(self, name: str):
+        """LMDB handle of sub-database ``name`` (``schema.DB_NAMES``): for storage code that
+        reads and writes inside its own transaction, and for tests that plant hostile bytes.
+        Everything else names the sub-database in the methods below."""
+        try:
+            return self._dbs[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a sub-database of a tierstore store "
+                           f"({', '.join(DB_NAMES)})") from None
+
+    @property
+    def dbs(self) -> Mapping[str, object]:
+        """Read-only name -> handle map. Deprecated: only ``seqops`` reads it until its rewrite;
+        use ``db(name)``, ``get(..., txn=)`` or ``cursor(txn, name)``."""
+        return types.MappingProxyType(self._dbs)
+
+    def cursor(self, txn: lmdb.Transaction, name: str) -> lmdb.Cursor:
+        """A cursor over sub-database ``name`` inside ``txn``."""
+        return txn.cursor(db=self.db(name))
+
+    def entries(self, name: str, txn: lmdb.Transaction | None = None) -> int:
+        """Number of records in sub-database ``name``."""
+        with self._in(txn) as t:
+            return t.stat(self.db(name))["entries"]
+
+    def _in(self, txn: lmdb.Transaction | None):
+        """``txn`` when given, else a new read transaction."""
+        return contextlib.nullcontext(txn) if txn is not None else self.read()
+
     # -- raw-bytes API (DESIGN §7) ---------------------------------------------------------
 
-    def get_many(self, db: str, keys: Iterable[bytes]) -> list[bytes | None]:
-        with self.read() as txn:
-            d = self.dbs[db]
-            return [txn.get(k, db=d) for k in keys]
+    def get_many(self, db: str, keys: Iterable[bytes], *,
+                 txn: lmdb.Transaction | None = None) -> list[bytes | None]:
+        """Values of ``keys`` (None: absent), read in ``txn`` or one new read transaction.
+        Copies, except in a ``buffers=True`` transaction (views valid inside it only)."""
+        with self._in(txn) as t:
+            d = self.db(db)
+            return [t.get(k, db=d) for k in keys]
 
-    def get(self, db: str, key: bytes) -> bytes | None:
-        return self.get_many(db, [key])[0]
+    def get(self, db: str, key: bytes, *, txn: lmdb.Transaction | None = None) -> bytes | None:
+        return self.get_many(db, [key], txn=txn)[0]
 
     def put_many(self, db: str, items: Iterable[tuple[bytes, bytes]], *, overwrite: bool = True) -> int:
         """All items in one transaction; returns bytes written. Quota is checked first."""
         items = list(items)
 
         def fn(txn: lmdb.Transaction) -> int:
-            d = self.dbs[db]
+            d = self.db(db)
             n = 0
             for k, v in items:
                 if overwrite or txn.get(k, db=d) is None:
@@ -306,21 +327,24 @@ class ColdStore:
         keys = list(keys)
 
         def fn(txn: lmdb.Transaction) -> int:
-            d = self.dbs[db]
+            d = self.db(db)
             return sum(1 for k in keys if txn.delete(k, db=d))
 
         return self.write(fn)  # type: ignore[return-value]
 
     def scan(self, db: str, prefix: bytes = b"", *, keys_only: bool = False,
              txn: lmdb.Transaction | None = None) -> Iterator[tuple[bytes, bytes | None]]:
-        """Items of ``db`` whose key starts with ``prefix``, in key order (one snapshot)."""
-        with (contextlib.nullcontext(txn) if txn is not None else self.read()) as t:
-            cur = t.cursor(db=self.dbs[db])
+        """Items of ``db`` whose key starts with ``prefix``, in key order (one snapshot). In a
+        ``buffers=True`` transaction keys and values are views, valid inside it only."""
+        with self._in(txn) as t:
+            cur = self.cursor(t, db)
             if not cur.set_range(prefix):
                 return
-            for k, v in cur.iternext(keys=True, values=not keys_only) if not keys_only else (
-                    (k, None) for k in cur.iternext(keys=True, values=False)):
-                if not k.startswith(prefix):
+            items = cur.iternext(keys=True, values=False) if keys_only else cur.iternext(keys=True, values=True)
+            n = len(prefix)
+            for item in items:
+                k, v = (item, None) if keys_only else item
+                if n and k[:n] != prefix:
                     break
                 yield k, v
 
@@ -329,14 +353,14 @@ class ColdStore:
         (tests and the fuzzer compare stores before and after a refused operation)."""
         out = {}
         with self.read() as txn:
-            for name, db in self.dbs.items():
+            for name, db in self._dbs.items():
                 out.update({(name, bytes(k)): bytes(v) for k, v in txn.cursor(db=db)})
         return out
 
     def lookup(self, chains: list[bytes], num_layers: int) -> int:
         """Longest prefix of ``chains`` whose blocks are stored for all ``num_layers`` layers."""
         with self.read() as txn:
-            d = self.dbs["blocks"]
+            d = self.db("blocks")
             for i, c in enumerate(chains):
                 cur = txn.cursor(db=d)
                 for layer in range(num_layers):
@@ -348,10 +372,10 @@ class ColdStore:
 
     def used_bytes(self, txn: lmdb.Transaction | None = None) -> int:
         """Bytes in pages that hold data (branch + leaf + overflow) over all databases."""
-        with (contextlib.nullcontext(txn) if txn is not None else self.read()) as t:
+        with self._in(txn) as t:
             total = 0
             for name in DB_NAMES:
-                s = t.stat(self.dbs[name])
+                s = t.stat(self.db(name))
                 total += (s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]) * s["psize"]
             return total
 
@@ -370,7 +394,7 @@ class ColdStore:
         st = self.env.stat()
         with self.read() as txn:
             used = self.used_bytes(txn) // st["psize"]
-            overflow = sum(txn.stat(self.dbs[n])["overflow_pages"] for n in DB_NAMES)
+            overflow = sum(txn.stat(self.db(n))["overflow_pages"] for n in DB_NAMES)
         total = info["last_pgno"] + 1
         # py-lmdb does not expose the free list; pages in the file that no database reaches
         # (less the two meta pages and the main DB's own pages) are free for reuse.

@@ -24,8 +24,8 @@ from ..errors import (CorruptBlockError, CorruptRecordError, FormatVersionError,
 from ..layout import FORMAT_VERSION, check_session_name
 from ..records import BlockSummary, SessionRecord
 from ..sketch import Basis
-from ..tiers.cold import block_key
-from .cli_scan import StoreSnapshot, scan_store, snapshot
+from ..tiers.schema import SKETCH_PREFIX, block_key
+from .scan import StoreSnapshot, scan_store, snapshot
 
 _KINDS = ((FormatVersionError, "format_version"), (MissingBlockError, "missing_block"),
           (CorruptRecordError, "corrupt_record"), (CorruptBlockError, "corrupt_block"))
@@ -84,9 +84,7 @@ def _problem(e: Exception, **where) -> Problem:
 
 class _Verifier:
     def __init__(self, store, txn, snap: StoreSnapshot) -> None:
-        self.txn, self.snap = txn, snap
-        self.blocks_db = store.cold.dbs["blocks"]
-        self.summ_db = store.cold.dbs["summaries"]
+        self.cold, self.txn, self.snap = store.cold, txn, snap
         self.seen: dict[bytes, list[tuple[str, str, str]]] = {}  # key -> [(kind, reason, level)]
         self.damage: list[Problem] = []
         self.warnings: list[Problem] = []
@@ -106,7 +104,7 @@ class _Verifier:
         lay = rec.layout
         want = (lay.kv_heads, rec.block_len(i), lay.head_dim)
         found: list[tuple[str, str, str]] = []
-        data = self.txn.get(key, db=self.blocks_db)
+        data = self.cold.get("blocks", key, txn=self.txn)
         if data is None:
             found.append(("missing_block", "block not stored", "damage"))
         else:
@@ -120,7 +118,7 @@ class _Verifier:
             except Exception as e:  # noqa: BLE001 - every failure of damaged bytes is a finding
                 p = _problem(e)
                 found.append((p.kind, p.reason, "damage"))
-        summ = self.txn.get(key, db=self.summ_db)
+        summ = self.cold.get("summaries", key, txn=self.txn)
         if summ is None:
             found.append(("missing_summary", "block summary not stored (sparse policies cannot score it)",
                           "warning"))
@@ -197,13 +195,8 @@ def verify_store(store, names: Sequence[str] = (), *,
 def _check_bases(txn, cold, warnings: list[Problem]) -> None:
     """Key-sketch bases (meta ``sketch:*``): a damaged one only costs ranking quality (its layer
     is ranked without sketches), so it is a warning; the KV is intact."""
-    cur = txn.cursor(db=cold.dbs["meta"])
-    if not cur.set_range(b"sketch:"):
-        return
-    for k, raw in cur:
+    for k, raw in cold.scan("meta", SKETCH_PREFIX, txn=txn):
         key = bytes(k)
-        if not key.startswith(b"sketch:"):
-            break
         try:
             Basis.unseal(key, bytes(raw))
         except CorruptRecordError as e:

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 import click
 import torch
 
-from .quality_report import _label, _mean, merge, parse_budgets, perplexity, print_table, summarize, target
+from .report import _label, _mean, merge, parse_budgets, perplexity, print_table, summarize, target
 
 # -- cases ---------------------------------------------------------------------------------------
 
@@ -257,7 +257,7 @@ class Evaluator:
     def _check_stored_mass(self, name: str, live: list[torch.Tensor]) -> dict:
         """Do the committed summaries carry the attention mass the live ones had?"""
         from tierstore.records import BlockSummary
-        from tierstore.tiers.cold import block_key
+        from tierstore.tiers.schema import block_key
         rec = self.store.session(name)
         chains = rec.chains()
         stored, nonzero, total, diff = 0.0, 0, 0, 0.0

@@ -1,6 +1,6 @@
-"""What is on disk: one consistent snapshot of a store, scanned into frozen facts for the CLI.
+"""What is on disk: one consistent snapshot of a store, scanned into frozen facts.
 
-The CLI only renders what this module returns (huggingface_hub's ``hf cache`` habit). Every
+The CLI (``tierstore ls/show/stat``) only renders what this module returns (huggingface_hub's ``hf cache`` habit). Every
 function reads inside one LMDB read transaction, so a store being written by another process
 is seen as one committed state: a commit either is or is not in the snapshot.
 
@@ -12,36 +12,24 @@ than one session record names is *shared*: its bytes count as shared for each of
 
 from __future__ import annotations
 
-import contextlib
 import json
-import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import lmdb
 
 from ..errors import CorruptRecordError, TierstoreError
 from ..records import BlockSummary, SessionRecord
-from ..tiers.cold import CHAIN_BYTES, ColdStore, block_key
+from ..tiers.cold import ColdStore
+from ..tiers.schema import META_STORE, block_key, chain_of, decode_refs
 
 
-@contextlib.contextmanager
-def snapshot(cold: ColdStore, *, buffers: bool = True) -> Iterator[lmdb.Transaction]:
+def snapshot(cold: ColdStore, *, buffers: bool = True):
     """A read transaction over ``cold``; ``buffers=True`` returns zero-copy views.
 
     Zero-copy matters for sizes: ``len()`` of a view of an overflow value does not read its
     pages, so ``ls`` never pulls a store's blocks from disk. Views die with the transaction.
     """
-    try:
-        ctx = cold.read(buffers=buffers)
-    except TypeError:  # a ColdStore.read() without buffers=: nest a zero-copy txn inside it, so
-        ctx = None     # the store's checks, map adoption and resize gate still cover ours
-    if ctx is not None:
-        with ctx as txn:
-            yield txn
-        return
-    with cold.read(), cold.env.begin(buffers=buffers) as txn:
-        yield txn
+    return cold.read(buffers=buffers)
 
 
 def raw_block_bytes(rec: SessionRecord, index: int) -> int:
@@ -80,7 +68,7 @@ class StoreSnapshot:
 def read_records(txn: lmdb.Transaction, cold: ColdStore) -> tuple[list[SessionRecord], list[TierstoreError]]:
     good: list[SessionRecord] = []
     bad: list[TierstoreError] = []
-    for k, v in txn.cursor(db=cold.dbs["sessions"]):
+    for k, v in cold.scan("sessions", txn=txn):
         name = bytes(k).decode(errors="replace")
         try:
             good.append(SessionRecord.unseal(name, bytes(v)))
@@ -92,14 +80,16 @@ def read_records(txn: lmdb.Transaction, cold: ColdStore) -> tuple[list[SessionRe
 
 
 def read_refs(txn: lmdb.Transaction, cold: ColdStore) -> dict[bytes, int]:
+    """Chain position -> stored reference count (-1: a damaged count)."""
     out = {}
-    for k, v in txn.cursor(db=cold.dbs["refs"]):
-        out[bytes(k)] = struct.unpack("<I", bytes(v))[0] if len(v) == 4 else -1
+    for k, v in cold.scan("refs", txn=txn):
+        n = decode_refs(v)
+        out[bytes(k)] = -1 if n is None else n
     return out
 
 
 def read_meta(txn: lmdb.Transaction, cold: ColdStore) -> dict | None:
-    raw = txn.get(b"store", db=cold.dbs["meta"])
+    raw = cold.get("meta", META_STORE, txn=txn)
     if raw is None:
         return None
     try:
@@ -120,8 +110,8 @@ def scan_store(cold: ColdStore, txn: lmdb.Transaction) -> StoreSnapshot:
     pos_bytes: dict[bytes, int] = {}
     pos_layers: dict[bytes, int] = {}
     n_blocks = n_bytes = orphans = orphan_bytes = 0
-    for k, v in txn.cursor(db=cold.dbs["blocks"]):
-        c = bytes(k[:CHAIN_BYTES])
+    for k, v in cold.scan("blocks", txn=txn):
+        c = chain_of(k)
         size = len(v)
         n_blocks += 1
         n_bytes += size
@@ -131,9 +121,9 @@ def scan_store(cold: ColdStore, txn: lmdb.Transaction) -> StoreSnapshot:
             orphans += 1
             orphan_bytes += len(k) + size
     n_summ = 0
-    for k, v in txn.cursor(db=cold.dbs["summaries"]):
+    for k, v in cold.scan("summaries", txn=txn):
         n_summ += 1
-        if bytes(k[:CHAIN_BYTES]) not in refs:
+        if chain_of(k) not in refs:
             orphans += 1
             orphan_bytes += len(k) + len(v)
     return StoreSnapshot(records=records, damaged=damaged, chains=chains, pos_bytes=pos_bytes,
@@ -229,7 +219,6 @@ class SessionDetail:
 
 def session_detail(cold: ColdStore, txn: lmdb.Transaction, snap: StoreSnapshot, rec: SessionRecord) -> SessionDetail:
     chains = snap.chains[rec.name]
-    blocks_db, summ_db = cold.dbs["blocks"], cold.dbs["summaries"]
     stored: list[list[int | None]] = []
     raw: list[list[int]] = []
     mass: list[list[float | None]] = []
@@ -237,10 +226,10 @@ def session_detail(cold: ColdStore, txn: lmdb.Transaction, snap: StoreSnapshot, 
         s_row, r_row, m_row = [], [], []
         for i, c in enumerate(chains):
             key = block_key(c, layer)
-            v = txn.get(key, db=blocks_db)
+            v = cold.get("blocks", key, txn=txn)
             s_row.append(None if v is None else len(v))
             r_row.append(raw_block_bytes(rec, i))
-            sv = txn.get(key, db=summ_db)
+            sv = cold.get("summaries", key, txn=txn)
             m = None
             if sv is not None:
                 try:

@@ -1,19 +1,20 @@
-"""The ``tierstore`` commands that check or change a store: verify, gc, rm, prune, compact,
-export, import. ``cli.py`` adds them to the group (``COMMANDS``)."""
+"""The ``tierstore`` commands that check or clean a store: ``verify``, ``gc``, ``rm``, ``prune``,
+``compact``, ``stat``. The plans and checks are ``tierstore.maintenance``'s; ``app`` adds these
+to the group (``COMMANDS``)."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
-from ..layout import check_session_name, format_size
+from ...layout import format_size
+from ...maintenance.compact import compact_store
+from ...maintenance.plan import parse_duration, plan_prune, plan_rm
+from ...maintenance.scan import scan_store, snapshot, store_stat
+from ...maintenance.verify import verify_store
 from . import render
-from .cli_base import emit_json, fmt, opened, output_options
-from .cli_maint import compact_store, parse_duration, plan_prune, plan_rm
-from .cli_verify import verify_store
-from .exchange import export_session, put_export, read_export
+from .options import emit_json, fmt, opened, output_options
 
 
 # -- verify --------------------------------------------------------------------------------
@@ -192,46 +193,37 @@ def compact_cmd() -> None:
                    f"(saved {format_size(report.saved_bytes)})")
 
 
-# -- export / import -----------------------------------------------------------------------
+# -- stat ----------------------------------------------------------------------------------
 
 
-@click.command("export")
-@click.argument("session")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@click.command("stat")
 @output_options
-def export_cmd(session: str, file: str, force: bool) -> None:
-    """Write SESSION to FILE: safetensors (K/V per layer, token ids, last logits) + JSON metadata."""
+def stat_cmd() -> None:
+    """Store-level facts: sessions, cold bytes, LMDB map size, pages, free ratio, format version."""
     with opened() as store:
-        export_session(store, session, file, overwrite=force)
-        rec = store.session(session)
-    data = {"session": session, "path": os.path.abspath(file), "bytes": os.path.getsize(file),
-            "tokens": rec.length, "layers": rec.layout.num_layers}
+        live = len(store.sessions.live_leases())
+        with snapshot(store.cold) as txn:
+            snap = scan_store(store.cold, txn)
+        facts = store_stat(store.cold, snap, store.cold.page_stats(), live)
     out = fmt()
     if out == "json":
-        emit_json(data)
+        emit_json(facts)
     elif out == "human":
-        click.echo(f"exported {session} ({rec.length:,} tokens, {rec.layout.num_layers} layers) to {file} "
-                   f"({format_size(data['bytes'])})")
+        s = render.size
+        render.console().print(render.kv_table([
+            ("store", facts["path"]), ("format version", facts["format_version"]),
+            ("sessions", f"{facts['sessions']}" + (f" ({facts['damaged_sessions']} damaged)"
+                                                  if facts["damaged_sessions"] else "")),
+            ("blocks", f"{facts['blocks']:,} ({s(facts['block_bytes'])}), {facts['summaries']:,} summaries"),
+            ("orphans", f"{facts['orphan_records']:,} records, {s(facts['orphan_bytes'])} (tierstore gc)"),
+            ("cold used", s(facts["cold_used_bytes"])), ("file", s(facts["file_bytes"])),
+            ("map size", s(facts["map_size"])),
+            ("pages", f"{facts['total_pages']:,} x {facts['page_size']} B: {facts['used_pages']:,} used, "
+                      f"{facts['free_pages']:,} free, {facts['overflow_pages']:,} overflow"),
+            ("lmdb_free_ratio", f"{facts['lmdb_free_ratio']:.3f}"),
+            ("readers", f"{facts['readers']} / {facts['max_readers']}"), ("live writers", facts["live_writers"]),
+            ("hot / warm", "live inside a running process only (store.stats())"),
+        ]))
 
 
-@click.command("import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--as", "as_name", metavar="NAME", help="Store under NAME instead of the exported name.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing session of that name.")
-@output_options
-def import_cmd(file: str, as_name: str | None, overwrite: bool) -> None:
-    """Validate an exported FILE and store it as a session (creates the store if needed)."""
-    meta, tensors = read_export(file)  # all checks before the store is opened (or created)
-    check_session_name(as_name if as_name is not None else meta["name"])
-    with opened(write=True, create=True) as store:
-        rec = put_export(store, meta, tensors, as_name, overwrite=overwrite)
-    out = fmt()
-    if out == "json":
-        emit_json({"session": rec.name, "tokens": rec.length, "layers": rec.layout.num_layers,
-                   "blocks": rec.num_blocks})
-    elif out == "human":
-        click.echo(f"imported {rec.name} ({rec.length:,} tokens, {rec.layout.num_layers} layers)")
-
-
-COMMANDS = [verify_cmd, gc_cmd, rm_cmd, prune_cmd, compact_cmd, export_cmd, import_cmd]
+COMMANDS = [stat_cmd, verify_cmd, gc_cmd, rm_cmd, prune_cmd, compact_cmd]

@@ -1,6 +1,6 @@
 """Human rendering for the CLI: rich tables, terminal block maps, the ``--png`` image.
 
-Nothing here reads the store; it draws the facts ``cli_scan``/``cli_verify`` return.
+Nothing here reads the store; it draws the facts ``tierstore.maintenance`` returns.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from ..layout import format_size
-from .cli_scan import SessionDetail, SessionInfo, ranges
+from ...layout import format_size
+from ...maintenance.scan import SessionDetail, SessionInfo, ranges
 
 RATIO_SHADES = ((1.05, "·"), (1.25, "░"), (1.5, "▒"), (2.0, "▓"), (math.inf, "█"))
 MASS_SHADES = ((0.0, "·"), (0.25, "░"), (0.5, "▒"), (0.75, "▓"), (math.inf, "█"))

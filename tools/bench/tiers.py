@@ -17,7 +17,7 @@ timed against recalling that layer's blocks from cold: "compute then fetch" (acq
 compute) vs "compute + prefetch" (prefetch layer l+1, then acquire and compute layer l). The
 ratio of the two, and the ideal ``(compute + fetch) / max(compute, fetch)``, are reported.
 
-Nothing registers globally: ``tierstore.tools.cli`` adds ``tiers`` to its ``bench`` group.
+Nothing registers globally: ``tierstore.tools.cli`` finds ``tiers`` in ``tools/bench/`` for its ``bench`` group.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import tierstore
 from tierstore.codec import HEADER_SIZE, read_header
 from tierstore.codec.shuffle import decompress_frame, split_frames
 from tierstore.layout import KVLayout
-from tierstore.tiers.cold import block_key
+from tierstore.tiers.schema import block_key
 
 # SmolLM2-135M: 30 layers, 3 KV heads of 64 channels; hidden 576, MLP 1536.
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
@@ -190,11 +190,10 @@ def limit_lmdb_copy(store, data: Data, order: Order) -> float:
     shape = (lay.kv_heads, data.nblocks, lay.block_tokens, lay.head_dim)
     dk = torch.zeros(shape, dtype=torch.int16).numpy()
     dv = torch.zeros(shape, dtype=torch.int16).numpy()
-    env, db = store.cold.env, store.cold.dbs["blocks"]
+    keys = [data.key(layer, i) for layer, i in order]
     t0 = time.perf_counter()
-    with env.begin(buffers=True) as txn:
-        for slot, (layer, i) in enumerate(order):
-            buf = txn.get(data.key(layer, i), db=db)
+    with store.cold.read(buffers=True) as txn:
+        for slot, buf in enumerate(store.cold.get_many("blocks", keys, txn=txn)):
             src = np.frombuffer(buf, dtype=np.int16, count=2 * n, offset=HEADER_SIZE)
             np.copyto(dk[:, slot], src[:n].reshape(lay.kv_heads, lay.block_tokens, lay.head_dim))
             np.copyto(dv[:, slot], src[n:].reshape(lay.kv_heads, lay.block_tokens, lay.head_dim))
@@ -206,11 +205,11 @@ def limit_lmdb_zstd(store, data: Data, order: Order) -> float:
     unshuffle into a tensor, no checksum)."""
     lay = data.layout
     n = 2 * lay.kv_heads * lay.block_tokens * lay.head_dim
-    env, db = store.cold.env, store.cold.dbs["blocks"]
+    keys = [data.key(layer, i) for layer, i in order]
     t0 = time.perf_counter()
-    with env.begin(buffers=True) as txn:
-        for layer, i in order:
-            mv = memoryview(txn.get(data.key(layer, i), db=db))
+    with store.cold.read(buffers=True) as txn:
+        for buf in store.cold.get_many("blocks", keys, txn=txn):
+            mv = memoryview(buf)
             hdr = read_header(mv)
             for frame in split_frames(mv[HEADER_SIZE:], hdr.itemsize):
                 decompress_frame(frame, n)

@@ -1,54 +1,32 @@
-"""``tierstore``: list, inspect, verify, export and clean the sessions of a store.
+"""The ``tierstore`` commands about sessions: ``ls``, ``show``, ``export``, ``import``.
 
-    tierstore [--store DIR] [--format human|json|quiet] [--json] [-q] COMMAND ...
-
-Human tables go to stdout, logs and progress to stderr; ``--json`` prints one JSON document
-(sizes in bytes, times in Unix seconds); ``-q`` prints only names (``ls``) or nothing. Exit
-codes: 0 ok, 1 a tierstore error or (``verify``) damage, 2 usage errors and paths that are
-not a store. No command creates a store, except ``import``, which writes into one. Read-only
-commands open the store with ``readonly=True``; every write is one short transaction.
-
-Each command is a small function that asks ``cli_scan`` / ``cli_verify`` / ``cli_maint`` /
-``exchange`` for facts and hands them to ``render``. Benchmarks register under the ``bench``
-group: ``from tierstore.tools.cli import bench; bench.add_command(cmd)``.
+Each asks ``tierstore.maintenance`` for facts and hands them to ``render``; ``app`` adds them to
+the group (``COMMANDS``).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import json
 import logging
 import os
 
 import click
 
-from .. import __version__
-from ..errors import SessionNotFoundError
-from ..layout import check_session_name
-from . import cli_chat, cli_commands, render
-from .cli_base import Opts, TierstoreGroup, configure_logging, emit_json, fail, fmt, opened, output_options
-from .cli_scan import scan_store, session_detail, session_info, snapshot, store_stat
+from ...errors import SessionNotFoundError
+from ...layout import check_session_name, format_size
+from ...maintenance.exchange import export_session, put_export, read_export
+from ...maintenance.scan import scan_store, session_detail, session_info, snapshot
+from . import render
+from .options import emit_json, fail, fmt, opened, output_options
 
 log = logging.getLogger("tierstore.cli")
 
 
-# -- the group -----------------------------------------------------------------------------
+# -- ls / show -----------------------------------------------------------------------------
 
 
-@click.group(cls=TierstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--store", "store", metavar="DIR", help="Store directory (default: $TIERSTORE_HOME, "
-              "else the user cache dir).")
-@output_options
-@click.version_option(__version__, prog_name="tierstore")
-@click.pass_context
-def cli(ctx: click.Context, store: str | None) -> None:
-    """See, verify, export and clean the KV-cache sessions of a tierstore store."""
-    configure_logging()
-    ctx.ensure_object(Opts).store = store
-
-
-@cli.command("ls")
+@click.command("ls")
 @click.option("--sort", type=click.Choice(["name", "tokens", "size", "created", "updated"]), default="name",
               show_default=True, help="Order (tokens, size, times: largest / newest first).")
 @click.option("--filter", "pattern", metavar="GLOB", help="Only sessions whose name matches GLOB.")
@@ -84,7 +62,7 @@ def ls_cmd(sort: str, pattern: str | None, limit: int | None) -> None:
     render.console().print(render.ls_table(infos))
 
 
-@cli.command("show")
+@click.command("show")
 @click.argument("session")
 @click.option("--text", is_flag=True, help="Decode the token ids with the session's tokenizer (offline).")
 @click.option("--png", type=click.Path(dir_okay=False), metavar="FILE",
@@ -195,81 +173,46 @@ def _decode_text(tokenizer: str | None, ids) -> tuple[str | None, str | None]:
         return None, f"cannot load tokenizer {tokenizer!r} offline ({type(e).__name__}: {str(e)[:200]})"
 
 
-@cli.command("stat")
+# -- export / import -----------------------------------------------------------------------
+
+
+@click.command("export")
+@click.argument("session")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @output_options
-def stat_cmd() -> None:
-    """Store-level facts: sessions, cold bytes, LMDB map size, pages, free ratio, format version."""
+def export_cmd(session: str, file: str, force: bool) -> None:
+    """Write SESSION to FILE: safetensors (K/V per layer, token ids, last logits) + JSON metadata."""
     with opened() as store:
-        live = len(store.sessions.live_leases())
-        with snapshot(store.cold) as txn:
-            snap = scan_store(store.cold, txn)
-        facts = store_stat(store.cold, snap, store.cold.page_stats(), live)
+        export_session(store, session, file, overwrite=force)
+        rec = store.session(session)
+    data = {"session": session, "path": os.path.abspath(file), "bytes": os.path.getsize(file),
+            "tokens": rec.length, "layers": rec.layout.num_layers}
     out = fmt()
     if out == "json":
-        emit_json(facts)
+        emit_json(data)
     elif out == "human":
-        s = render.size
-        render.console().print(render.kv_table([
-            ("store", facts["path"]), ("format version", facts["format_version"]),
-            ("sessions", f"{facts['sessions']}" + (f" ({facts['damaged_sessions']} damaged)"
-                                                  if facts["damaged_sessions"] else "")),
-            ("blocks", f"{facts['blocks']:,} ({s(facts['block_bytes'])}), {facts['summaries']:,} summaries"),
-            ("orphans", f"{facts['orphan_records']:,} records, {s(facts['orphan_bytes'])} (tierstore gc)"),
-            ("cold used", s(facts["cold_used_bytes"])), ("file", s(facts["file_bytes"])),
-            ("map size", s(facts["map_size"])),
-            ("pages", f"{facts['total_pages']:,} x {facts['page_size']} B: {facts['used_pages']:,} used, "
-                      f"{facts['free_pages']:,} free, {facts['overflow_pages']:,} overflow"),
-            ("lmdb_free_ratio", f"{facts['lmdb_free_ratio']:.3f}"),
-            ("readers", f"{facts['readers']} / {facts['max_readers']}"), ("live writers", facts["live_writers"]),
-            ("hot / warm", "live inside a running process only (store.stats())"),
-        ]))
+        click.echo(f"exported {session} ({rec.length:,} tokens, {rec.layout.num_layers} layers) to {file} "
+                   f"({format_size(data['bytes'])})")
 
 
-class BenchGroup(click.Group):
-    """Commands added with ``bench.add_command(cmd)``, plus every ``tools/bench_<name>.py`` that
-    defines a click command called ``<name>`` (imported only when listed or run)."""
-
-    _folder = os.path.dirname(os.path.abspath(__file__))
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        found = {f[len("bench_"):-len(".py")] for f in os.listdir(self._folder)
-                 if f.startswith("bench_") and f.endswith(".py")}
-        return sorted(set(super().list_commands(ctx)) | found)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        cmd = super().get_command(ctx, name)
-        if cmd is not None or not name.isidentifier() or \
-                not os.path.isfile(os.path.join(self._folder, f"bench_{name}.py")):
-            return cmd
-        try:
-            mod = importlib.import_module(f"{__package__}.bench_{name}")
-        except Exception as e:  # noqa: BLE001 - one broken benchmark must not break `bench --help`
-            log.warning("benchmark %r cannot be loaded: %s: %s", name, type(e).__name__, e)
-            return None
-        cmd = next((c for c in vars(mod).values() if isinstance(c, click.Command) and c.name == name), None)
-        if cmd is not None:
-            self.add_command(cmd)
-        return cmd
+@click.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--as", "as_name", metavar="NAME", help="Store under NAME instead of the exported name.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing session of that name.")
+@output_options
+def import_cmd(file: str, as_name: str | None, overwrite: bool) -> None:
+    """Validate an exported FILE and store it as a session (creates the store if needed)."""
+    meta, tensors = read_export(file)  # all checks before the store is opened (or created)
+    check_session_name(as_name if as_name is not None else meta["name"])
+    with opened(write=True, create=True) as store:
+        rec = put_export(store, meta, tensors, as_name, overwrite=overwrite)
+    out = fmt()
+    if out == "json":
+        emit_json({"session": rec.name, "tokens": rec.length, "layers": rec.layout.num_layers,
+                   "blocks": rec.num_blocks})
+    elif out == "human":
+        click.echo(f"imported {rec.name} ({rec.length:,} tokens, {rec.layout.num_layers} layers)")
 
 
-@cli.group("bench", cls=BenchGroup)
-def bench() -> None:
-    """Benchmarks (print tables; --json where offered)."""
-
-
-for _cmd in cli_commands.COMMANDS:
-    cli.add_command(_cmd)
-cli.add_command(cli_chat.chat_cmd)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point (``tierstore = tierstore.tools.cli:main``)."""
-    cli.main(args=argv, prog_name="tierstore")  # click turns EPIPE (`tierstore ls | head`) into exit 1
-
-
-if __name__ == "__main__":
-    # Run the imported module, not this __main__ copy, so commands that other modules add to
-    # ``tierstore.tools.cli.bench`` are the ones this run sees.
-    from tierstore.tools.cli import main as _main
-
-    _main()
+COMMANDS = [ls_cmd, show_cmd, export_cmd, import_cmd]

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import click
 
-from ..api import open as open_store
-from ..config import default_store_path, log_level
-from ..errors import InvalidSessionNameError, InvalidSizeError, NotAStoreError, TierstoreError
+from ...api import open as open_store
+from ...config import default_store_path, log_level
+from ...errors import InvalidSessionNameError, InvalidSizeError, NotAStoreError, TierstoreError
 
 log = logging.getLogger("tierstore.cli")
 FORMATS = ("human", "json", "quiet")

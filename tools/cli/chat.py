@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .cli_base import Opts
+from .options import Opts
 
 
 @click.command("chat")

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import click
 
-from . import crash_writer as cw
+from .. import crash_writer as cw
 
 KV_TOL = 1e-4         # fp32: K/V and logits of a stored session vs a DynamicCache prefill
 TIE = 1e-4            # top-2 logit margin below which greedy may pick either token
@@ -153,7 +153,7 @@ def check_store(path: str, model, reports: dict[str, dict], checked: dict[str, t
     """Reopen the store after a kill and check it (see the module docstring). ``checked``
     remembers the session states already proven exact; ``full`` checks every session again;
     ``others``: name prefixes of sessions the writer did not create (checked all the same)."""
-    from tierstore.tools.cli_verify import verify_store
+    from tierstore.maintenance.verify import verify_store
 
     with cw.open_store(path, model) as st:
         rep.stale_readers += stale_readers(st)
@@ -282,7 +282,7 @@ def _final(path: str, model, reports, checked, rep: TrialReport) -> None:
     """The CLI's verify exits 0, gc reclaims the debris, and every session is exact afterwards."""
     from click.testing import CliRunner
 
-    from .cli import cli
+    from ..cli import cli
 
     runner = CliRunner()
     res = runner.invoke(cli, ["--store", path, "verify", "--json"])
@@ -326,7 +326,7 @@ def crash(kills: int, seed: int, path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
     else:
-        from . import render
+        from ..cli import render
 
         con = render.console()
         con.print(render.kv_table([

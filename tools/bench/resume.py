@@ -42,16 +42,14 @@ def _arena_read(store, name: str) -> float:
     lay = rec.layout
     chains = rec.chains()
     from tierstore.codec import HEADER_SIZE
-    from tierstore.tiers.cold import block_key
+    from tierstore.tiers.schema import block_key
     keys = [block_key(c, layer) for layer in range(lay.num_layers) for c in chains]
     arena = np.empty(len(keys) * lay.block_bytes + (1 << 20), dtype=np.uint8)
     arena[:] = 0  # fault the pages in first, as a preallocated pool would be
     t = time.perf_counter()
     with store.cold.read(buffers=True) as txn:
-        db = store.cold.dbs["blocks"]
         off = 0
-        for k in keys:
-            v = txn.get(k, db=db)
+        for v in store.cold.get_many("blocks", keys, txn=txn):
             n = len(v) - HEADER_SIZE
             arena[off:off + n] = np.frombuffer(v, dtype=np.uint8, offset=HEADER_SIZE)
             off += n

@@ -1,0 +1,5 @@
+"""``python -m tierstore.tools.cli``: the ``tierstore`` command."""
+
+from . import main
+
+main()
