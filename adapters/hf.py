@@ -30,6 +30,7 @@ from tierstore.tiers.cold import block_key
 from . import attention as attn
 from .fingerprint import kv_layout, model_fingerprint
 from tierstore.attention import WindowMass, attend_exact
+from tierstore.reader import SeqReader
 from tierstore.policies import get_policy
 from tierstore.sparse import SparseConfig, attend_selected, select
 
@@ -224,7 +225,8 @@ class TieredCache(Cache):
                 qg = query[r].reshape(lay.kv_heads, n_rep * q_len, lay.head_dim)
                 ids, heads = select(functools.partial(self.mgr.summaries, seq, layer), policy, qg, self.sparse,
                                     lay.block_tokens, n=len(self.mgr.blocks(seq, layer)))
-                out, mass = attend_selected(self.mgr, seq, layer, query[r], q_offset, pad, scale, ids, heads)
+                out, mass = attend_selected(SeqReader(self.mgr, seq), layer, query[r], q_offset, pad, scale, ids,
+                                            heads)
                 if policy.mass_mode == "accumulate":
                     self.mgr.note_attention(seq, layer, ids, mass)
                 self._selected[r][layer] = ids
@@ -234,7 +236,7 @@ class TieredCache(Cache):
             else:
                 window = WindowMass(query[r], q_offset, self.obs_window, n_rep, lay.kv_heads, scale) \
                     if policy.mass_mode is not None and q_len > 1 else None
-                out = attend_exact(self.mgr, seq, layer, query[r], q_offset, pad, scale, window)
+                out = attend_exact(SeqReader(self.mgr, seq), layer, query[r], q_offset, pad, scale, window)
                 if window is not None:
                     ids, mass = window.mass()
                     self.mgr.note_attention(seq, layer, ids, mass, replace=policy.mass_mode == "observe")

@@ -809,6 +809,7 @@ def test_cpu_attention_reads_warm_blocks_in_place(tmp_path):
     """On a CPU hot pool, exact attention reads warm blocks where they are (no warm -> hot copy);
     the output is the same as with copies up, which ``warm_in_place = False`` restores."""
     from tierstore.attention import attend_exact
+    from tierstore.reader import SeqReader
     lay = KVLayout(num_layers=1, kv_heads=2, head_dim=4, block_tokens=4, dtype=torch.float32)
     torch.manual_seed(0)
     k, v = torch.randn(2, 40, 4), torch.randn(2, 40, 4)
@@ -823,7 +824,7 @@ def test_cpu_attention_reads_warm_blocks_in_place(tmp_path):
             m.append(seq, 0, k, v)
             assert sum(b.warm is not None and b.hot is None for b in m.blocks(seq, 0)) >= 7
             before = Counter(m.counters.promotions)
-            outs[in_place] = attend_exact(m, seq, 0, q, 40, None, 0.5)
+            outs[in_place] = attend_exact(SeqReader(m, seq), 0, q, 40, None, 0.5)
             moved = m.counters.promotions["warm"] - before["warm"]
             if in_place:
                 assert moved == 0 and m.counters.warm_in_place >= 7
@@ -901,6 +902,7 @@ def test_exact_attention_right_after_a_resume_reads_filled_blocks_in_place(tmp_p
     """Blocks still being filled into warm when exact attention streams them are waited for and
     read where they land: never copied up to hot; the output is dense attention's."""
     from tierstore.attention import attend_exact
+    from tierstore.reader import SeqReader
     lay = KVLayout(num_layers=2, kv_heads=2, head_dim=8, block_tokens=4, dtype=torch.float32)
     n = 40 * lay.block_tokens
     torch.manual_seed(5)
@@ -940,7 +942,7 @@ def test_exact_attention_right_after_a_resume_reads_filled_blocks_in_place(tmp_p
         q = torch.randn(4, 1, 8)
         try:
             for layer in range(2):
-                out = attend_exact(m, b, layer, q, n, None, 0.3)
+                out = attend_exact(SeqReader(m, b), layer, q, n, None, 0.3)
                 ref = torch.softmax(q.reshape(2, 2, 8) @ K[layer].transpose(1, 2) * 0.3, -1) @ V[layer]
                 assert torch.allclose(out.reshape(2, 2, 8), ref, atol=1e-5)
         finally:

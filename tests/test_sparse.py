@@ -12,6 +12,7 @@ from tierstore.adapters.hf import TieredCache
 from tierstore.chain import chain_hashes
 from tierstore.layout import KVLayout
 from tierstore.policies import POLICIES, Summaries, get_policy
+from tierstore.reader import SeqReader
 from tierstore.sparse import SparseConfig, attend_selected, select_blocks
 from tierstore.tiers.cold import block_key
 
@@ -112,7 +113,7 @@ def test_block_in_cold_is_recalled_when_the_query_points_at_it(tmp_path):
         before = mgr.counters.promotions.get("cold", 0)
         sel = select_blocks(mgr.summaries(seq, 0), seq.policy, q.reshape(2, 2, 4), CFG, BT)  # (union of heads)
         assert 5 in sel
-        out, mass = attend_selected(mgr, seq, 0, q, 12 * BT - 1, None, 0.5, sel)
+        out, mass = attend_selected(SeqReader(mgr, seq), 0, q, 12 * BT - 1, None, 0.5, sel)
         assert mgr.counters.promotions.get("cold", 0) > before       # read from cold
         assert int(mass.sum(-1).argmax()) == sel.index(5)            # and attended most
         # the output equals dense attention restricted to the selected tokens
@@ -234,11 +235,11 @@ def test_head_masked_attention_equals_each_heads_own_dense_attention(tmp_path, h
         ids = [0, 2, 3, 6]
         heads = torch.tensor([[True, True, False, True], [True, False, True, True]])
         with pytest.raises(ValueError, match="same number of blocks"):
-            attend_selected(mgr, seq, 0, torch.randn(4, 1, 4), n - 1, None, 0.5, ids,
+            attend_selected(SeqReader(mgr, seq), 0, torch.randn(4, 1, 4), n - 1, None, 0.5, ids,
                             torch.tensor([[True, True, False, True], [True, False, False, True]]))
         q = torch.randn(4, 1, 4)
         warm_reads = mgr.counters.warm_in_place
-        out, mass = attend_selected(mgr, seq, 0, q, n - 1, None, 0.5, ids, heads)
+        out, mass = attend_selected(SeqReader(mgr, seq), 0, q, n - 1, None, 0.5, ids, heads)
         assert (mgr.counters.warm_in_place > warm_reads) == (hot == 4)
         qg = q.reshape(2, 2, 4)
         for h in range(2):

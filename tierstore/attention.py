@@ -1,8 +1,11 @@
-"""Block attention: exact attention over K/V chunks with an online-softmax (log-sum-exp) merge.
+"""Block attention: exact attention over K/V pieces with an online-softmax (log-sum-exp) merge.
 
-The full K/V of a layer is never materialised: each chunk (a run of resident blocks viewed in
-place, or a group of recalled blocks) updates a running max ``m``, normaliser ``l`` and output
-accumulator ``acc``, as in FlashAttention. Math in float32 whatever the KV dtype.
+The full K/V of a layer is never materialised: the keys are split into canonical ``pieces``
+(fixed by the positions alone), each read through a ``SeqReader`` as one tensor and folded into
+the normalised output and log-sum-exp of the pieces before it, as in FlashAttention. Pieces
+are merged in key order whatever the tier placement, so residency never changes a bit of the
+result. Math in float32 whatever the KV dtype. ``OnlineSoftmax``, ``chunk_mask``, ``pieces``
+and ``WindowMass`` are pure (tensors in, tensors out) and tested without a store.
 """
 
 from __future__ import annotations
@@ -53,6 +56,17 @@ class OnlineSoftmax:
             self._merge(o_c, lse_c)
         else:
             self.add_group([(k, v, allowed)])
+
+    def add_causal(self, k: torch.Tensor, v: torch.Tensor, n_rep: int) -> None:
+        """Keys of the queries' own positions, in order (key t is the position of query t):
+        the fused kernel's square causal mask, with each KV head's keys broadcast to its
+        ``n_rep`` query heads (no copy). k, v: [kv_heads, q_len, head_dim]."""
+        g, r, d = self.q.shape
+        q_len = r // n_rep
+        k4 = k.float().unsqueeze(1).expand(g, n_rep, q_len, d)
+        v4 = v.float().unsqueeze(1).expand(g, n_rep, q_len, d)
+        o_c, lse_c = _FLASH_CPU(self.q.reshape(g, n_rep, q_len, d), k4, v4, 0.0, True, scale=self.scale)
+        self._merge(o_c.reshape(g, r, d), lse_c.reshape(g, r, 1))
 
     def add_group(self, chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
         """Several chunks under one softmax (plain matmuls: the decode path). Scores of all the
@@ -114,6 +128,8 @@ def chunk_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, pad_row: torch.Tensor |
 
 
 TEMPORARIES = 4  # float32 [rows, T] matrices alive at once in one chunk (scores, bias, probabilities, ...)
+SEGMENT_TOKENS = 4096  # unmasked keys per piece: pieces start at multiples of this (canonical order)
+MASKED_PIECE_BYTES = 8 << 20  # temporaries of one masked piece (rows x keys floats, TEMPORARIES of them)
 
 
 class WindowMass:
@@ -157,86 +173,75 @@ class WindowMass:
         return ids, share.sum(-1)
 
 
-def attend_exact(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,
+def pieces(n_keys: int, q_first: int, q_len: int, padded: bool, block_tokens: int,
+           rows: int, fused: bool = True) -> list[tuple[int, int, str]]:
+    """The canonical split of keys ``[0, n_keys)`` for queries at positions ``q_first ..
+    q_first + q_len - 1``: ``(start, end, kind)`` in key order.
+
+    It depends on these numbers only, never on where blocks sit, how many are resident or the
+    budgets, so the online softmax merges the same pieces in the same order whatever the tier
+    placement: resume, prefetch timing and budgets never change a bit of the output (bf16
+    rounding follows the order of a sum). Kinds:
+
+    * ``free``: every key precedes every query: no mask. Cut at multiples of ``SEGMENT_TOKENS``.
+    * ``causal``: keys ``[q_first, q_first + q_len)`` against their own queries (a square
+      causal mask the fused kernel applies itself; without it, ``fused=False``, ``masked``).
+    * ``masked``: padding, or keys past the queries: an explicit mask, in pieces whose
+      temporaries (``rows`` x keys floats) stay within ``MASKED_PIECE_BYTES``.
+    """
+    out: list[tuple[int, int, str]] = []
+    step = max(block_tokens, MASKED_PIECE_BYTES // (4 * TEMPORARIES * max(1, rows)) // block_tokens * block_tokens)
+    if padded:
+        return [(s, min(n_keys, s + step), "masked") for s in range(0, n_keys, step)]
+    # decode (one query): its own key is allowed too, so every key is free
+    free_end = min(n_keys, q_first + 1) if q_len == 1 else min(n_keys, max(0, q_first))
+    for s in range(0, free_end, SEGMENT_TOKENS):
+        out.append((s, min(free_end, s + SEGMENT_TOKENS), "free"))
+    if free_end < n_keys:
+        if fused and q_len > 1 and free_end == q_first and n_keys == q_first + q_len:
+            out.append((q_first, n_keys, "causal"))
+        else:
+            out += [(s, min(n_keys, s + step), "masked") for s in range(free_end, n_keys, step)]
+    return out
+
+
+def attend_exact(reader, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,
                  scale: float, window: WindowMass | None = None) -> torch.Tensor:
     """Exact attention of one sequence's queries over every block of ``layer``.
 
-    q: [heads, q_len, head_dim] post-RoPE; q_offset: logical position of the first query;
-    pad: bool [kv_len] (True = real token) or None. Returns float32 [heads, q_len, head_dim].
-    Resident blocks are read in place (runs of consecutive slots); the others are recalled in
-    groups, each group prefetched while the previous one is computed. ``window`` collects the
-    attention mass of an observation window in the same pass.
+    reader: a ``SeqReader`` (``tierstore.reader``); q: [heads, q_len, head_dim] post-RoPE;
+    q_offset: logical position of the first query; pad: bool [kv_len] (True = real token) or
+    None. Returns float32 [heads, q_len, head_dim]. Keys are taken in the canonical ``pieces``,
+    each read as one tensor (a view of a run of slots, or gathered), merged in key order; the
+    next piece's blocks are prefetched while one is computed. ``window`` collects the attention
+    mass of an observation window in the same pass.
     """
-    lay = seq.layout
+    g, bt = reader.kv_heads, reader.block_tokens
     heads, q_len, d = q.shape
-    n_rep = heads // lay.kv_heads
-    acc = OnlineSoftmax(q.reshape(lay.kv_heads, n_rep * q_len, d), scale)
+    n_rep = heads // g
+    acc = OnlineSoftmax(q.reshape(g, n_rep * q_len, d), scale)
     q_pos = torch.arange(q_offset, q_offset + q_len, device=q.device)
-    blocks = mgr.blocks(seq, layer)
-    in_place = mgr.in_place(seq)  # CPU: warm blocks are read where they are
-    resident = [b.index for b in blocks if mgr.readable(b, in_place)]
-    if resident:
-        with mgr.acquire(seq, layer, resident, in_place=in_place) as got:
-            _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len, window)
-    # everything not attended above, by the list taken before it (a block may have landed or
-    # left meanwhile: each block is attended exactly once)
-    done = set(resident)
-    rest = [b.index for b in blocks if b.index not in done] if len(resident) < len(blocks) else []
-    group = max(1, min(16, seq.hot.slots // 4))
-    chunks = [rest[i:i + group] for i in range(0, len(rest), group)]
-    for i, ids in enumerate(chunks):
-        if i + 1 < len(chunks):
-            mgr.prefetch_to_read(seq, layer, chunks[i + 1])
-        # in place: a block that lands in warm meanwhile (a prefetch, a resume's warm fill) is
-        # read there, not copied up; blocks only in cold are loaded (straight into hot on CPU)
-        with mgr.acquire(seq, layer, ids, transient=True, in_place=in_place) as got:
-            _add_runs(mgr, acc, got, q_pos, pad, n_rep, lay.kv_heads, heads * q_len, window)
-    return acc.result().reshape(heads, q_len, d)
-
-
-def _add_runs(mgr, acc: OnlineSoftmax, blocks, q_pos, pad, n_rep: int, kv_heads: int, rows: int,
-              window: WindowMass | None = None) -> None:
-    blocks = sorted(blocks, key=lambda b: b.index)
-    bt = blocks[0].seq.layout.block_tokens
-    # whole blocks per piece, sized so the chunk's temporaries fit the hot pool's scratch reservation
-    max_tokens = max(bt, blocks[0].seq.hot.scratch_bytes // (4 * TEMPORARIES * rows) // bt * bt)
-    group, group_tokens = [], 0
-    first_q = int(q_pos[0])
-    for pool, first_slot, n, first_tok, ntok in mgr.tier_runs(blocks):
-        k, v = pool.view(first_slot, n, ntok)
-        for s, e in _pieces(first_tok, ntok, first_q, max_tokens, acc.flash and pad is None and window is None):
-            pad_c = None if pad is None else pad[first_tok + s:first_tok + e]
-            if pad_c is None and window is None and first_tok + e - 1 <= first_q:
-                allowed = None  # every key precedes every query: no mask to build
-            else:
-                k_pos = torch.arange(first_tok + s, first_tok + e, device=q_pos.device)
-                allowed = chunk_mask(q_pos, k_pos, pad_c, n_rep, kv_heads)
+    n = reader.length(layer)
+    plan = pieces(n, q_offset, q_len, pad is not None, bt, heads * q_len, fused=acc.flash)
+    for i, (s, e, kind) in enumerate(plan):
+        if i + 1 < len(plan):
+            ns, ne, _ = plan[i + 1]
+            reader.prefetch(layer, range(ns // bt, -(-ne // bt)))
+        b0 = s // bt
+        with reader.span(layer, b0, -(-e // bt)) as (k, v):
+            k, v = k[:, s - b0 * bt:e - b0 * bt], v[:, s - b0 * bt:e - b0 * bt]
+            pad_c = None if pad is None else pad[s:e]
+            allowed = None
+            if kind == "masked" or window is not None:
+                k_pos = torch.arange(s, e, device=q.device)
+                if kind == "masked":
+                    allowed = chunk_mask(q_pos, k_pos, pad_c, n_rep, g)
                 if window is not None:
-                    window.add(k[:, s:e], k_pos, pad_c, (first_tok + s) // bt, bt)
-            if acc.flash:
-                acc.add(k[:, s:e], v[:, s:e], allowed)
-                continue
-            if group and group_tokens + (e - s) > max_tokens:  # the scores of a group fit the scratch
-                acc.add_group(group)
-                group, group_tokens = [], 0
-            group.append((k[:, s:e], v[:, s:e], allowed))
-            group_tokens += e - s
-    if group:
-        acc.add_group(group)
-
-
-def _pieces(first_tok: int, ntok: int, first_q: int, max_tokens: int, whole_prefix: bool):
-    """(start, end) offsets into a run of ``ntok`` keys from token ``first_tok``. Pieces that
-    need a mask hold at most ``max_tokens`` keys (their bias and scores are rows x keys floats).
-    ``whole_prefix`` (the fused kernel, no padding): keys before every query need no mask and
-    the kernel tiles internally, so they go in one piece however long."""
-    s = 0
-    if whole_prefix:
-        prefix = min(ntok, max(0, first_q + 1 - first_tok))  # keys at positions <= first query
-        if prefix:
-            yield 0, prefix
-            s = prefix
-    while s < ntok:
-        e = min(ntok, s + max_tokens)
-        yield s, e
-        s = e
+                    window.add(k, k_pos, pad_c, b0, bt)
+            if kind == "causal":
+                acc.add_causal(k, v, n_rep)
+            elif acc.flash:
+                acc.add(k, v, allowed)
+            else:
+                acc.add_group([(k, v, allowed)])
+    return acc.result().reshape(heads, q_len, d)

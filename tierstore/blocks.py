@@ -77,6 +77,12 @@ class Seq:
         blocks = self.layers[0]
         return sum(b.ntok for b in blocks)
 
+    @property
+    def stream_group(self) -> int:
+        """Blocks recalled (or restored) in one group: a quarter of the hot pool, 1 to 16, so
+        a group never crowds out what attention holds."""
+        return max(1, min(16, self.hot.slots // 4))
+
 
 class _Stack:
     """One layer's block summaries stacked for scoring, grown in place.

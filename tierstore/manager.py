@@ -258,19 +258,36 @@ class TierManager(WriteBack, SequenceOps, Scoring):
         in_place = in_place and self.in_place(seq)
         with self._lock:
             self._check_open()
-            blocks = [seq.layers[layer][i] for i in block_ids]
+            layer_blocks = seq.layers[layer]
+            blocks = layer_blocks[block_ids.start:block_ids.stop] if isinstance(block_ids, range) \
+                and block_ids.step == 1 else [layer_blocks[i] for i in block_ids]
             self.step += 1
+            step, c = self.step, self.counters
+            c.requests += len(blocks)
+            # one tight pass over the blocks (a decode step reads every block of every layer):
+            # readable ones are pinned where they are; the rest are recalled below
+            missing, hot_hits, warm_hits = [], 0, 0
             for b in blocks:
-                self.counters.requests += 1
                 if b.prefetched:
                     b.prefetched = False
-                    self.counters.prefetch_needed += 1
-                    self.counters.prefetch_timely += self.readable(b, in_place)
-                if self.readable(b, in_place):
-                    self._pin_readable(b)
-                elif b.hot is not None:  # a prefetch is still copying it in: a miss it serves
-                    self.counters.misses["hot"] += 1
-            missing = [b for b in blocks if not self.readable(b, in_place)]
+                    c.prefetch_needed += 1
+                    c.prefetch_timely += self.readable(b, in_place)
+                if b.loading is None and b.hot is not None:
+                    hot_hits += 1
+                elif b.loading is None and in_place and b.warm is not None:
+                    warm_hits += 1
+                else:
+                    if b.hot is not None:  # a prefetch is still copying it in: a miss it serves
+                        c.misses["hot"] += 1
+                    missing.append(b)
+                    continue
+                b.pins += 1
+                b.last_used = step
+            c.hits["hot"] += hot_hits
+            if warm_hits:
+                c.hits["warm"] += warm_hits
+                c.misses["hot"] += warm_hits
+                c.warm_in_place += warm_hits
             if in_place and any(b.loading is not None and b.hot is None for b in missing):
                 # loads into warm in flight (a warm fill, a prefetch): read them where they land
                 self._wait_loads(missing)
@@ -282,8 +299,9 @@ class TierManager(WriteBack, SequenceOps, Scoring):
             try:
                 self._promote(missing, transient=transient)
             except BaseException:
+                unpinned = {id(b) for b in missing}
                 for b in blocks:
-                    if b not in missing:
+                    if id(b) not in unpinned:
                         b.pins -= 1
                 raise
             for b in missing:
@@ -345,18 +363,6 @@ class TierManager(WriteBack, SequenceOps, Scoring):
             return self.hot_view(b)
         k, v = b.seq.warm.block(b.warm)
         return k[:, :b.ntok], v[:, :b.ntok]
-
-    def tier_runs(self, blocks: Sequence[Block]) -> list[tuple[SlotPool, int, int, int, int]]:
-        """``runs`` over acquired blocks in either memory tier: ``(pool, first_slot, n_blocks,
-        first_token, ntok)``; a run never mixes tiers."""
-        out = []
-        hot = [b for b in blocks if b.hot is not None]
-        warm = [b for b in blocks if b.hot is None]
-        if hot:
-            out += [(hot[0].seq.hot, *r) for r in self.runs(hot)]
-        if warm:
-            out += [(warm[0].seq.warm, *r) for r in self.runs(warm, slot="warm")]
-        return out
 
     def runs(self, blocks: Sequence[Block], slot: str = "hot") -> list[tuple[int, int, int, int]]:
         """Group hot (``slot="warm"``: warm) blocks into runs of consecutive slots and indices:
@@ -446,8 +452,9 @@ class TierManager(WriteBack, SequenceOps, Scoring):
             warm = victims[0].seq.warm
             for b in victims:
                 b.pins += 1
+            need_warm.sort(key=lambda b: (b.seq.id, b.layer, b.index))
             try:
-                wslots = self._alloc_warm(warm, len(need_warm))
+                wslots = self._alloc_warm_runs(warm, need_warm)
             finally:
                 for b in victims:
                     b.pins -= 1
@@ -473,6 +480,26 @@ class TierManager(WriteBack, SequenceOps, Scoring):
             self._drop_hot(b)
             b.transient = False
             self.counters.demotions["hot"] += 1
+
+    def _alloc_warm_runs(self, pool: WarmPool, blocks: list[Block]) -> list[int]:
+        """Warm slots for ``blocks`` (sorted by sequence, layer, index): each layer's blocks go
+        right after the warm slot of the block before them where it is free (with room to grow
+        otherwise), so a layer's demoted blocks stay in long runs that attention reads as one
+        view or a few. Without enough free slots: ``_alloc_warm`` (which may drop warm copies)."""
+        if pool.free_count < len(blocks):
+            return self._alloc_warm(pool, len(blocks))
+        out: list[int] = []
+        for _, group in itertools.groupby(blocks, key=lambda b: (b.seq.id, b.layer)):
+            group = list(group)
+            first = group[0]
+            layer = first.seq.layers[first.layer]
+            prev = layer[first.index - 1].warm if 0 < first.index <= len(layer) else None
+            got = pool.alloc(len(group), prev, room=min(256, max(8, len(layer))))
+            if got is None:  # cannot happen with enough free slots; keep all-or-nothing anyway
+                pool.release(out)
+                return self._alloc_warm(pool, len(blocks))
+            out += got
+        return out
 
     def _alloc_warm(self, pool: WarmPool, n: int) -> list[int]:
         if n == 0:

@@ -28,7 +28,7 @@ class SequenceOps:
         on a CPU hot pool (no warm staging) and through warm on CUDA. Returns blocks loaded.
         The blocks that did not fit are then read into warm in the background."""
         with self._lock:
-            reserve = max(1, min(16, seq.hot.slots // 4)) if reserve is None else reserve
+            reserve = seq.stream_group if reserve is None else reserve
             per_layer = max(0, (seq.hot.free_count - reserve) // seq.layout.num_layers)
             plan: list[tuple[Block, int]] = []
             for layer, blocks in enumerate(seq.layers):
@@ -143,7 +143,7 @@ class SequenceOps:
             slots = pool.slot_major()
         moved = 0
         with self.store.cold.read(buffers=True) as txn:
-            db = self.store.cold.dbs["blocks"]
+            db = self.store.cold.db("blocks")
             for b, slot in part:
                 try:
                     moved += self._read_one(b, txn.get(b.key, db=db), pool, slot, fast,
@@ -245,4 +245,4 @@ class SequenceOps:
         ids = [b.index for b in seq.layers[layer] if b.loading is None and b.hot is None
                and (b.warm is None or not in_place)]
         if ids:
-            self.prefetch_to_read(seq, layer, ids[:max(1, min(16, seq.hot.slots // 4))])
+            self.prefetch_to_read(seq, layer, ids[:seq.stream_group])

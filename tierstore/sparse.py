@@ -1,8 +1,8 @@
 """Sparse attention: each step attends to the sink blocks, the recent window and the top-k
 blocks a policy scores highest; blocks outside the hot tier are recalled when selected.
 
-Selection is shared across the KV heads of a layer (scores summed over heads), so exactly the
-chosen blocks are fetched. The output is exact attention over the selected tokens, with
+Selection is per layer (scores summed over heads) or per KV head; exactly the chosen blocks
+are fetched, through a ``SeqReader``, in block order whatever their tiers. The output is exact attention over the selected tokens, with
 transformers' logical mask applied at their positions; the attention each selected block
 received is fed back to the policy's mass.
 """
@@ -100,25 +100,27 @@ def select(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.
     return ids.tolist(), picked[ids].T.contiguous()
 
 
-def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,
+def attend_selected(reader, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,
                     scale: float, ids: list[int], head_mask: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` [heads, q_len, head_dim] over the blocks ``ids`` only (``head_mask``
-    bool [kv_heads, len(ids)]: each KV head's group attends only its own blocks of ``ids``, the
-    same number per head).
+    """Attention of ``q`` [heads, q_len, head_dim] over the blocks ``ids`` (ascending) only,
+    read through ``reader`` (a ``SeqReader``) in block order whatever their tiers
+    (``head_mask`` bool [kv_heads, len(ids)]: each KV head's group attends only its own blocks
+    of ``ids``, the same number per head).
 
     Returns (out float32 [heads, q_len, head_dim], mass float32 [len(ids), kv_heads]: the share of
     attention each block received, summed over the query rows of each KV head's group)."""
-    lay = seq.layout
+    lay = reader.layout
     heads, q_len, d = q.shape
     n_rep = heads // lay.kv_heads
     qg = q.float().reshape(lay.kv_heads, n_rep * q_len, d) * scale
-    with mgr.acquire(seq, layer, ids, in_place=True) as got:
+    with reader.acquire(layer, ids) as got:
         if head_mask is not None:  # every head its own blocks: [kv_heads, T, d], positions [kv_heads, T]
-            k, v, k_pos, valid = _gather_heads(seq, got, head_mask, q.device)
+            k, v, k_pos, valid = reader.select_heads(got, head_mask, q.device)
         else:                      # the blocks every head attends
-            k, v, k_pos = _gather(mgr, seq, got, q.device)
-            k_pos, valid = k_pos.unsqueeze(0), None
+            k, v, k_pos, valid = reader.select(got, q.device)
+            k_pos = k_pos.unsqueeze(0)
+            valid = None if valid is None else valid.unsqueeze(0)
     k, v = k.float(), v.float()
     if valid is not None:  # slot tails past a partial block's tokens: masked, and no NaN * 0 from stale bytes
         v = v.masked_fill(~valid.unsqueeze(-1), 0.0)
@@ -128,7 +130,7 @@ def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: t
     if valid is not None:
         allowed = allowed & valid.unsqueeze(1)
     if pad is not None:
-        allowed = allowed & pad[k_pos].unsqueeze(1)
+        allowed = allowed & pad[k_pos.clamp(max=pad.shape[0] - 1)].unsqueeze(1)  # (slot tails: invalid anyway)
     if not bool(allowed.all()):
         s = s.masked_fill(~allowed, NEG_INF)
     p = torch.softmax(s, -1)
@@ -140,64 +142,3 @@ def attend_selected(mgr, seq, layer: int, q: torch.Tensor, q_offset: int, pad: t
     mass = per_token.new_zeros((int(owner.max()) + 1) * lay.kv_heads if owner.numel() else 0)
     mass.index_add_(0, flat.reshape(-1).to(mass.device), per_token.reshape(-1))
     return out, mass.view(-1, lay.kv_heads)[torch.as_tensor(ids, dtype=torch.long, device=mass.device)]
-
-
-def _gather_heads(seq, got, head_mask: torch.Tensor, device):
-    """Per-head selections read per head: K, V [kv_heads, K*bt, head_dim] where row h holds only
-    the K blocks head h selected (one indexed read of (head, slot) pairs per tier), their
-    positions [kv_heads, K*bt] and the valid-token mask (None when every block is full). Every
-    head must select the same number of blocks (as ``select`` does: the fixed ones + its top-k)."""
-    lay = seq.layout
-    bt, g = lay.block_tokens, lay.kv_heads
-    counts = head_mask.sum(1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError(f"a head mask must give every KV head the same number of blocks, got {counts.tolist()}")
-    n = int(counts[0])
-    hh, jj = head_mask.nonzero(as_tuple=True)  # row-major: head 0's blocks first, in id order
-    blocks = [got[j] for j in jj.tolist()]
-    kv = None
-    for pool, attr in ((seq.hot, "hot"), (seq.warm, "warm")):
-        rows = [i for i, b in enumerate(blocks) if (b.hot is not None) == (attr == "hot")]
-        if not rows:
-            continue
-        slots = torch.tensor([getattr(blocks[i], attr) for i in rows], dtype=torch.long, device=pool.kv.device)
-        part = pool.kv[:, hh[rows].to(pool.kv.device), slots]  # [2, P, bt, head_dim]
-        if kv is None:
-            kv = part.new_empty((2, g * n, bt, lay.head_dim), device=device)
-        kv[:, torch.tensor(rows, device=device)] = part.to(device)
-    idx = torch.tensor([b.index for b in blocks], dtype=torch.long, device=device)
-    offs = torch.arange(bt, device=device)
-    pos = (idx.unsqueeze(1) * bt + offs).reshape(g, n * bt)
-    ntok = torch.tensor([b.ntok for b in blocks], device=device)
-    valid = None if bool((ntok == bt).all()) else (offs < ntok.unsqueeze(1)).reshape(g, n * bt)
-    return (kv[0].reshape(g, n * bt, lay.head_dim), kv[1].reshape(g, n * bt, lay.head_dim), pos, valid)
-
-
-def _gather(mgr, seq, got, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K, V [kv_heads, T, head_dim] and positions [T] of the acquired blocks ``got``: the full
-    blocks of each tier in one indexed read of its pool, partial blocks sliced to their tokens
-    (the order of keys does not matter: every key carries its position)."""
-    lay = seq.layout
-    bt = lay.block_tokens
-    ks, vs, pos = [], [], []
-    for pool, attr in ((seq.hot, "hot"), (seq.warm, "warm")):
-        full = [b for b in got if b.sealed and (b.hot is not None) == (attr == "hot")]
-        if not full:
-            continue
-        slots = torch.tensor([getattr(b, attr) for b in full], dtype=torch.long, device=pool.kv.device)
-        kv = pool.kv.index_select(2, slots)  # [2, kv_heads, m, bt, head_dim]
-        if kv.device != device:
-            kv = kv.to(device)
-        ks.append(kv[0].reshape(lay.kv_heads, -1, lay.head_dim))
-        vs.append(kv[1].reshape(lay.kv_heads, -1, lay.head_dim))
-        idx = torch.tensor([b.index for b in full], dtype=torch.long, device=device)
-        pos.append((idx.unsqueeze(1) * bt + torch.arange(bt, device=device)).reshape(-1))
-    for b in got:
-        if not b.sealed:
-            k, v = mgr.view(b)
-            ks.append(k.to(device))
-            vs.append(v.to(device))
-            pos.append(torch.arange(b.index * bt, b.index * bt + b.ntok, device=device))
-    if len(ks) == 1:
-        return ks[0], vs[0], pos[0]
-    return torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(pos)

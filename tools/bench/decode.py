@@ -21,13 +21,16 @@ from tierstore.layout import dtype_from_name
 
 
 def _decode(model, ids: torch.Tensor, cache, new: int, chunk: int = 1024, segments: int = 3,
-            prefilled=None) -> float:
-    """Prefill (untimed; ``prefilled()`` is called after it), then ``segments`` timed runs of
-    ``new`` steps: the best run's tokens/s (this machine is shared; the best of a few runs is
-    the least disturbed one)."""
+            prefilled=None, timing: dict | None = None) -> float:
+    """Chunked prefill (timed into ``timing["prefill_s"]``; ``prefilled()`` is called after it),
+    then ``segments`` timed runs of ``new`` steps: the best run's tokens/s (this machine is
+    shared; the best of a few runs is the least disturbed one)."""
     with torch.no_grad():
+        t = time.perf_counter()
         for s in range(0, ids.shape[1], chunk):
             out = model(input_ids=ids[:, s:s + chunk], cache=cache, use_cache=True, logits_to_keep=1)
+        if timing is not None:
+            timing["prefill_s"] = time.perf_counter() - t
         if prefilled is not None:
             prefilled()
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -52,7 +55,9 @@ def measure(model, tok, tokens: int, new: int, hot_fraction: float = 0.25) -> di
     lay = kv_layout(model, 64)
     kv_bytes = (tokens + new) * lay.token_bytes
     row = {"tokens": tokens, "dtype": str(model.dtype).removeprefix("torch."), "kv_bytes": kv_bytes}
-    row["dynamic_tok_s"] = _decode(model, ids, DynamicCache(), new)
+    timing: dict = {}
+    row["dynamic_tok_s"] = _decode(model, ids, DynamicCache(), new, timing=timing)
+    row["dynamic_prefill_s"] = timing["prefill_s"]
     for label, hot in (("all_hot", 2 * kv_bytes + (64 << 20)), ("hot25", int(kv_bytes * hot_fraction))):
         d = tempfile.mkdtemp(prefix="tierstore-bench-")
         try:
@@ -66,7 +71,8 @@ def measure(model, tok, tokens: int, new: int, hot_fraction: float = 0.25) -> di
                         at.update(recalls=c.promotions.get("warm", 0) + c.promotions.get("cold", 0),
                                   in_place=c.warm_in_place)
 
-                    row[f"{label}_tok_s"] = _decode(model, ids, cache, new, prefilled=prefilled)
+                    row[f"{label}_tok_s"] = _decode(model, ids, cache, new, prefilled=prefilled, timing=timing)
+                    row[f"{label}_prefill_s"] = timing["prefill_s"]
                     steps = 3 * new
                     recalls = c.promotions.get("warm", 0) + c.promotions.get("cold", 0) - at["recalls"]
                     row[f"{label}_recalls_per_step"] = recalls / steps
@@ -76,6 +82,7 @@ def measure(model, tok, tokens: int, new: int, hot_fraction: float = 0.25) -> di
         finally:
             shutil.rmtree(d, ignore_errors=True)
         row[f"{label}_ratio"] = row[f"{label}_tok_s"] / row["dynamic_tok_s"]
+        row[f"{label}_prefill_ratio"] = row[f"{label}_prefill_s"] / row["dynamic_prefill_s"]
     return row
 
 
@@ -102,3 +109,10 @@ def decode(tokens: str, new: int, dtype: str, as_json: bool) -> None:
                   f"{r['all_hot_ratio']:.2f}x", f"{r['hot25_tok_s']:.1f}", f"{r['hot25_ratio']:.2f}x",
                   f"{r['hot25_recalls_per_step']:.0f}", f"{r['hot25_warm_in_place_per_step']:.0f}")
     Console().print(t)
+    p = Table(title="chunked prefill (1024-token chunks), seconds: TieredCache / DynamicCache (same run)")
+    for c in ("tokens", "DynamicCache s", "all hot s", "ratio", "25% hot s", "ratio"):
+        p.add_column(c, justify="right")
+    for r in rows:
+        p.add_row(str(r["tokens"]), f"{r['dynamic_prefill_s']:.2f}", f"{r['all_hot_prefill_s']:.2f}",
+                  f"{r['all_hot_prefill_ratio']:.2f}x", f"{r['hot25_prefill_s']:.2f}", f"{r['hot25_prefill_ratio']:.2f}x")
+    Console().print(p)

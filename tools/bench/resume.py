@@ -7,6 +7,9 @@ For each context length, dtype and cold codec, in one run on SmolLM2-135M-Instru
 * resume+step: the same plus one decode step through the restored cache (attention over all);
 * restore: the store's share of resume: reading every block into its hot slot (checksums
   verified), as counted by the tier manager;
+* turn: what a user's resume really is: resume under a bounded hot budget (``--turn-hot``,
+  ``--turn-warm``), then the forward of a short next message (~9 tokens) through it, against
+  DynamicCache's own time for that forward on the same context (``turn/dyn``);
 * arena: the physical limit measured on the same bytes: one LMDB read transaction copying every
   stored block into a preallocated arena, no checksum, no bookkeeping. ``store/arena`` is
   restore / arena; ``resume/arena`` puts the whole resume (fingerprint, record, bookkeeping) over it.
@@ -56,7 +59,38 @@ def _arena_read(store, name: str) -> float:
     return time.perf_counter() - t
 
 
-def measure(model, tok, tokens: int, codec: str, dtype: torch.dtype, hot: str = "2GiB", repeat: int = 3) -> dict:
+TURN = " And what does the text say about that, in one sentence?"
+
+
+def _dynamic_turn(model, dyn, turn: torch.Tensor, tokens: int, repeat: int) -> float:
+    """DynamicCache's own time for the turn's forward over the ``tokens`` it holds (best of
+    ``repeat``; the cache is cropped back after each)."""
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeat):
+            t = time.perf_counter()
+            model(input_ids=turn, cache=dyn, use_cache=True, logits_to_keep=1)
+            best = min(best, time.perf_counter() - t)
+            dyn.crop(tokens)
+    return best
+
+
+def _tiered_turn(st, model, turn: torch.Tensor, repeat: int) -> float:
+    """Resume + the turn's forward through the resumed cache, best of ``repeat``."""
+    from tierstore.adapters.hf import TieredCache
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        cache = TieredCache.resume(st, model, "bench", commit_on_close=False)
+        with torch.no_grad():
+            model(input_ids=turn, cache=cache, use_cache=True, logits_to_keep=1)
+        best = min(best, time.perf_counter() - t)
+        cache.close()
+    return best
+
+
+def measure(model, tok, tokens: int, codec: str, dtype: torch.dtype, hot: str = "2GiB", repeat: int = 3,
+            turn_hot: str = "64MiB", turn_warm: str = "256MiB") -> dict:
     import tierstore
     from tierstore.adapters.fingerprint import kv_layout, model_fingerprint
     from tierstore.adapters.hf import TieredCache
@@ -64,6 +98,8 @@ def measure(model, tok, tokens: int, codec: str, dtype: torch.dtype, hot: str = 
 
     ids = tok(long_text(tokens * 6), return_tensors="pt").input_ids[:, :tokens]
     t_prefill, dyn, logits, first = _prefill(model, ids)
+    turn = tok(TURN, add_special_tokens=False, return_tensors="pt").input_ids
+    t_dyn_turn = _dynamic_turn(model, dyn, turn, tokens, repeat)
     d = tempfile.mkdtemp(prefix="tierstore-bench-")
     try:
         with tierstore.open(d, hot=hot, warm="1GiB", codec=codec) as st:
@@ -93,12 +129,17 @@ def measure(model, tok, tokens: int, codec: str, dtype: torch.dtype, hot: str = 
                 assert tok0 == first, "resumed first token differs from the prefill's"
                 cache.close()
             loaded = st.manager.counters.promotions.get("cold", 0) // repeat
+        with tierstore.open(d, hot=turn_hot, warm=turn_warm) as st:
+            st.manager.prepare(lay, "cpu")
+            t_turn = _tiered_turn(st, model, turn, repeat)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return {"tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "codec": codec,
             "prefill_s": t_prefill, "pool_setup_s": t_pools, "resume_s": t_resume, "resume_step_s": t_step, "arena_s": t_arena,
             "restore_s": t_store, "speedup": t_prefill / t_resume, "store_vs_arena": t_store / t_arena,
-            "resume_vs_arena": t_resume / t_arena,
+            "resume_vs_arena": t_resume / t_arena, "turn_tokens": int(turn.shape[1]), "turn_s": t_turn,
+            "dynamic_turn_s": t_dyn_turn, "turn_vs_dynamic": t_turn / t_dyn_turn,
+            "turn_speedup": (t_prefill + t_dyn_turn) / t_turn, "turn_hot": turn_hot, "turn_warm": turn_warm,
             "stored_bytes": stored, "blocks_loaded": loaded}
 
 
@@ -106,8 +147,10 @@ def measure(model, tok, tokens: int, codec: str, dtype: torch.dtype, hot: str = 
 @click.option("--tokens", default="2048,8192,16384", show_default=True, help="context lengths")
 @click.option("--dtype", "dtypes", default="float32,bfloat16", show_default=True)
 @click.option("--codec", "codecs", default="raw,zstd", show_default=True)
+@click.option("--turn-hot", default="64MiB", show_default=True, help="hot budget of the resume + turn rows")
+@click.option("--turn-warm", default="256MiB", show_default=True, help="warm budget of the resume + turn rows")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def resume(tokens: str, dtypes: str, codecs: str, as_json: bool) -> None:
+def resume(tokens: str, dtypes: str, codecs: str, turn_hot: str, turn_warm: str, as_json: bool) -> None:
     """Time to first token: resume from disk vs re-running the prefill (SmolLM2-135M)."""
     from tierstore.adapters.models import load_smollm2
     rows = []
@@ -115,7 +158,8 @@ def resume(tokens: str, dtypes: str, codecs: str, as_json: bool) -> None:
         model, tok = load_smollm2(dtype_from_name(dt.strip()))
         for n in (int(x) for x in tokens.split(",")):
             for codec in codecs.split(","):
-                rows.append(measure(model, tok, n, codec.strip(), dtype_from_name(dt.strip())))
+                rows.append(measure(model, tok, n, codec.strip(), dtype_from_name(dt.strip()),
+                                    turn_hot=turn_hot, turn_warm=turn_warm))
                 click.echo(f"  {rows[-1]['tokens']} {rows[-1]['dtype']} {codec}: done", err=True)
     if as_json:
         click.echo(json.dumps({"bench": "resume", "rows": rows}, indent=2))
@@ -132,3 +176,11 @@ def resume(tokens: str, dtypes: str, codecs: str, as_json: bool) -> None:
                   f"{r['speedup']:.0f}x", f"{r['resume_step_s']:.3f}", f"{r['restore_s']:.3f}",
                   f"{r['arena_s']:.3f}", f"{r['store_vs_arena']:.2f}x", f"{r['resume_vs_arena']:.2f}x", f"{r['stored_bytes'] / 2**20:.0f}")
     Console().print(t)
+    u = Table(title=f"resume + a {rows[0]['turn_tokens'] if rows else 0}-token turn under hot={turn_hot}, "
+                    f"warm={turn_warm} vs DynamicCache's own forward of that turn")
+    for c in ("tokens", "dtype", "codec", "DynamicCache turn s", "resume+turn s", "ratio", "vs re-prefill+turn"):
+        u.add_column(c, justify="right")
+    for r in rows:
+        u.add_row(str(r["tokens"]), r["dtype"], r["codec"], f"{r['dynamic_turn_s']:.3f}", f"{r['turn_s']:.3f}",
+                  f"{r['turn_vs_dynamic']:.2f}x", f"{r['turn_speedup']:.0f}x")
+    Console().print(u)

@@ -175,6 +175,7 @@ class Probe:
 
     def _attend(self, layer, query, mask, scale):
         from tierstore.attention import WindowMass, attend_exact
+        from tierstore.reader import SeqReader
         out = self.orig(layer, query, mask, scale)
         c = self.cache
         if not self.armed or c.sparse is None or query.shape[2] != 1:
@@ -193,7 +194,7 @@ class Probe:
         n_rep = query.shape[1] // lay.kv_heads
         q_offset = mask.q_offset if mask is not None else c.lengths[layer] - 1
         w = WindowMass(query[0], q_offset, 1, n_rep, lay.kv_heads, scale)
-        attend_exact(c.mgr, seq, layer, query[0], q_offset, None, scale, w)
+        attend_exact(SeqReader(c.mgr, seq), layer, query[0], q_offset, None, scale, w)
         bids, share = w.mass()  # [n, kv_heads], each query head's row sums to 1
         pos = {b: i for i, b in enumerate(bids)}
         sel = [pos[i] for i in ids if i in pos]

@@ -1,0 +1,197 @@
+"""What attention sees of a sequence: a reader of one sequence's blocks, as tensors.
+
+Exact and sparse attention (``tierstore.attention``, ``tierstore.sparse``) never touch the
+manager, pools or ``Block`` objects; they ask a ``SeqReader`` for
+
+* ``span(layer, start, stop)``: K and V of the blocks ``[start, stop)`` as contiguous-in-
+  positions tensors ``[kv_heads, tokens, head_dim]`` (a zero-copy view of a run of slots when
+  the blocks sit in one run of one pool, else gathered into a temporary in block order, in
+  groups that fit the hot pool when blocks have to be recalled);
+* ``select(layer, ids)``: the blocks ``ids`` gathered in block order (sparse attention), with
+  their token positions; ``select_heads`` for per-head selections;
+* ``prefetch(layer, ids)``: start moving blocks to where they are read.
+
+Whatever the residency, the tensors handed out hold the same values in the same order, so the
+arithmetic of attention does not depend on tier placement. Contract: tensors yielded inside a
+``with`` block are valid only inside it (views of pinned slots).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .blocks import Block, Seq
+
+CAT_RUNS = 16  # up to this many runs in a span are concatenated; more are gathered by slot index
+
+
+class SeqReader:
+    """Reads one sequence's blocks for attention (see the module docstring)."""
+
+    __slots__ = ("mgr", "seq", "layout", "block_tokens", "kv_heads", "in_place")
+
+    def __init__(self, mgr, seq: Seq) -> None:
+        self.mgr, self.seq, self.layout = mgr, seq, seq.layout
+        self.block_tokens, self.kv_heads = seq.layout.block_tokens, seq.layout.kv_heads
+        self.in_place = mgr.in_place(seq)  # CPU: warm blocks are read where they are
+
+    # -- shape of the layer ---------------------------------------------------------------------
+
+    def n_blocks(self, layer: int) -> int:
+        return len(self.seq.layers[layer])
+
+    def length(self, layer: int) -> int:
+        """Tokens stored in ``layer`` (only the last block may be partial)."""
+        blocks = self.seq.layers[layer]
+        return (len(blocks) - 1) * self.block_tokens + blocks[-1].ntok if blocks else 0
+
+    def ntok(self, layer: int, ids: Sequence[int]) -> list[int]:
+        blocks = self.seq.layers[layer]
+        return [blocks[i].ntok for i in ids]
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def prefetch(self, layer: int, ids: Sequence[int]) -> None:
+        """Start moving the blocks ``ids`` that are not readable where they are; returns at once."""
+        blocks = self.seq.layers[layer]
+        todo = [i for i in ids if not self.mgr.readable(blocks[i], self.in_place)]
+        if todo:
+            self.mgr.prefetch(self.seq, layer, todo[:self.seq.stream_group], hot=not self.in_place)
+
+    @contextlib.contextmanager
+    def span(self, layer: int, start: int, stop: int, *, streamed: bool = True
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """K, V ``[kv_heads, tokens, head_dim]`` of blocks ``[start, stop)`` in position order, the
+        tokens from ``start * block_tokens`` on. ``streamed``: blocks recalled for this read leave
+        hot first afterwards."""
+        mgr, seq = self.mgr, self.seq
+        blocks = seq.layers[layer][start:stop]
+        if all(mgr.readable(b, self.in_place) for b in blocks):
+            with mgr.acquire(seq, layer, range(start, stop), in_place=self.in_place) as got:
+                runs = _runs(got)
+                ntok = _tokens(got)
+                if len(runs) == 1:  # one run of one pool: a view, no copy
+                    pool, first_slot, n = runs[0]
+                    yield pool.view(first_slot, n, ntok)
+                    return
+                if len(runs) <= CAT_RUNS:  # a few runs: one copy, run by run in position order
+                    views = [pool.view(first_slot, n) for pool, first_slot, n in runs]
+                    yield (torch.cat([k for k, _ in views], 1)[:, :ntok], torch.cat([v for _, v in views], 1)[:, :ntok])
+                    return
+                kv = self._gather(got)
+            yield _split(kv, ntok)
+            return
+        # some blocks must be recalled: gather in groups the hot pool can hold at once
+        kv = None
+        group = seq.stream_group
+        for g0 in range(start, stop, group):
+            ids = range(g0, min(stop, g0 + group))
+            if g0 + group < stop:
+                self.prefetch(layer, range(g0 + group, min(stop, g0 + 2 * group)))
+            with mgr.acquire(seq, layer, ids, transient=streamed, in_place=self.in_place) as got:
+                part = self._gather(got)
+            if kv is None:
+                kv = part.new_empty((2, self.kv_heads, stop - start, self.block_tokens, self.layout.head_dim))
+            kv[:, :, g0 - start:g0 - start + len(ids)] = part
+        yield _split(kv, _tokens(blocks))
+
+    @contextlib.contextmanager
+    def acquire(self, layer: int, ids: Sequence[int]) -> Iterator[list[Block]]:
+        """Pin the blocks ``ids`` where they can be read (for ``select``/``select_heads``)."""
+        with self.mgr.acquire(self.seq, layer, ids, in_place=True) as got:
+            yield got
+
+    def select(self, got: Sequence[Block], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """K, V ``[kv_heads, len(got) * block_tokens, head_dim]`` of acquired blocks in the order
+        given (block order), their positions ``[T]`` and the valid-token mask ``[T]`` (None when
+        every block is full: a partial block's slot tail is masked, never read)."""
+        bt = self.block_tokens
+        kv = self._gather(got, device)
+        idx = torch.tensor([b.index for b in got], dtype=torch.long, device=device)
+        offs = torch.arange(bt, device=device)
+        pos = (idx.unsqueeze(1) * bt + offs).reshape(-1)
+        ntok = torch.tensor([b.ntok for b in got], device=device)
+        valid = None if bool((ntok == bt).all()) else (offs < ntok.unsqueeze(1)).reshape(-1)
+        g, d = self.kv_heads, self.layout.head_dim
+        return kv[0].reshape(g, -1, d), kv[1].reshape(g, -1, d), pos, valid
+
+    def select_heads(self, got: Sequence[Block], head_mask: torch.Tensor, device):
+        """Per-head selections read per head: K, V ``[kv_heads, K*bt, head_dim]`` where row h
+        holds only the K blocks head h selected (in block order; one indexed read of (head, slot)
+        pairs per tier), their positions ``[kv_heads, K*bt]`` and the valid-token mask (None
+        when every block is full). Every head must select the same number of blocks."""
+        lay = self.layout
+        bt, g = lay.block_tokens, lay.kv_heads
+        counts = head_mask.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError(f"a head mask must give every KV head the same number of blocks, got {counts.tolist()}")
+        n = int(counts[0])
+        hh, jj = head_mask.nonzero(as_tuple=True)  # row-major: head 0's blocks first, in id order
+        blocks = [got[j] for j in jj.tolist()]
+        kv = None
+        for pool, attr in ((self.seq.hot, "hot"), (self.seq.warm, "warm")):
+            rows = [i for i, b in enumerate(blocks) if (b.hot is not None) == (attr == "hot")]
+            if not rows:
+                continue
+            slots = torch.tensor([getattr(blocks[i], attr) for i in rows], dtype=torch.long, device=pool.kv.device)
+            part = pool.kv[:, hh[rows].to(pool.kv.device), slots]  # [2, P, bt, head_dim]
+            if kv is None:
+                kv = part.new_empty((2, g * n, bt, lay.head_dim), device=device)
+            kv[:, torch.tensor(rows, device=device)] = part.to(device)
+        idx = torch.tensor([b.index for b in blocks], dtype=torch.long, device=device)
+        offs = torch.arange(bt, device=device)
+        pos = (idx.unsqueeze(1) * bt + offs).reshape(g, n * bt)
+        ntok = torch.tensor([b.ntok for b in blocks], device=device)
+        valid = None if bool((ntok == bt).all()) else (offs < ntok.unsqueeze(1)).reshape(g, n * bt)
+        return kv[0].reshape(g, n * bt, lay.head_dim), kv[1].reshape(g, n * bt, lay.head_dim), pos, valid
+
+    def _gather(self, got: Sequence[Block], device=None) -> torch.Tensor:
+        """``[2, kv_heads, len(got), block_tokens, head_dim]``: the slots of acquired blocks, in
+        the order given, one indexed read per tier (hot, and warm when read in place)."""
+        seq = self.seq
+        device = seq.hot.device if device is None else device
+        hot = [i for i, b in enumerate(got) if b.hot is not None]
+        parts = []
+        if hot:
+            parts.append((seq.hot, hot, [got[i].hot for i in hot]))
+        if len(hot) < len(got):
+            warm = [i for i, b in enumerate(got) if b.hot is None]
+            parts.append((seq.warm, warm, [got[i].warm for i in warm]))
+        if len(parts) == 1:
+            pool, _, slots = parts[0]
+            kv = pool.kv.index_select(2, torch.tensor(slots, dtype=torch.long, device=pool.kv.device))
+            return kv if kv.device == torch.device(device) else kv.to(device)
+        lay = self.layout
+        kv = torch.empty((2, lay.kv_heads, len(got), lay.block_tokens, lay.head_dim), dtype=lay.dtype,
+                         device=device)
+        for pool, where, slots in parts:
+            src = pool.kv.index_select(2, torch.tensor(slots, dtype=torch.long, device=pool.kv.device))
+            kv.index_copy_(2, torch.tensor(where, dtype=torch.long, device=device), src.to(device))
+        return kv
+
+
+def _runs(got: Sequence[Block]) -> list[tuple[object, int, int]]:
+    """``(pool, first_slot, n_blocks)`` runs of consecutive slots of one pool that hold the
+    acquired blocks ``got`` (consecutive block indices, only the last partial) in block order."""
+    seq = got[0].seq
+    out: list[list] = []
+    for b in got:
+        pool, slot = (seq.hot, b.hot) if b.hot is not None else (seq.warm, b.warm)
+        if out and out[-1][0] is pool and out[-1][1] + out[-1][2] == slot:
+            out[-1][2] += 1
+        else:
+            out.append([pool, slot, 1])
+    return [(p, s, n) for p, s, n in out]
+
+
+def _tokens(blocks: Sequence[Block]) -> int:
+    return sum(b.ntok for b in blocks)
+
+
+def _split(kv: torch.Tensor, ntok: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2, g, n, bt, d] -> K, V [g, ntok, d] views."""
+    g, n, bt, d = kv.shape[1:]
+    return kv[0].reshape(g, n * bt, d)[:, :ntok], kv[1].reshape(g, n * bt, d)[:, :ntok]
