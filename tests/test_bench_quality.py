@@ -6,11 +6,11 @@ import math
 import re
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tierstore.adapters.models import long_text
 from tierstore.tools.bench.quality import eval as bq
+
+from support import tiny
 
 
 class CharTokenizer:
@@ -45,11 +45,7 @@ TOK = CharTokenizer()
 TEXT = long_text(30_000)
 
 
-def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+MODEL = dict(vocab_size=260, max_position_embeddings=2048)   # TOK's ids; the bench's long cases
 
 
 def test_cases_are_determined_by_the_seed():
@@ -84,7 +80,7 @@ def test_scoring():
 
 
 def test_one_case_through_the_pipeline(tmp_path):
-    model = tiny()
+    model = tiny(**MODEL)
     logs: list[str] = []
     res = bq.run(model, TOK, seed=1, cases=1, lengths=[300], budgets=[("1/4", 0.25), ("all", 100_000)],
                  policies=["streaming", "h2o", "snapkv", "quest", "hybrid"], ppl_tokens=12, block_tokens=16,
@@ -113,7 +109,7 @@ def test_one_case_through_the_pipeline(tmp_path):
 
 def test_runs_of_other_lengths_merge_into_one_table(tmp_path):
     import click
-    model = tiny()
+    model = tiny(**MODEL)
     kw = dict(seed=2, cases=1, budgets=[("1/4", 0.25)], policies=["quest"], ppl_tokens=8, block_tokens=16,
               cov_every=4, text=TEXT)
     a = bq.run(model, TOK, lengths=[200], store_dir=str(tmp_path / "a"), **kw)

@@ -31,16 +31,11 @@ from tierstore.tiers.cold import block_key
 from tierstore.tools.cli import cli
 from tierstore.maintenance.verify import verify_store
 
+from support import random_kv
+
 LAYOUT = KVLayout(num_layers=2, kv_heads=2, head_dim=8, block_tokens=4, dtype=torch.float32)
 LAYOUT16 = KVLayout(num_layers=3, kv_heads=2, head_dim=8, block_tokens=4, dtype=torch.float16)
 DAY = 86400.0
-
-
-def rand_kv(layout: KVLayout, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    shape = (layout.kv_heads, n, layout.head_dim)
-    return [(torch.randn(shape, generator=g).to(layout.dtype), torch.randn(shape, generator=g).to(layout.dtype))
-            for _ in range(layout.num_layers)]
 
 
 def build(path, codec: str = "raw") -> str:
@@ -48,11 +43,11 @@ def build(path, codec: str = "raw") -> str:
     (shares blocks 0-1), gamma (fp16, zstd, 6 tokens, its own model)."""
     path = str(path)
     with tierstore.open(path, codec=codec) as s:
-        s.put_session("alpha", layout=LAYOUT, kv=rand_kv(LAYOUT, 10, 0), token_ids=np.arange(10) + 100,
+        s.put_session("alpha", layout=LAYOUT, kv=random_kv(LAYOUT, 10, 0), token_ids=np.arange(10) + 100,
                       fingerprint="fp-a", model_name="tiny-llama",
                       last_logits=np.linspace(0, 1, 7, dtype=np.float32))
         s.fork("alpha", "beta", 8)
-        s.put_session("gamma", layout=LAYOUT16, kv=rand_kv(LAYOUT16, 6, 1), token_ids=[5, 6, 7, 8, 9, 10],
+        s.put_session("gamma", layout=LAYOUT16, kv=random_kv(LAYOUT16, 6, 1), token_ids=[5, 6, 7, 8, 9, 10],
                       fingerprint="fp-g", model_name="other", codec="zstd")
     return path
 
@@ -296,7 +291,7 @@ def test_show_text_with_local_tokenizer(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
     path = str(tmp_path / "kv")
     with tierstore.open(path) as s:
-        s.put_session("t", layout=LAYOUT, kv=rand_kv(LAYOUT, 3, 3), token_ids=[1, 2, 4], fingerprint="f",
+        s.put_session("t", layout=LAYOUT, kv=random_kv(LAYOUT, 3, 3), token_ids=[1, 2, 4], fingerprint="f",
                       tokenizer_name=folder)
     assert run_json(path, "show", "t", "--text")["text"] == "hello tiered cache"
     assert "hello tiered cache" in run(path, "show", "t", "--text").stdout
@@ -454,7 +449,7 @@ def test_format_version_from_the_future(store):
 def test_orphans_are_reclaimable_not_damage(store):
     with tierstore.open(store) as s:
         rec = s.session("alpha").with_updates(name="ghost", token_ids=np.arange(4) + 7)
-        s.sessions.put_blocks(s.encode_blocks(rec, 0, *rand_kv(LAYOUT, 4, 9)[0], rec.chains()))
+        s.sessions.put_blocks(s.encode_blocks(rec, 0, *random_kv(LAYOUT, 4, 9)[0], rec.chains()))
     rep = run_json(store, "verify")
     assert rep["ok"] and rep["orphans"] == {"records": 2, "bytes": rep["orphans"]["bytes"]}
     assert rep["orphans"]["bytes"] > 0
@@ -529,7 +524,7 @@ def test_compact(tmp_path):
     path = str(tmp_path / "kv")
     with tierstore.open(path) as s:
         for i in range(12):
-            s.put_session(f"s{i}", layout=LAYOUT, kv=rand_kv(LAYOUT, 400, i), token_ids=np.arange(400) + i,
+            s.put_session(f"s{i}", layout=LAYOUT, kv=random_kv(LAYOUT, 400, i), token_ids=np.arange(400) + i,
                           fingerprint="f")
         s.delete(*[f"s{i}" for i in range(10)])
         _, before_kv = s.load_session("s11")
@@ -540,7 +535,7 @@ def test_compact(tmp_path):
     assert run_json(path, "verify")["ok"] and names_in(path) == ["s10", "s11"]
     with tierstore.open(path) as s:
         _, kv = s.load_session("s11")
-        s.put_session("after", layout=LAYOUT, kv=rand_kv(LAYOUT, 4, 0), token_ids=[1, 2, 3, 4], fingerprint="f")
+        s.put_session("after", layout=LAYOUT, kv=random_kv(LAYOUT, 4, 0), token_ids=[1, 2, 3, 4], fingerprint="f")
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(kv, before_kv))
     assert "compacted" in run(path, "compact").stdout
 

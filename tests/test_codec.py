@@ -22,6 +22,8 @@ from tierstore.codec import (CODEC_IDS, HEADER_SIZE, MAX_RAW_LEN, CodecConfig, R
 from tierstore.errors import CorruptBlockError, CorruptRecordError, FormatVersionError
 from tierstore.layout import DTYPE_NAMES
 
+from support import bits, random_bits
+
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 LOSSLESS = ["raw", "zstd", "zstd:5"]
 LOSSY = ["int8", "int8+zstd", "int4", "int4+zstd", "int4:g8", "int4+zstd:1:g16"]
@@ -29,21 +31,9 @@ ALL_SPECS = LOSSLESS + LOSSY
 KEY = b"\x01" * 16 + b"\x00\x03\x00\x00\x00\x07"
 WHERE = {"session": "doc-42", "layer": 3, "block": 7}
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden_v1"
-_INT = {2: torch.int16, 4: torch.int32}
 
 hyp = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 shapes = st.tuples(st.integers(1, 4), st.integers(1, 70), st.integers(1, 40))
-
-
-def bits(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(_INT[x.element_size()])
-
-
-def random_bits(shape, dtype, seed: int) -> torch.Tensor:
-    """Uniformly random bit patterns viewed as ``dtype``: NaNs, infs, -0.0, subnormals included."""
-    g = np.random.default_rng(seed)
-    n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(g.integers(0, 256, n, dtype=np.uint8)).view(dtype).reshape(shape)
 
 
 def smooth(shape, dtype, seed: int, offset: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,12 +445,7 @@ def test_raw_block_reader_matches_decode_block(dtype):
     assert RawBlockReader(shape, dtype).read(key, rec, dst)
     got = torch.from_numpy(dst).view(dtype)
     dk, dv = decode_block(key, rec)
-    assert torch.equal(got[0].view(same_int(dtype)), dk.view(same_int(dtype)))  # bit-exact, NaN included
-    assert torch.equal(got[1].view(same_int(dtype)), dv.view(same_int(dtype)))
-
-
-def same_int(dtype):
-    return {torch.float32: torch.int32}.get(dtype, torch.int16)
+    assert torch.equal(bits(got[0]), bits(dk)) and torch.equal(bits(got[1]), bits(dv))  # bit-exact, NaN included
 
 
 def test_raw_block_reader_declines_what_it_cannot_vouch_for():

@@ -40,11 +40,6 @@ SUBDBS = ("meta", "sessions", "blocks", "summaries", "refs", "leases")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return cw.tiny_model()
-
-
-@pytest.fixture(scope="module")
 def pristine(tmp_path_factory, model):
     """alpha: 29 tokens (3 full blocks + a tail of 5); beta: fork of alpha's first 16 tokens
     (shares blocks 0 and 1); gamma: another prompt, 9+ tokens."""

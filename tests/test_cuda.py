@@ -4,25 +4,21 @@ tierstore.tools.gpu_check`` runs them and then measures transfer rates and overl
 
 from __future__ import annotations
 
-import hashlib
 
 import pytest
 import torch
 
 import tierstore
 from tierstore.layout import KVLayout
-from tierstore.tiers.cold import block_key
 from tierstore.tiers.warm import WarmPool, pinning_available
+
+from support import key_of, random_kv, tiny
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 LAYOUT = KVLayout(num_layers=2, kv_heads=3, head_dim=64, block_tokens=64, dtype=torch.float16)
 ONE = KVLayout(num_layers=1, kv_heads=3, head_dim=64, block_tokens=64, dtype=torch.float16)
-
-
-def key(tag: str, i: int, layer: int) -> bytes:
-    return block_key(hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest(), layer)
 
 
 def busy(stream: torch.cuda.Stream, ms: float = 50.0) -> None:
@@ -51,20 +47,18 @@ def write_and_adopt(store, layout: KVLayout, nblocks: int, tag: str, gen: torch.
     that knows them only as durable in cold, and the reference K/V (on the GPU)."""
     m = store.manager
     bt = layout.block_tokens
-    shape = (layout.kv_heads, nblocks * bt, layout.head_dim)
-    ref = [(torch.randn(shape, generator=gen).to("cuda", layout.dtype),
-            torch.randn(shape, generator=gen).to("cuda", layout.dtype)) for _ in range(layout.num_layers)]
+    ref = [(k.to("cuda"), v.to("cuda")) for k, v in random_kv(layout, nblocks * bt, gen)]
     w = m.open_sequence(f"{tag}-w", layout, "cuda")
     for i in range(nblocks):
         for layer, (k, v) in enumerate(ref):
             m.append(w, layer, k[:, i * bt:(i + 1) * bt], v[:, i * bt:(i + 1) * bt])
-        m.set_keys(w, {i: [key(tag, i, layer) for layer in range(layout.num_layers)]})
+        m.set_keys(w, {i: [key_of(tag, i, layer) for layer in range(layout.num_layers)]})
     m.flush(w)
     m.close_sequence(w)
     r = m.open_sequence(f"{tag}-r", layout, "cuda")
     for layer in range(layout.num_layers):
         for i in range(nblocks):
-            m.adopt(r, layer, i, bt, key(tag, i, layer), None)
+            m.adopt(r, layer, i, bt, key_of(tag, i, layer), None)
     return r, ref
 
 
@@ -112,7 +106,7 @@ def test_append_demote_promote_round_trip(tmp_path):
             for layer, (k, v) in enumerate(ref):
                 m.append(seq, layer, k[:, t:t + 40], v[:, t:t + 40])
             full = min(t + 40, n * bt + 5) // bt
-            m.set_keys(seq, {i: [key("a", i, layer) for layer in range(2)] for i in range(full)})
+            m.set_keys(seq, {i: [key_of("a", i, layer) for layer in range(2)] for i in range(full)})
         m.flush(seq)
         s = store.stats()
         assert s.demotions.get("hot", 0) > 0 and s.hot_used_bytes <= store.config.hot_bytes
@@ -188,13 +182,10 @@ def test_sparse_decode_on_cuda(tmp_path):
     """Sparse attention with the hot pool on the GPU (summaries and scores in host memory): at a
     budget >= the context it reproduces DynamicCache; under a small budget with a small hot pool
     it recalls blocks and still generates."""
-    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+    from transformers import DynamicCache
 
     from tierstore.adapters.hf import TieredCache
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    model = AutoModelForCausalLM.from_config(cfg).eval().to("cuda")
+    model = tiny().to("cuda")
     ids = torch.randint(1, 128, (1, 200), device="cuda")
     kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     ref = model.generate(ids, cache=DynamicCache(), **kw)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -23,20 +22,15 @@ from tierstore.records import SessionRecord
 from tierstore.tools.cli import cli
 from tierstore.maintenance.exchange import export_session, import_session, read_export, tensors_checksum
 
+from support import file_digest, random_kv, same_bits
+
 LAYOUT = KVLayout(num_layers=2, kv_heads=2, head_dim=8, block_tokens=4, dtype=torch.float32)
 BF16 = KVLayout(num_layers=3, kv_heads=1, head_dim=4, block_tokens=4, dtype=torch.bfloat16)
 
 
-def rand_kv(layout: KVLayout, n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    shape = (layout.kv_heads, n, layout.head_dim)
-    return [(torch.randn(shape, generator=g).to(layout.dtype), torch.randn(shape, generator=g).to(layout.dtype))
-            for _ in range(layout.num_layers)]
-
-
 def special_bf16_kv(n: int):
     """bf16 K/V with every awkward bit pattern: NaN payloads, -0.0, infinities, subnormals."""
-    kv = rand_kv(BF16, n, 7)
+    kv = random_kv(BF16, n, 7)
     bits = torch.tensor([0x7FC1, 0xFFA3, 0x8000, 0x7F80, 0xFF80, 0x0001, 0x8001], dtype=torch.int32).to(torch.int16)
     for k, v in kv:
         k.view(torch.int16).view(-1)[:len(bits)] = bits
@@ -48,7 +42,7 @@ def special_bf16_kv(n: int):
 def store(tmp_path):
     path = str(tmp_path / "src")
     with tierstore.open(path) as s:
-        s.put_session("chat-1", layout=LAYOUT, kv=rand_kv(LAYOUT, 11, 0), token_ids=np.arange(11) * 3,
+        s.put_session("chat-1", layout=LAYOUT, kv=random_kv(LAYOUT, 11, 0), token_ids=np.arange(11) * 3,
                       fingerprint="fp-llama", fingerprint_fields={"arch": "llama", "layers": 2},
                       last_logits=np.linspace(-2, 2, 9, dtype=np.float32), model_name="tiny/llama",
                       tokenizer_name="tiny/tok", meta={"turns": 3})
@@ -62,11 +56,6 @@ def run(store_path, *args, code: int = 0):
     res = CliRunner().invoke(cli, ["--store", str(store_path), *args])
     assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr, res.exception)
     return res
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    it = {4: torch.int32, 2: torch.int16}[a.element_size()]
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(it), b.view(it))
 
 
 def assert_same_session(src: str, a: str, dst: str, b: str) -> None:
@@ -85,10 +74,6 @@ def assert_same_session(src: str, a: str, dst: str, b: str) -> None:
     else:
         assert np.array_equal(r1.last_logits.view(np.int32), r2.last_logits.view(np.int32))
     assert r1.chains() == r2.chains()          # same content address: shares blocks with the original
-
-
-def digest(path: str) -> str:
-    return hashlib.sha256(open(os.path.join(path, "data.mdb"), "rb").read()).hexdigest()
 
 
 # -- round trips ---------------------------------------------------------------------------
@@ -154,7 +139,7 @@ def test_padded_session_round_trip(tmp_path):
     with tierstore.open(src) as s:
         rec = SessionRecord(name="padded", layout=LAYOUT, fingerprint="fp", fingerprint_fields={},
                             codec=s.config.codec, token_ids=np.arange(6, dtype=np.int64), pad=2)
-        kv = rand_kv(LAYOUT, 6, 4)
+        kv = random_kv(LAYOUT, 6, 4)
         for layer, (k, v) in enumerate(kv):
             s.sessions.put_blocks(s.encode_blocks(rec, layer, k, v, rec.chains()))
         s.sessions.commit(rec)
@@ -234,7 +219,7 @@ EXPECT = {
 def test_bad_files_are_refused_and_change_nothing(store, tmp_path):
     files = bad_files(store, tmp_path)
     assert set(files) == set(EXPECT)
-    before = digest(store)
+    before = file_digest(store)
     fresh = tmp_path / "fresh"
     for name, path in files.items():
         res = run(store, "import", path, "--as", "intruder", code=1)
@@ -245,7 +230,7 @@ def test_bad_files_are_refused_and_change_nothing(store, tmp_path):
         assert not fresh.exists(), name                  # a bad file creates no store
         with pytest.raises(tierstore.TierstoreError):
             read_export(path)
-    assert digest(store) == before
+    assert file_digest(store) == before
     with tierstore.open(store, readonly=True) as s:
         assert sorted(r.name for r in s.list()) == ["b16", "chat-1", "fork-1"]
 

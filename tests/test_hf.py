@@ -10,21 +10,15 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
+from transformers import DynamicCache
 
 import tierstore
 from tierstore.adapters.hf import TieredCache
 from tierstore.errors import ModelMismatchError, SessionExistsError, TokenMismatchError
 
+from support import greedy as gen, max_dlogit, tiny
+
 BT = 8
-
-
-def tiny(kind: str = "llama", dtype=torch.float32, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    cfg = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
-    return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
 
 
 def block_bytes(model) -> int:
@@ -32,21 +26,11 @@ def block_bytes(model) -> int:
     return 2 * c.num_key_value_heads * BT * (c.hidden_size // c.num_attention_heads) * model.dtype.itemsize
 
 
-def gen(model, ids, cache, **kw):
-    kw.setdefault("max_new_tokens", 24)
-    return model.generate(ids, cache=cache, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                          pad_token_id=0, **kw)
-
-
-def max_dlogit(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a.scores, b.scores))
-
-
 @pytest.fixture
-def store(tmp_path):
+def store(store_factory):
     def make(model, hot_blocks=6, warm_blocks=4, **kw):
         bb = block_bytes(model)
-        return tierstore.open(tmp_path / "kv", hot=bb * hot_blocks, warm=bb * warm_blocks, block_tokens=BT, **kw)
+        return store_factory(hot=bb * hot_blocks, warm=bb * warm_blocks, block_tokens=BT, **kw)
     return make
 
 
@@ -198,16 +182,7 @@ def test_hot_budget_holds_during_long_prefill(store):
         assert (logits - ref).abs().max() < 1e-4
 
 
-def tiny_of(kind: str):
-    from transformers import GPT2Config, MistralConfig
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
-    else:
-        cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                            sliding_window=None)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+tiny_of = tiny    # the shared builder also makes the gpt2 and mistral ones
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "mistral"])

@@ -21,7 +21,6 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 import tierstore
 from tierstore.adapters.hf import TieredCache
@@ -31,6 +30,8 @@ from tierstore.tools import crash_writer as cw
 from tierstore.tools import fuzz
 from tierstore.tools.cli import cli
 from tierstore.maintenance.exchange import export_session, import_session, read_export, tensors_checksum
+
+from support import tiny
 
 EXAMPLES = int(os.environ.get("TIERSTORE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -52,11 +53,6 @@ FIGURES: dict[str, int] = {}
 
 def tried(kind: str, n: int = 1) -> None:
     FIGURES[kind] = FIGURES.get(kind, 0) + n
-
-
-@pytest.fixture(scope="module")
-def model():
-    return cw.tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -337,16 +333,11 @@ def test_block_tokens_out_of_range(tmp_path, bt):
 
 
 def _other_models(model):
-    common = dict(vocab_size=cw.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    torch.manual_seed(cw.MODEL_SEED + 1)
-    yield "other weights", AutoModelForCausalLM.from_config(LlamaConfig(**common)).eval()
-    torch.manual_seed(cw.MODEL_SEED)
-    yield "other architecture", AutoModelForCausalLM.from_config(Qwen2Config(**common)).eval()
-    torch.manual_seed(cw.MODEL_SEED)
-    yield "rope theta", AutoModelForCausalLM.from_config(LlamaConfig(**common, rope_theta=500000.0)).eval()
-    torch.manual_seed(cw.MODEL_SEED)
-    yield "three layers", AutoModelForCausalLM.from_config(LlamaConfig(**{**common, "num_hidden_layers": 3})).eval()
+    seed, vocab = cw.MODEL_SEED, cw.VOCAB                  # the trials' model but for one thing
+    yield "other weights", tiny(seed=seed + 1, vocab_size=vocab)
+    yield "other architecture", tiny("qwen2", seed=seed, vocab_size=vocab)
+    yield "rope theta", tiny(seed=seed, vocab_size=vocab, rope_theta=500000.0)
+    yield "three layers", tiny(seed=seed, vocab_size=vocab, num_hidden_layers=3)
     yield "bfloat16", cw.tiny_model().to(torch.bfloat16)
     yield "float16", cw.tiny_model().to(torch.float16)
     m = cw.tiny_model()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import os
 import shutil
@@ -35,10 +34,7 @@ from tierstore.tools.bench.crash import check_session
 from tierstore.tools.cli import cli
 from tierstore.maintenance.verify import verify_store
 
-
-@pytest.fixture(scope="module")
-def model():
-    return cw.tiny_model()
+from support import file_digest as sha
 
 
 def generate(model, cache, ids, n):
@@ -54,10 +50,6 @@ def base_store(path, model, tokens=30, new=10):
         with TieredCache(st, model, session="base") as cache:
             generate(model, cache, ids, new)
         return st.session("base")
-
-
-def sha(path) -> str:
-    return hashlib.sha256(open(os.path.join(path, "data.mdb"), "rb").read()).hexdigest()
 
 
 def exact(path, model, name="base"):

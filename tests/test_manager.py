@@ -8,7 +8,6 @@ a concurrency test runs readers, prefetchers, a writer and the write-back thread
 from __future__ import annotations
 
 import faulthandler
-import hashlib
 import random
 import sys
 import tempfile
@@ -28,7 +27,8 @@ from tierstore.errors import BudgetError, CorruptBlockError, MissingBlockError, 
 from tierstore.layout import KVLayout
 from tierstore.manager import Block, TierManager
 from tierstore.policies import POLICIES
-from tierstore.tiers.cold import block_key
+
+from support import key_of, random_layer_kv, same_bits
 
 LAYOUT = KVLayout(num_layers=2, kv_heads=2, head_dim=4, block_tokens=4, dtype=torch.float32)
 BT = LAYOUT.block_tokens
@@ -37,26 +37,9 @@ BB = LAYOUT.block_bytes
 
 # -- helpers -------------------------------------------------------------------------------
 
-def key_of(tag: str, index: int, layer: int) -> bytes:
-    chain = hashlib.blake2b(f"{tag}/{index}".encode(), digest_size=16).digest()
-    return block_key(chain, layer)
-
-
-def bits(x: torch.Tensor) -> torch.Tensor:
-    """Bit pattern of a float32 tensor: compares NaN payloads and -0.0 exactly."""
-    return x.contiguous().view(torch.int32)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(bits(a.cpu()), bits(b.cpu()))
-
-
 def random_kv(gen: torch.Generator, n: int, layout: KVLayout = LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V [kv_heads, n, head_dim] of arbitrary float32 bit patterns (NaNs, infs, -0.0 included)."""
-    shape = (2, layout.kv_heads, n, layout.head_dim)
-    raw = torch.randint(-2**31, 2**31 - 1, shape, generator=gen, dtype=torch.int64).to(torch.int32)
-    kv = raw.view(torch.float32)
-    return kv[0].clone(), kv[1].clone()
+    """K, V [kv_heads, n, head_dim] of arbitrary bit patterns (NaNs, infs, -0.0 included)."""
+    return random_layer_kv(layout, n, gen, kind="bits")
 
 
 def all_blocks(m: TierManager) -> list[Block]:
@@ -345,11 +328,7 @@ test_tier_machine = TierMachine.TestCase
 
 # -- unit tests ----------------------------------------------------------------------------------
 
-@pytest.fixture
-def store(tmp_path):
-    s = tierstore.open(tmp_path / "store", hot=6 * BB, warm=4 * BB, codec="raw")
-    yield s
-    s.close()
+pytestmark = pytest.mark.store(hot=6 * BB, warm=4 * BB, codec="raw")    # the `store` fixture (conftest)
 
 
 def fill(m: TierManager, seq, gen, tokens: int, tag: str | None = None, chunk: int = 5):

@@ -22,21 +22,12 @@ from tierstore.records import SessionRecord
 from tierstore.sessions import Lease
 from tierstore.tiers.schema import DB_NAMES
 
+from support import assert_kv_equal, prefix_kv, random_kv
+
 FP = "fedcba9876543210" * 2
 BT = 16
 LAY = KVLayout(num_layers=2, kv_heads=2, head_dim=8, block_tokens=BT, dtype=torch.float16)
-_INT = {2: torch.int16, 4: torch.int32}
-
-
-def bits(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(_INT[x.element_size()])
-
-
-def random_kv(n: int, seed: int, layout: KVLayout = LAY):
-    g = torch.Generator().manual_seed(seed)
-    shape = (layout.kv_heads, n, layout.head_dim)
-    return [(torch.randn(shape, generator=g).to(layout.dtype), torch.randn(shape, generator=g).to(layout.dtype))
-            for _ in range(layout.num_layers)]
+pytestmark = pytest.mark.store(block_tokens=BT)
 
 
 def ids_for(n: int, seed: int) -> np.ndarray:
@@ -44,18 +35,9 @@ def ids_for(n: int, seed: int) -> np.ndarray:
 
 
 def put(store, name, ids, kv=None, **kw):
-    kv = random_kv(len(ids), int(ids[0]) + len(ids)) if kv is None else kv
+    kv = random_kv(LAY, len(ids), int(ids[0]) + len(ids)) if kv is None else kv
     store.put_session(name, layout=LAY, kv=kv, token_ids=ids, fingerprint=FP, **kw)
     return kv
-
-
-def assert_kv_equal(got, want):
-    for (gk, gv), (wk, wv) in zip(got, want, strict=True):
-        assert torch.equal(bits(gk), bits(wk)) and torch.equal(bits(gv), bits(wv))
-
-
-def prefix_kv(kv, n):
-    return [(k[:, :n], v[:, :n]) for k, v in kv]
 
 
 def count(store, db: str) -> int:
@@ -81,12 +63,6 @@ def write_blocks(store, rec, kv, layers=None) -> None:
         store.sessions.put_blocks(store.encode_blocks(rec, layer, *kv[layer], rec.chains()))
 
 
-@pytest.fixture
-def store(tmp_path):
-    with tierstore.open(tmp_path / "kv", block_tokens=BT) as s:
-        yield s
-
-
 # -- sharing, refs, delete ----------------------------------------------------------------------
 
 
@@ -101,7 +77,7 @@ def test_prefix_sharing_fork_and_delete(store):
     assert set(refs(store).values()) == {2}
 
     ids_b = np.concatenate([ids_a[:3 * BT], ids_for(40, 2)])     # 3 shared + 3 own blocks
-    kv_b_own = random_kv(len(ids_b), 9)
+    kv_b_own = random_kv(LAY, len(ids_b), 9)
     kv_b = [(torch.cat([ka[:, :3 * BT], kb[:, 3 * BT:]], 1), torch.cat([va[:, :3 * BT], vb[:, 3 * BT:]], 1))
             for (ka, va), (kb, vb) in zip(kv_a, kv_b_own)]
     put(store, "b", ids_b, kv_b)
@@ -165,7 +141,7 @@ def test_uncommitted_blocks_are_invisible_orphans_reclaimed_by_gc(store):
     kv_a = put(store, "a", ids_for(40, 6))
     committed = snapshot(store)
     rec = record(store, "pending", ids_for(50, 7))
-    write_blocks(store, rec, random_kv(50, 7))
+    write_blocks(store, rec, random_kv(LAY, 50, 7))
     assert [r.name for r in store.list()] == ["a"]
     assert not store.exists("pending")
     with pytest.raises(SessionNotFoundError):
@@ -183,7 +159,7 @@ def test_uncommitted_blocks_are_invisible_orphans_reclaimed_by_gc(store):
 
 def test_commit_names_every_block(store):
     rec = record(store, "p", ids_for(40, 8))
-    kv = random_kv(40, 8)
+    kv = random_kv(LAY, 40, 8)
     write_blocks(store, rec, kv, layers=[0])                     # layer 1 never written
     before = snapshot(store)
     with pytest.raises(MissingBlockError) as e:
@@ -220,7 +196,7 @@ def test_gc_waits_for_live_writers_unless_forced(store):
     put(store, "a", ids_for(20, 12))
     rec = record(store, "w", ids_for(30, 13))
     lease = store.sessions.acquire("w")
-    write_blocks(store, rec, random_kv(30, 13))                  # a live writer's pending blocks
+    write_blocks(store, rec, random_kv(LAY, 30, 13))                  # a live writer's pending blocks
     report = store.gc()
     assert not report.deleted and report.skipped_live_writers == 1 and report.orphan_blocks > 0
     assert count(store, "blocks") == (2 + 2) * LAY.num_layers
@@ -229,7 +205,7 @@ def test_gc_waits_for_live_writers_unless_forced(store):
     assert store.gc(dry_run=True).orphan_blocks == 0
     # and with force, orphans go even under a lease
     lease = store.sessions.acquire("w2")
-    write_blocks(store, record(store, "w2", ids_for(20, 14)), random_kv(20, 14))
+    write_blocks(store, record(store, "w2", ids_for(20, 14)), random_kv(LAY, 20, 14))
     forced = store.gc(force=True)
     assert forced.deleted and forced.skipped_live_writers == 0
     assert store.gc(dry_run=True).orphan_blocks == 0
@@ -258,7 +234,7 @@ def test_put_over_quota_fails_and_keeps_the_previous_state(tmp_path):
         assert s.config.cold_bytes == used + 64 * 1024
         before = s.sessions.records()
         with pytest.raises(QuotaExceededError, match="quota"):
-            s.put_session("b", layout=big, kv=random_kv(400, 17, big), token_ids=ids_for(400, 17),
+            s.put_session("b", layout=big, kv=random_kv(big, 400, 17), token_ids=ids_for(400, 17),
                           fingerprint=FP)
         assert not s.exists("b") and [r.name for r in s.list()] == ["a"]
         assert_kv_equal(s.load_session("a")[1], kv_a)
@@ -275,7 +251,7 @@ def test_commit_over_quota_fails_atomically(tmp_path):
     with tierstore.open(path, block_tokens=BT) as s:
         put(s, "a", ids_for(40, 19))
         rec = record(s, "b", ids_for(40, 20))
-        write_blocks(s, rec, random_kv(40, 20))
+        write_blocks(s, rec, random_kv(LAY, 40, 20))
         used = s.cold.used_bytes()
     with tierstore.open(path, cold=used + 128 * 1024) as s:
         before = snapshot(s)

@@ -18,6 +18,8 @@ from tierstore.records import BlockSummary
 from tierstore.sketch import CALIB_TOKENS, Basis, basis_key, sketch_score
 from tierstore.sparse import SparseConfig, select
 
+from support import tiny
+
 BT = 8
 LAY = KVLayout(num_layers=2, kv_heads=2, head_dim=16, block_tokens=BT, dtype=torch.float32)
 
@@ -169,11 +171,7 @@ def test_calibration_fits_stores_and_sketches_every_block(tmp_path):
 
 def test_sketches_survive_a_commit_and_a_reopen_and_rank_the_same(tmp_path):
     from tierstore.adapters.hf import TieredCache
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = tiny(max_position_embeddings=2048)
     ids = torch.randint(1, 128, (1, CALIB_TOKENS + 200))
     q = torch.randn(2, 2, 16)
     sc = SparseConfig(budget_tokens=8 * BT)

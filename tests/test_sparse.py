@@ -3,9 +3,11 @@ full budget, padding, the exact switch."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import DynamicCache
 
 import tierstore
 from tierstore.adapters.hf import TieredCache
@@ -16,20 +18,13 @@ from tierstore.reader import SeqReader
 from tierstore.sparse import SparseConfig, attend_selected, select_blocks
 from tierstore.tiers.cold import block_key
 
+from support import greedy, tiny
+
 SPARSE = sorted(n for n, c in POLICIES.items() if not c.selects_all)
 BT = 8
 
 
-def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-def gen(model, ids, cache, **kw):
-    return model.generate(ids, cache=cache, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                          pad_token_id=0, max_new_tokens=12, **kw)
+gen = functools.partial(greedy, max_new_tokens=12)
 
 
 def summaries(n=10, heads=2, d=4, mass=None, kmin=None, kmax=None) -> Summaries:

@@ -35,8 +35,9 @@ from tierstore.sessions import SessionStore
 from tierstore.tiers.cold import ColdStore
 from tierstore.tiers.schema import DB_NAMES, block_key
 
+from support import assert_kv_equal, bits, file_digest, random_kv
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-_INT = {2: torch.int16, 4: torch.int32}
 FP = "0123456789abcdef" * 2
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,47 +45,20 @@ REPO = Path(__file__).resolve().parent.parent
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def bits(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(_INT[x.element_size()])
-
-
-def random_kv(layout: KVLayout, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Random bit patterns (NaN payloads, -0.0, infs included): only a bit-exact path survives."""
-    g = np.random.default_rng(seed)
-    item = torch.empty((), dtype=layout.dtype).element_size()
-    shape = (layout.kv_heads, n, layout.head_dim)
-    size = int(np.prod(shape)) * item
-
-    def one():
-        return torch.from_numpy(g.integers(0, 256, size, dtype=np.uint8)).view(layout.dtype).reshape(shape)
-    return [(one(), one()) for _ in range(layout.num_layers)]
-
-
 def ids_for(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed + 1000).integers(0, 49_152, n)
 
 
 def put(store, name, layout, n, seed=0, ids=None, **kw):
-    kv = random_kv(layout, n, seed)
+    kv = random_kv(layout, n, seed, kind="bits")
     ids = ids_for(n, seed) if ids is None else ids
     rec = store.put_session(name, layout=layout, kv=kv, token_ids=ids, fingerprint=FP, **kw)
     return rec, kv
 
 
-def assert_kv_equal(got, want):
-    assert len(got) == len(want)
-    for (gk, gv), (wk, wv) in zip(got, want):
-        assert gk.shape == wk.shape and gk.dtype == wk.dtype
-        assert torch.equal(bits(gk), bits(wk)) and torch.equal(bits(gv), bits(wv))
-
-
 def entries(store_or_cold, db: str) -> int:
     cold = getattr(store_or_cold, "cold", store_or_cold)
     return cold.entries(db)
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256((path / "data.mdb").read_bytes()).hexdigest()
 
 
 def run_py(code: str, *args: str, timeout: int = 120, **kw) -> subprocess.CompletedProcess:
@@ -93,12 +67,7 @@ def run_py(code: str, *args: str, timeout: int = 120, **kw) -> subprocess.Comple
 
 
 LAY = KVLayout(num_layers=2, kv_heads=2, head_dim=8, block_tokens=16, dtype=torch.bfloat16)
-
-
-@pytest.fixture
-def store(tmp_path):
-    with tierstore.open(tmp_path / "kv", block_tokens=16) as s:
-        yield s
+pytestmark = pytest.mark.store(block_tokens=16)
 
 
 # -- round trips --------------------------------------------------------------------------------
@@ -149,7 +118,7 @@ def test_roundtrip_property(store, layers, heads, head_dim, bt, n, dtype, codec,
 
 
 def test_put_session_rejects_shapes_that_do_not_match_the_layout(store):
-    kv = random_kv(LAY, 20, 0)
+    kv = random_kv(LAY, 20, 0, kind="bits")
     with pytest.raises(ModelMismatchError):
         store.put_session("x", layout=LAY, kv=kv[:1], token_ids=ids_for(20, 0), fingerprint=FP)
     with pytest.raises(ModelMismatchError, match="layer 1"):
@@ -342,7 +311,7 @@ def kv_digest(kv) -> str:
 def test_readers_in_another_process_see_only_committed_data(store):
     _, kv_a = put(store, "a", LAY, 40, seed=1)
     # b: blocks written (orphans), record not yet committed
-    kv_b = random_kv(LAY, 50, 2)
+    kv_b = random_kv(LAY, 50, 2, kind="bits")
     rec_b = SessionRecord(name="b", layout=LAY, fingerprint=FP, fingerprint_fields={},
                           codec=store.config.codec, token_ids=ids_for(50, 2))
     for layer, (k, v) in enumerate(kv_b):
@@ -427,7 +396,7 @@ def test_readonly_reads_and_refuses_every_write(tmp_path):
         _, kv = put(s, "a", LAY, 40)
         rec = SessionRecord(name="o", layout=LAY, fingerprint=FP, fingerprint_fields={},
                             codec=s.config.codec, token_ids=ids_for(20, 5))
-        kv_o = random_kv(LAY, 20, 5)
+        kv_o = random_kv(LAY, 20, 5, kind="bits")
         s.sessions.put_blocks(s.encode_blocks(rec, 0, *kv_o[0], rec.chains()))  # an orphan to gc
     before = file_digest(path)
     files = sorted(p.name for p in path.iterdir())
