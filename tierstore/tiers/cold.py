@@ -28,9 +28,8 @@ import errno
 import logging
 import os
 import threading
-import types
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Callable
 
 import lmdb
@@ -274,12 +273,6 @@ class ColdStore:
         except KeyError:
             raise KeyError(f"{name!r} is not a sub-database of a tierstore store "
                            f"({', '.join(DB_NAMES)})") from None
-
-    @property
-    def dbs(self) -> Mapping[str, object]:
-        """Read-only name -> handle map. Deprecated: only ``seqops`` reads it until its rewrite;
-        use ``db(name)``, ``get(..., txn=)`` or ``cursor(txn, name)``."""
-        return types.MappingProxyType(self._dbs)
 
     def cursor(self, txn: lmdb.Transaction, name: str) -> lmdb.Cursor:
         """A cursor over sub-database ``name`` inside ``txn``."""

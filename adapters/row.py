@@ -1,0 +1,60 @@
+"""One batch row of a ``TieredCache``: its manager sequence and what it knows of its tokens.
+
+transformers keeps per-layer state in per-layer objects under ``Cache.layers``; a TieredCache
+keeps per-*row* state in ``Row`` objects the same way (name, sequence, token ids, left padding,
+chain hashes, last sparse selections), so that reordering, forking or dropping rows (beam
+search, ``num_return_sequences``) moves one object instead of syncing parallel lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tierstore.chain import chain_hashes
+from tierstore.reader import SeqReader
+
+
+class Row:
+    """A batch row. ``seq`` is None until the first forward creates the row's sequence."""
+
+    __slots__ = ("name", "seq", "token_ids", "pad", "chains", "selected", "head_masks", "attended")
+
+    def __init__(self, name: str, seq=None, token_ids: Sequence[int] = (), pad: int = 0,
+                 chains: Sequence[bytes] = ()) -> None:
+        self.name = name
+        self.seq = seq
+        self.token_ids: list[int] = list(token_ids)    # ids whose KV is (being) stored
+        self.pad = pad                                  # left padding tokens
+        self.chains: list[bytes] = list(chains)         # chain hash of every full block of token_ids
+        self.selected: dict[int, list[int]] = {}        # layer -> blocks the last sparse step attended
+        self.head_masks: dict[int, torch.Tensor | None] = {}  # layer -> per-head mask of those
+        self.attended: dict[int, int] = {}              # layer -> tokens a head attended at the last step
+
+    def reader(self, mgr) -> SeqReader:
+        return SeqReader(mgr, self.seq)
+
+    def extend(self, ids: Sequence[int], root: bytes, block_tokens: int, approx_from: int | None) -> None:
+        """The ids of tokens whose KV this forward appends; chains follow."""
+        self.token_ids.extend(ids)
+        self.rehash(root, block_tokens, approx_from)
+
+    def rehash(self, root: bytes, block_tokens: int, approx_from: int | None) -> None:
+        self.chains = chain_hashes(root, self.token_ids, block_tokens, approx_from)
+        self.share_chains(block_tokens)
+
+    def share_chains(self, block_tokens: int) -> None:
+        """Hand the full-block chains to the manager sequence (its blocks are keyed at seal)."""
+        if self.seq is not None:
+            self.seq.chains = self.chains[:len(self.token_ids) // block_tokens]
+
+    def truncate(self, length: int, block_tokens: int) -> None:
+        self.token_ids = self.token_ids[:length]
+        self.chains = self.chains[:length // block_tokens]
+
+    def fork(self, seq) -> "Row":
+        """A copy of this row over ``seq`` (a clone of its sequence)."""
+        r = Row(self.name, seq, self.token_ids, self.pad, self.chains)
+        r.selected, r.head_masks, r.attended = dict(self.selected), dict(self.head_masks), dict(self.attended)
+        return r

@@ -1,0 +1,85 @@
+"""SeqReader: what attention sees of a sequence. Whatever the tier of each block (hot, warm read
+in place, cold recalled in groups), a span or a selection holds the stored bits in position
+order, and every pin is given back when the read ends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import key_of, random_layer_kv, same_bits
+
+from tierstore.layout import KVLayout
+from tierstore.reader import SeqReader
+
+LAY = KVLayout(num_layers=1, kv_heads=2, head_dim=4, block_tokens=4, dtype=torch.bfloat16)
+BT, BB = LAY.block_tokens, LAY.block_bytes
+N = 37  # 9 full blocks and a partial one
+
+
+def _sequence(store, n: int = N, durable: bool = True):
+    m = store.manager
+    k, v = random_layer_kv(LAY, n, 3, kind="bits")
+    seq = m.open_sequence("r", LAY, "cpu")
+    m.append(seq, 0, k, v)
+    if durable:
+        m.set_keys(seq, {i: [key_of("r", i, 0)] for i in range(n // BT)})
+        m.flush(seq)
+    return m, seq, k, v
+
+
+def _no_pins(seq) -> bool:
+    return all(b.pins == 0 for layer in seq.layers for b in layer)
+
+
+def _cold_only(store, n: int):
+    """A sequence of ``n`` full blocks whose blocks are only in cold (as after a resume)."""
+    m, writer, k, v = _sequence(store, n * BT)
+    m.close_sequence(writer)
+    seq = m.open_sequence("reader", LAY, "cpu")
+    for i in range(n):
+        m.adopt(seq, 0, i, BT, key_of("r", i, 0), None)
+    return m, seq, k, v
+
+
+@pytest.mark.parametrize("where", ["hot", "warm", "cold"])
+def test_span_holds_the_stored_bits_in_position_order(store_factory, where):
+    hot_blocks = {"hot": 64, "warm": 4, "cold": 5}[where]
+    st = store_factory(hot=hot_blocks * BB, warm=8 * BB, block_tokens=BT, codec="raw")
+    m, seq, k, v = _cold_only(st, 10) if where == "cold" else _sequence(st)
+    n = 10 * BT if where == "cold" else N
+    r = SeqReader(m, seq)
+    assert r.length(0) == n and r.n_blocks(0) == 10
+    for start, stop in [(0, 10), (2, 7), (9, 10), (0, 1)]:
+        with r.span(0, start, stop) as (sk, sv):
+            lo, hi = start * BT, min(n, stop * BT)
+            assert same_bits(sk, k[:, lo:hi]) and same_bits(sv, v[:, lo:hi])
+        assert _no_pins(seq)
+    c = st.manager.counters
+    assert {"hot": c.warm_in_place == 0, "warm": c.warm_in_place > 0,
+            "cold": c.promotions.get("cold", 0) >= 10}[where]
+
+
+def test_a_span_in_one_run_is_a_view_of_the_pool(store_factory):
+    st = store_factory(hot=64 * BB, warm=4 * BB, block_tokens=BT)
+    m, seq, _, _ = _sequence(st, durable=False)
+    r = SeqReader(m, seq)
+    pool = seq.hot
+    lo, hi = pool.kv.data_ptr(), pool.kv.data_ptr() + pool.kv.numel() * pool.kv.element_size()
+    with r.span(0, 0, 10) as (sk, _):
+        assert lo <= sk.data_ptr() < hi  # no copy: the blocks sit in consecutive slots
+
+
+def test_select_gathers_in_block_order_with_positions_and_valid_tokens(store_factory):
+    st = store_factory(hot=4 * BB, warm=16 * BB, block_tokens=BT)
+    m, seq, k, v = _sequence(st, durable=False)
+    r = SeqReader(m, seq)
+    ids = [0, 3, 4, 9]  # blocks in hot and warm; 9 is the partial tail (1 token)
+    assert {b.hot is not None for b in (seq.layers[0][i] for i in ids)} == {True, False}
+    with r.acquire(0, ids) as got:
+        sk, sv, pos, valid = r.select(got, torch.device("cpu"))
+    want = torch.cat([torch.arange(i * BT, (i + 1) * BT) for i in ids])
+    assert torch.equal(pos, want)
+    assert valid is not None and int(valid.sum()) == 3 * BT + 1
+    real = pos[valid]
+    assert same_bits(sk[:, valid], k[:, real]) and same_bits(sv[:, valid], v[:, real])
+    assert _no_pins(seq)
