@@ -11,6 +11,7 @@ return value), streaming every block through an online-softmax merge.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 NAME = "tierstore"
-_ACTIVE = threading.local()  # the TieredCache whose update() ran last in this thread
+_ACTIVE = threading.local()  # (a weak reference to) the TieredCache whose update() ran last in this thread
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ def logical_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
 def tiered_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """query: [batch, heads, q, head_dim] -> (out [batch, q, heads, head_dim], None)."""
-    cache = getattr(_ACTIVE, "cache", None)
+    ref = getattr(_ACTIVE, "cache", None)
+    cache = ref() if ref is not None else None
     if cache is None:
         raise RuntimeError("tierstore attention called without a TieredCache in this forward; "
                            "pass cache=TieredCache(...) or use another attn_implementation")
@@ -76,4 +78,5 @@ def register() -> None:
 
 
 def set_active(cache) -> None:
-    _ACTIVE.cache = cache
+    """Weakly: the last active cache of a thread must not outlive its user (its slots, leases)."""
+    _ACTIVE.cache = weakref.ref(cache)

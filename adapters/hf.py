@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,9 +23,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tierstore.chain import chain_hashes, root_hash
 from tierstore.codec import CodecConfig
-from tierstore.errors import (ModelMismatchError, SessionExistsError, TierstoreError,
+from tierstore.errors import (ModelMismatchError, ReadOnlyCacheError, SessionExistsError, TierstoreError,
                               TokenMismatchError)
 from tierstore.layout import check_session_name, parse_size
+from tierstore.lifecycle import release
 from tierstore.records import BlockSummary, SessionRecord
 from tierstore.tiers.cold import block_key
 
@@ -45,7 +48,9 @@ class TieredLayer(CacheLayerMixin):
 
     def __init__(self, cache: "TieredCache", idx: int) -> None:
         super().__init__()
-        self.cache, self.idx = cache, idx
+        # a proxy: the cache -> layers -> cache cycle would leave a dropped cache to the cycle
+        # collector (whenever, wherever it runs); without it the cache goes when its last user drops it
+        self.cache, self.idx = weakref.proxy(cache), idx
 
     def lazy_initialization(self, key_states, value_states) -> None:  # pragma: no cover - via cache
         self.is_initialized = True
@@ -67,6 +72,83 @@ class TieredLayer(CacheLayerMixin):
         return len(self.cache.seqs) if self.cache.seqs else -1
 
 
+# -- lifecycle helpers -------------------------------------------------------------------------
+
+_ATTN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [its implementation before, open caches]
+_ATTN_LOCK = threading.RLock()  # an RLock: ``release`` can tell that this thread holds it
+
+
+def _hold_attention(model) -> None:
+    """Switch ``model`` to the tierstore attention while any of its caches is open (counted per
+    model: caches closed or dropped in any order restore the implementation only after the last)."""
+    with _ATTN_LOCK:
+        ent = _ATTN.get(model)
+        prev = ent[0] if ent is not None else model.config._attn_implementation
+        model.set_attn_implementation(attn.NAME)
+        if ent is None:
+            ent = _ATTN[model] = [prev, 0]
+        ent[1] += 1
+
+
+def _drop_attention(model) -> None:
+    with _ATTN_LOCK:
+        ent = _ATTN.get(model)
+        if ent is None:
+            return
+        ent[1] -= 1
+        if ent[1] <= 0:
+            del _ATTN[model]
+            model.set_attn_implementation(ent[0])
+
+
+def _weak_hook(cache: "TieredCache", method: str):
+    """A model hook that calls ``cache.<method>`` without keeping the cache alive."""
+    ref = weakref.ref(cache)
+
+    def hook(*args, **kwargs):
+        c = ref()
+        return None if c is None else getattr(c, method)(*args, **kwargs)
+    return hook
+
+
+class _Held:
+    """What a TieredCache gives back, apart from the cache so that the finalizer of a cache
+    dropped without ``close()`` can give it back (it must not reference the cache): the manager
+    sequences of its rows, its writer leases, the model's hooks and attention implementation."""
+
+    __slots__ = ("mgr", "sessions", "model", "seqs", "leases", "hooks", "attention")
+
+    def __init__(self, mgr, sessions, model) -> None:
+        self.mgr, self.sessions, self.model = mgr, sessions, model
+        self.seqs: list = []      # the cache's rows (``TieredCache.seqs`` reads and writes this list)
+        self.leases: list = []
+        self.hooks: list = []
+        self.attention = False    # holds the model's attention implementation (``_hold_attention``)
+
+    def release(self) -> None:
+        """Idempotent. Uncommitted KV of the rows is dropped (``close()`` commits first)."""
+        hooks, self.hooks = self.hooks, []
+        for h in hooks:
+            h.remove()
+        if self.attention:
+            self.attention = False
+            _drop_attention(self.model)
+        seqs, self.seqs = self.seqs, []
+        try:
+            for seq in seqs:
+                self.mgr.close_sequence(seq, flush=False)
+        finally:
+            leases, self.leases = self.leases, []
+            for lease in leases:
+                self.sessions.release(lease)
+
+
+def _cache_dropped(held: _Held, what: str) -> None:
+    """The finalizer of a TieredCache dropped without ``close()`` (see ``tierstore.lifecycle``)."""
+    log.debug("%s: TieredCache dropped without close(); giving its slots and leases back", what)
+    release(held.release, what=f"cache {what}", locks=[held.mgr._lock, _ATTN_LOCK])
+
+
 class TieredCache(Cache):
     """A transformers Cache over a tierstore ``Store``.
 
@@ -79,6 +161,11 @@ class TieredCache(Cache):
     ``per_head``: every KV head selects its own blocks (None: the policy's default).
     hot/warm: this cache's share of the store's budgets (default: all that is left).
     auto_commit_blocks: commit after this many newly sealed blocks (None: off).
+    readonly (``resume`` only): attend to a committed session without its writer lease (another
+    cache may hold it); new tokens stay in memory and ``commit()`` raises ``ReadOnlyCacheError``.
+
+    ``close()`` (or ``with``) commits (``commit_on_close``) and gives the slots, the leases and the
+    model back; a cache dropped without it gives them back when it is collected, uncommitted.
     """
 
     def __init__(self, store, model, session: str | Sequence[str] | None = None, *, policy: str = "exact",
@@ -89,8 +176,13 @@ class TieredCache(Cache):
                  codec: str | CodecConfig | None = None, overwrite: bool = False,
                  auto_commit_blocks: int | None = None, commit_on_close: bool = True,
                  model_name: str | None = None, tokenizer_name: str | None = None,
-                 _resume: SessionRecord | None = None) -> None:
+                 readonly: bool = False, _resume: SessionRecord | None = None) -> None:
+        if readonly and _resume is None:
+            raise ValueError("readonly=True is for TieredCache.resume(...): a new cache has nothing to read")
+        if readonly and auto_commit_blocks:
+            raise ValueError("a read-only cache never commits: auto_commit_blocks needs readonly=False")
         self.store, self.model = store, model
+        self.readonly = readonly
         self.layout = kv_layout(model, store.config.block_tokens)
         super().__init__(layers=[TieredLayer(self, i) for i in range(self.layout.num_layers)])
         self.names = list(session) if isinstance(session, (list, tuple)) else [] if session is None else [session]
@@ -116,6 +208,11 @@ class TieredCache(Cache):
         self.model_name = model_name or getattr(model.config, "_name_or_path", None) or None
         self.tokenizer_name = tokenizer_name or self.model_name
         self.mgr = store.manager
+        self._held = _Held(self.mgr, store.sessions, model)
+        self._finalizer = weakref.finalize(self, _cache_dropped, self._held, ",".join(self.names) or "<memory>")
+        self._finalizer.atexit = False
+        if readonly:
+            self.commit_on_close = False
         self.lengths = [0] * self.layout.num_layers
         self.seqs: list = []                     # one manager sequence per batch row
         self.token_ids: list[list[int]] = []     # per row: ids whose KV is (being) stored
@@ -124,7 +221,6 @@ class TieredCache(Cache):
         self.ids_known = True
         self._chains: list[list[bytes]] = []
         self._committed_blocks = 0
-        self._leases = []
         self._closed = False
         self._created = time.time()
         self.meta: dict = dict(_resume.meta) if _resume is not None else {}  # kept in the record
@@ -134,20 +230,31 @@ class TieredCache(Cache):
                     raise SessionExistsError("session exists; use TieredCache.resume(...) or overwrite=True",
                                              session=n)
         self._prev_attn = model.config._attn_implementation
-        self._hooks = []
         try:
-            for n in self.names:
-                self._leases.append(store.sessions.acquire(n))
+            for n in ([] if readonly else self.names):
+                self._held.leases.append(store.sessions.acquire(n))
             attn.register()
-            model.set_attn_implementation(attn.NAME)
-            self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-                           model.register_forward_hook(self._post_forward, with_kwargs=True)]
+            _hold_attention(model)
+            self._held.attention = True
+            self._held.hooks = [
+                model.register_forward_pre_hook(_weak_hook(self, "_pre_forward"), with_kwargs=True),
+                model.register_forward_hook(_weak_hook(self, "_post_forward"), with_kwargs=True)]
             if _resume is not None:
                 self._adopt(_resume)
         except BaseException:  # e.g. a damaged block on resume: unhook the model, release the leases
             self.commit_on_close = False
             self.close()
             raise
+
+    @property
+    def seqs(self) -> list:
+        """One manager sequence per batch row (kept in ``_held``, which closes them if the cache
+        is dropped without ``close()``)."""
+        return self._held.seqs
+
+    @seqs.setter
+    def seqs(self, rows: list) -> None:
+        self._held.seqs = rows
 
     # -- transformers Cache API ------------------------------------------------------------
 
@@ -347,6 +454,8 @@ class TieredCache(Cache):
     def _share_chains(self) -> None:
         """Hand each row's full-block chains to its manager sequence (keys at seal time)."""
         full = [len(ids) // self.layout.block_tokens for ids in self.token_ids]
+        if self.readonly:  # new blocks get no cold key: never written, so never left to gc as orphans
+            full = [min(f, self._committed_blocks) for f in full]
         for r, seq in enumerate(self.seqs):
             if r < len(self._chains):
                 seq.chains = self._chains[r][:full[r]]
@@ -373,6 +482,9 @@ class TieredCache(Cache):
 
         ``token_ids`` (manual loops without the pre-hook): the ids whose KV the cache holds.
         """
+        if self.readonly:
+            raise ReadOnlyCacheError(f"session {self.names[0]!r} was resumed read-only (no writer lease): it "
+                                     "cannot be committed; store.fork() it and resume the copy to write")
         if not self.names:
             raise TierstoreError("this TieredCache has no session name; nothing to commit")
         if len(self.seqs) > 1 and len(self.names) != len(self.seqs):
@@ -419,8 +531,12 @@ class TieredCache(Cache):
 
     @classmethod
     def resume(cls, store, model, session: str, *, policy: str = "exact", budget_tokens: int | None = None,
-               hot: int | str | None = None, warm: int | str | None = None, **kw) -> "TieredCache":
-        """Restore a committed session without re-running its prefill."""
+               hot: int | str | None = None, warm: int | str | None = None, readonly: bool = False,
+               **kw) -> "TieredCache":
+        """Restore a committed session without re-running its prefill.
+
+        readonly: attend without taking the session's writer lease (e.g. while an open cache of
+        this process writes it); such a cache never commits (``ReadOnlyCacheError``)."""
         rec = store.session(session)
         fp, fields = model_fingerprint(model)
         if rec.fingerprint != fp:
@@ -431,7 +547,8 @@ class TieredCache(Cache):
         if lay != rec.layout:
             raise ModelMismatchError(f"session {session!r}: stored layout {rec.layout} != model's {lay}")
         return cls(store, model, session, policy=policy, budget_tokens=budget_tokens, hot=hot, warm=warm,
-                   codec=rec.codec, model_name=rec.model_name, tokenizer_name=rec.tokenizer_name, _resume=rec, **kw)
+                   codec=rec.codec, model_name=rec.model_name, tokenizer_name=rec.tokenizer_name, readonly=readonly,
+                   _resume=rec, **kw)
 
     def _adopt(self, rec: SessionRecord) -> None:
         device = next(self.model.parameters()).device
@@ -485,13 +602,9 @@ class TieredCache(Cache):
             if self.commit_on_close and self.names and self.seqs and self.lengths[0] and self.ids_known:
                 self.commit()
         finally:
-            for h in self._hooks:
-                h.remove()
-            self.model.set_attn_implementation(self._prev_attn)
-            self._drop_rows()
-            for lease in self._leases:
-                self.store.sessions.release(lease)
-            self._leases = []
+            self._finalizer.detach()
+            self._held.release()  # hooks, attention implementation, rows, leases
+            self.token_ids, self.pads, self._chains = [], [], []
 
     def __enter__(self) -> "TieredCache":
         return self

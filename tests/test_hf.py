@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ from transformers import DynamicCache
 
 import tierstore
 from tierstore.adapters.hf import TieredCache
-from tierstore.errors import ModelMismatchError, SessionExistsError, TokenMismatchError
+from tierstore.adapters.fingerprint import kv_layout
+from tierstore.errors import (ModelMismatchError, ReadOnlyCacheError, SessionBusyError, SessionExistsError,
+                              TokenMismatchError)
 
 from support import greedy as gen, max_dlogit, tiny
 
@@ -297,3 +301,139 @@ def test_attention_scratch_comes_out_of_the_hot_budget(tmp_path):
         piece = max(BT, pool.scratch_bytes // (4 * TEMPORARIES * rows) // BT * BT)
         assert 4 * TEMPORARIES * rows * piece <= pool.scratch_bytes
     assert (logits - ref).abs().max() < 1e-4
+
+
+# -- lifecycle: caches dropped without close(), idle caches, read-only resume ---------------------
+
+
+def _request(model, st, name, ids):
+    """One request of a server loop: a cache, a prefill, a commit; never closed."""
+    cache = TieredCache(st, model, session=name)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    cache.commit()
+    return cache
+
+
+def _kv_equal(a, b) -> bool:
+    return all(torch.equal(x, y) for (ka, va), (kb, vb) in zip(a, b) for x, y in ((ka, kb), (va, vb)))
+
+
+def _continuation(model, ids, extra=(5,)):
+    """DynamicCache's continuation of ``ids`` + ``extra`` (while no TieredCache is open on the model)."""
+    return gen(model, torch.cat([ids, torch.tensor([extra])], 1), DynamicCache(), max_new_tokens=4)
+
+
+def _continues_like(model, cache, ref, extra=(5,)) -> bool:
+    out = gen(model, cache.full_ids(list(extra)), cache, max_new_tokens=4)
+    return torch.equal(out.sequences, ref.sequences) and max_dlogit(out, ref) < 1e-4
+
+
+def test_dropped_caches_give_their_slots_back(tmp_path):
+    """One cache per 200-token request, committed, dropped without close(), on a store whose hot
+    pool holds 4 blocks (one request's layer): every request runs, a dropped cache leaves no
+    slot, hook, attention switch or lease behind, and every session resumes bit-exact."""
+    model = tiny()
+    attn_before = model.config._attn_implementation
+    reqs = {f"r{i}": torch.randint(1, 128, (1, 200)) for i in range(10)}
+    refs = {name: _continuation(model, reqs[name]) for name in ("r0", "r9")}
+    snaps = {}
+    with tierstore.open(tmp_path / "kv", hot=65536, warm=131072) as st:
+        for name, ids in reqs.items():
+            cache = _request(model, st, name, ids)
+            assert cache.seqs[0].hot.slots == 4
+            alive = weakref.ref(cache)
+            snaps[name] = st.load_session(name)[1]
+            del cache
+            gc.collect()
+            assert alive() is None                                     # nothing kept the cache alive
+            u = st.manager.usage()
+            assert u["hot_blocks"] == 0 and u["warm_blocks"] == 0    # its slots are back
+            assert not model._forward_pre_hooks and not model._forward_hooks
+            assert model.config._attn_implementation == attn_before
+            assert st.sessions.live_leases() == []
+        for name, ids in reqs.items():
+            rec, kv = st.load_session(name)
+            assert rec.token_ids.tolist() == ids[0].tolist() and _kv_equal(kv, snaps[name])
+        for name in ("r0", "r9"):
+            with TieredCache.resume(st, model, name) as cache:       # the writer lease is free
+                assert _continues_like(model, cache, refs[name])
+
+
+def test_idle_caches_make_room_with_their_durable_blocks(tmp_path):
+    """Caches kept open but idle (a server's sessions between turns): their committed blocks,
+    partial tails included, are demoted to make room for the active cache, and an idle cache
+    promotes its tail back when it continues."""
+    model = tiny()
+    reqs = {f"r{i}": torch.randint(1, 128, (1, 200)) for i in range(10)}
+    refs = {name: _continuation(model, reqs[name]) for name in ("r0", "r5")}
+    with tierstore.open(tmp_path / "kv", hot=65536, warm=131072) as st:
+        idle, snaps = [], {}
+        for name, ids in reqs.items():
+            idle.append(_request(model, st, name, ids))
+            snaps[name] = st.load_session(name)[1]
+            assert st.manager.usage()["hot_blocks"] <= 4
+        tail = idle[0].seqs[0].layers[0][-1]
+        assert not tail.sealed and tail.hot is None                 # r0's committed tail was demoted
+        assert _continues_like(model, idle[0], refs["r0"])          # ... and comes back to grow
+        for c in idle[1:]:
+            c.close()
+        idle[0].close()
+        for name, ids in reqs.items():
+            if name != "r0":
+                assert _kv_equal(st.load_session(name)[1], snaps[name])
+        with TieredCache.resume(st, model, "r5") as cache:
+            assert _continues_like(model, cache, refs["r5"])
+
+
+def test_resume_of_a_session_this_process_holds(store, tmp_path):
+    """The writer lease is held by an open cache of this very process: the error says so and
+    names the ways out; a read-only resume attends without the lease and never commits."""
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 29))
+    ref = gen(model, ids, DynamicCache(), max_new_tokens=12)
+    with store(model) as st:
+        writer = TieredCache(st, model, session="chat")
+        first = gen(model, ids, writer, max_new_tokens=6)
+        writer.commit()
+        with pytest.raises(SessionBusyError, match=rf"this process \(pid {os.getpid()}\) holds it, through a "
+                                                   r"TieredCache still open.*close\(\).*readonly=True.*fork"):
+            TieredCache.resume(st, model, "chat")
+        orphans = st.gc(dry_run=True).orphan_blocks
+        with TieredCache.resume(st, model, "chat", readonly=True) as reader:
+            out = gen(model, first.sequences, reader, max_new_tokens=6)
+            with pytest.raises(ReadOnlyCacheError, match="read-only.*fork"):
+                reader.commit()
+        assert torch.equal(out.sequences, ref.sequences)
+        assert st.gc(dry_run=True).orphan_blocks == orphans        # the reader wrote no block
+        assert [x.token for x in st.sessions.live_leases()] == [writer._held.leases[0].token]
+        assert writer.commit()[0].length == 34                     # the writer still writes
+        writer.close()
+        TieredCache.resume(st, model, "chat").close()               # free once it is closed
+        with pytest.raises(ValueError, match="resume"):
+            TieredCache(st, model, session="new", readonly=True)
+    with store(model, readonly=True) as st:                         # a read-only store: readers only
+        with TieredCache.resume(st, model, "chat", readonly=True) as reader:
+            out = gen(model, first.sequences, reader, max_new_tokens=6)
+        assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_slot_bytes_past_a_blocks_tokens_are_never_read(store):
+    """Pools are not zeroed (they take memory as blocks arrive), so a slot's bytes past its
+    block's tokens are stale or were never written. Poisoned with NaN, exact and sparse attention
+    (one selection per layer, and per head) still give the unpoisoned tokens and logits."""
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 45))
+    for kw in ({}, dict(policy="h2o", budget_tokens=32), dict(policy="quest", budget_tokens=32, per_head=True)):
+        outs = []
+        for poison in (False, True):
+            with store(model) as st:
+                pools = st.manager.prepare(kv_layout(model, BT), "cpu")
+                if poison:
+                    for p in pools:
+                        p.kv.fill_(float("nan"))
+                with TieredCache(st, model, **kw) as cache:
+                    outs.append(gen(model, ids, cache))
+        clean, poisoned = outs
+        assert all(bool(torch.isfinite(x).all()) for x in poisoned.scores), kw
+        assert torch.equal(poisoned.sequences, clean.sequences) and max_dlogit(poisoned, clean) < 1e-5, kw

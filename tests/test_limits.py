@@ -414,3 +414,133 @@ def test_a_closed_store_gives_its_pools_back(tmp_path, model):
     gc.collect()
     assert all(r() is None for r in tensors)                  # ... and are gone with the store
     del cache
+
+
+# -- dropped without close(): finalizers; pools take memory as blocks arrive ---------------------
+
+
+def _tierstore_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("tierstore-") and t.is_alive()}
+
+
+def test_a_dropped_store_gives_back_its_pools_threads_and_path(tmp_path, model):
+    """A Store (and a TieredCache on it) dropped without close(): once collected, its pools and
+    worker threads are gone and the path opens again (LMDB opens a file once per process), with
+    no lease left behind. Checked through weak references and thread objects, not timing."""
+    import weakref
+
+    path = str(tmp_path / "kv")
+    before = _tierstore_threads()
+    for i in range(3):
+        store = tierstore.open(path, hot="4MiB", warm="8MiB", block_tokens=cw.BLOCK_TOKENS)
+        cache = TieredCache(store, model, session=f"s{i}")
+        generate(model, cache, torch.arange(1, 40), 3)
+        cache.commit()
+        mine = _tierstore_threads() - before
+        assert mine                                             # the manager's writer, encoders, ...
+        pools = list(store.manager._hot.values()) + list(store.manager._warm.values())
+        refs = [weakref.ref(store), weakref.ref(cache)] + [weakref.ref(p.kv) for p in pools]
+        del cache, store, pools
+        gc.collect()
+        assert all(r() is None for r in refs)                   # store, cache and pool buffers are gone
+        assert not any(t.is_alive() for t in mine)              # ... and so are its threads
+        assert not model._forward_pre_hooks and not model._forward_hooks
+    assert _tierstore_threads() <= before
+    with tierstore.open(path, block_tokens=cw.BLOCK_TOKENS) as st:  # the path opens again
+        assert sorted(r.name for r in st.list()) == ["s0", "s1", "s2"]
+        assert st.sessions.live_leases() == []                  # no lease outlived its store
+        TieredCache.resume(st, model, "s2").close()
+
+
+def test_closing_a_store_under_an_open_cache_releases_its_leases(tmp_path, model):
+    path = str(tmp_path / "kv")
+    st = cw.open_store(path, model)
+    cache = TieredCache(st, model, session="open")
+    generate(model, cache, torch.arange(1, 20), 2)
+    st.close()                                                  # the cache was never closed
+    with cw.open_store(path, model) as st2:
+        assert st2.sessions.live_leases() == []
+        TieredCache(st2, model, session="open").close()         # a writer of this process gets it
+    del cache
+
+
+def _rss_anon_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc/self/status (Linux)")
+def test_pools_take_memory_as_blocks_arrive(tmp_path, model):
+    """Default budgets (1 GiB hot + 4 GiB warm) and a small session: the pools are allocated at
+    their budgets but take anonymous memory only where blocks were written (pageable host pools;
+    a CPU model's warm pool is not pinned). ``prepare`` faults a pool in on purpose."""
+    gc.collect()
+    start = _rss_anon_mib()
+    with tierstore.open(str(tmp_path / "kv"), hot="1GiB", warm="4GiB", block_tokens=cw.BLOCK_TOKENS) as st:
+        with TieredCache(st, model, session="small") as cache:
+            generate(model, cache, torch.arange(1, 60), 8)
+            usage = st.manager.usage()
+            grown = _rss_anon_mib() - start
+        assert usage["hot_allocated_bytes"] + usage["warm_allocated_bytes"] > 4 << 30   # the budgets exist
+        assert not any(p.pinned for p in st.manager._warm.values())
+        assert grown < 256, f"{grown:.0f} MiB of anonymous memory for a {usage['hot_used_bytes']} byte session"
+    with tierstore.open(str(tmp_path / "kv2"), hot="160MiB", warm="64MiB", block_tokens=cw.BLOCK_TOKENS) as st:
+        from tierstore.adapters.fingerprint import kv_layout
+        gc.collect()
+        start = _rss_anon_mib()
+        hot, warm = st.manager.prepare(kv_layout(model, cw.BLOCK_TOKENS), "cpu")
+        assert _rss_anon_mib() - start > 0.9 * (hot.nbytes + warm.nbytes) / (1 << 20)  # touched now
+
+
+def test_finalizers_release_outside_workers_collections_and_held_locks(tmp_path, model):
+    """``lifecycle.release`` runs a release at once from plain code, and in a thread of its own
+    from a tierstore worker thread, during a cycle collection (which may interrupt code holding
+    any lock) or while the given lock is held. A cache dropped inside a reference cycle is so
+    released by a release thread (joined here, not waited for)."""
+    import weakref
+
+    from tierstore import lifecycle
+
+    ran: list[str] = []
+
+    def fn() -> None:
+        ran.append(threading.current_thread().name)
+
+    assert lifecycle.release(fn, what="plain") is None and ran == [threading.current_thread().name]
+    lock = threading.RLock()
+    with lock:
+        t = lifecycle.release(fn, what="locked", locks=[lock])
+    t.join()
+    started: list = []
+    w = threading.Thread(target=lambda: started.append(lifecycle.release(fn, what="worker")), name="tierstore-writer")
+    w.start()
+    w.join()
+    started.pop().join()
+
+    class Cycle:
+        pass
+
+    c = Cycle()
+    c.me = c
+    weakref.finalize(c, lambda: started.append(lifecycle.release(fn, what="in gc")))
+    del c
+    gc.collect()
+    started.pop().join()
+    assert ran[1:] == ["tierstore-release"] * 3
+
+    with cw.open_store(str(tmp_path / "kv"), model) as st:
+        cache = TieredCache(st, model, session="cyc")
+        generate(model, cache, torch.arange(1, 30), 2)
+        cache.commit()
+        holder = Cycle()
+        holder.me, holder.cache = holder, cache
+        alive = weakref.ref(cache)
+        del cache, holder
+        gc.collect()
+        for t in [t for t in threading.enumerate() if t.name == "tierstore-release"]:
+            t.join()
+        assert alive() is None and st.manager.usage()["hot_blocks"] == 0
+        assert not model._forward_pre_hooks and st.sessions.live_leases() == []

@@ -20,7 +20,11 @@ BB = LAYOUT.block_bytes
 
 
 def pool(slots: int = 8) -> SlotPool:
-    return SlotPool(LAYOUT, slots, "cpu")
+    """A pool of known bytes: pools are not zeroed (they take pages as blocks arrive), so the
+    tests that check a write stays in its slot start from zeros themselves."""
+    p = SlotPool(LAYOUT, slots, "cpu")
+    p.fault_in()
+    return p
 
 
 def test_shapes_and_bytes():

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,7 @@ from .codec import CodecConfig, decode_block, encode_block
 from .config import StoreConfig
 from .errors import ModelMismatchError, StoreClosedError
 from .layout import KVLayout, check_session_name
+from .lifecycle import release
 from .records import BlockSummary, SessionRecord
 from .sessions import GcReport, SessionStore
 from .tiers.cold import ColdStore
@@ -40,20 +42,56 @@ def open(path: str | os.PathLike, *, hot: int | str | None = None, warm: int | s
     return Store(cfg, create=create)
 
 
+class _Held:
+    """What a ``Store`` gives back: the state of its finalizer, which must never reference the
+    Store (the manager's threads reference the manager; were the Store reachable from here, a
+    Store dropped without ``close()`` would live, with its pools and threads, until exit)."""
+
+    __slots__ = ("cold", "sessions", "manager")
+
+    def __init__(self, cold: ColdStore, sessions: SessionStore) -> None:
+        self.cold, self.sessions, self.manager = cold, sessions, None
+
+    def close(self) -> None:
+        """Idempotent: the manager (its sequences flushed, its threads ended, its pools freed),
+        then this process's leases, then the LMDB environment (so the path opens again)."""
+        mgr, self.manager = self.manager, None
+        try:
+            if mgr is not None:
+                mgr.close()
+        finally:
+            try:
+                if not self.cold.closed:
+                    self.sessions.release_all()
+            finally:
+                self.cold.close()
+
+
+def _dropped(held: _Held, path: str) -> None:
+    """The finalizer of a Store dropped without ``close()`` (see ``tierstore.lifecycle``)."""
+    log.debug("%s: store dropped without close(); releasing its tiers", path)
+    mgr = held.manager
+    release(held.close, what=f"store {path}", locks=[mgr._lock if mgr is not None else None])
+
+
 class Store:
-    """One store directory: the cold tier, its sessions and (lazily) the tier manager."""
+    """One store directory: the cold tier, its sessions and (lazily) the tier manager.
+
+    ``close()`` (or ``with``) gives back the pools, the worker threads and the LMDB environment;
+    a Store dropped without it gives them back when it is collected (a ``weakref.finalize``)."""
 
     def __init__(self, config: StoreConfig, *, create: bool = True) -> None:
         self.config = config
-        self.cold = ColdStore(config.path, readonly=config.readonly, create=create, quota=config.cold_bytes)
-        self.sessions = SessionStore(self.cold)
+        cold = ColdStore(config.path, readonly=config.readonly, create=create, quota=config.cold_bytes)
+        self._held = _Held(cold, SessionStore(cold))
         if not config.readonly:
             try:
                 self.sessions.init_meta(config.block_tokens)
             except BaseException:
-                self.cold.close()
+                cold.close()
                 raise
-        self._manager = None
+        self._finalizer = weakref.finalize(self, _dropped, self._held, config.path)
+        self._finalizer.atexit = False  # at exit the process gives everything back anyway
         self._lock = threading.RLock()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -62,23 +100,43 @@ class Store:
     def path(self) -> str:
         return self.config.path
 
+    # cold and sessions live in ``_held`` (what the finalizer closes), also when replaced
+    @property
+    def cold(self) -> ColdStore:
+        return self._held.cold
+
+    @cold.setter
+    def cold(self, cold: ColdStore) -> None:
+        self._held.cold = cold
+
+    @property
+    def sessions(self) -> SessionStore:
+        return self._held.sessions
+
+    @sessions.setter
+    def sessions(self, sessions: SessionStore) -> None:
+        self._held.sessions = sessions
+
+    @property
+    def _manager(self):
+        """The tier manager if it was made (None before first use and after ``close()``)."""
+        return self._held.manager
+
     @property
     def manager(self):
         """The process's tier manager for this store (created on first use)."""
         with self._lock:
             if self.cold.closed:
                 raise StoreClosedError(f"{self.path}: store is closed")
-            if self._manager is None:
+            if self._held.manager is None:
                 from .manager import TierManager
-                self._manager = TierManager(self)
-            return self._manager
+                self._held.manager = TierManager(self)
+            return self._held.manager
 
     def close(self) -> None:
         with self._lock:
-            if self._manager is not None:
-                self._manager.close()
-                self._manager = None
-            self.cold.close()
+            self._finalizer.detach()
+            self._held.close()
 
     def __enter__(self) -> "Store":
         return self

@@ -83,6 +83,11 @@ class StoreReadOnlyError(TierstoreError):
     """A write was attempted on a store opened read-only (or whose files are not writable)."""
 
 
+class ReadOnlyCacheError(TierstoreError):
+    """A read-only cache (``TieredCache.resume(..., readonly=True)``) holds no writer lease and
+    never commits; ``store.fork()`` the session and resume the copy to write."""
+
+
 class StoreClosedError(TierstoreError):
     """The store was closed, or is used in a process forked after it was opened."""
 

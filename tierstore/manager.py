@@ -3,9 +3,10 @@
 A block (one layer of one sequence, ``block_tokens`` tokens) lives in the hot pool (the
 model's device), the warm pool (host), and/or only in cold (LMDB). Contracts:
 
-* Budgets: pools are preallocated from the store's byte budgets and never grow; everything the
-  manager hands to attention is a view of a hot slot, so hot bytes in use are bounded by the
-  hot pool, materialised tensors included.
+* Budgets: pools are allocated from the store's byte budgets and never grow past them (pageable
+  host pools take pages only as blocks arrive, ``tiers/pool.py``); everything the manager hands
+  to attention is a view of a hot slot, so hot bytes in use are bounded by the hot pool,
+  materialised tensors included.
 * Nothing is lost: a block is dropped from warm only when it is durable in cold or still hot;
   from hot only after a warm copy exists. Eviction is demotion, never deletion.
 * Pins: a block in use (``acquire``d, being written back or loaded) is never chosen as a victim.
@@ -20,6 +21,7 @@ model's device), the warm pool (host), and/or only in cold (LMDB). Contracts:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -32,6 +34,7 @@ import torch
 
 from .blocks import Block, Seq, _summary_of
 from .codec import CodecConfig, decode_block
+from .config import StoreConfig
 from .errors import BudgetError, CorruptBlockError, MissingBlockError, StoreClosedError, TierstoreError
 from .layout import KVLayout
 from .metrics import Counters
@@ -39,10 +42,11 @@ from .policies import Policy, get_policy
 from .records import BlockSummary
 from .scoring import Scoring
 from .seqops import SequenceOps
-from .tiers.cold import block_key
+from .sessions import SessionStore
+from .tiers.cold import ColdStore, block_key
 from .tiers.hot import HotPool
 from .tiers.pool import SlotPool
-from .tiers.warm import WarmPool
+from .tiers.warm import WarmPool, pinning_available
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
@@ -52,11 +56,26 @@ SCRATCH_MIN_BUDGET = 8 << 20  # below this, no reservation: attention pieces shr
 
 
 
+@dataclasses.dataclass(frozen=True)
+class StoreParts:
+    """What the manager uses of its ``Store``. Never the Store itself: the worker threads
+    reference the manager, so a reference back would keep a Store dropped without ``close()``
+    (and these threads, and the pools) alive; the Store's finalizer closes the manager."""
+
+    config: StoreConfig
+    cold: ColdStore
+    sessions: SessionStore
+
+    @property
+    def path(self) -> str:
+        return self.config.path
+
+
 class TierManager(WriteBack, SequenceOps, Scoring):
     """One per store and process; thread-safe. See the module docstring for the contracts."""
 
     def __init__(self, store) -> None:
-        self.store = store
+        self.store = StoreParts(store.config, store.cold, store.sessions)
         cfg = store.config
         self.hot_budget, self.warm_budget = cfg.hot_bytes, cfg.warm_bytes
         self._hot_left, self._warm_left = cfg.hot_bytes, cfg.warm_bytes
@@ -107,17 +126,23 @@ class TierManager(WriteBack, SequenceOps, Scoring):
             slots = want // layout.block_bytes
             if slots < 1:
                 raise BudgetError(f"warm budget {want} bytes is smaller than one block ({layout.block_bytes} bytes)")
-            self._warm[layout] = WarmPool(layout, slots)
+            # pinned only for a CUDA hot pool: pinned memory is committed at once, while pageable
+            # memory takes pages as blocks arrive (a CPU hot pool gains nothing from pinning)
+            self._warm[layout] = WarmPool(layout, slots, pin=device.type == "cuda" and pinning_available())
             self._warm_left -= slots * layout.block_bytes
         return self._hot[hk], self._warm[layout]
 
     def prepare(self, layout: KVLayout, device: torch.device | str, *, hot_bytes: int | None = None,
                 warm_bytes: int | None = None) -> tuple[HotPool, WarmPool]:
-        """Create (and fault in) the pools of a layout ahead of time, e.g. at process start, so
-        that a later resume does not pay for allocating them."""
+        """Create (and fault in: every page touched) the pools of a layout ahead of time, e.g. at
+        process start, so that a later resume does not pay for allocating them. Without it, host
+        pools take memory as blocks arrive."""
         with self._lock:
             self._check_open()
-            return self._pools(layout, torch.device(device), hot_bytes, warm_bytes)
+            pools = self._pools(layout, torch.device(device), hot_bytes, warm_bytes)
+            for pool in pools:
+                pool.fault_in()
+            return pools
 
     def open_sequence(self, name: str, layout: KVLayout, device: torch.device | str, *,
                       codec: CodecConfig | None = None, policy: str | Policy = "exact",
@@ -430,13 +455,15 @@ class TierManager(WriteBack, SequenceOps, Scoring):
         return [t[3] for t in heapq.nsmallest(n, ranked, key=lambda t: (t[0], t[1]))]
 
     def _evict_hot(self, pool: HotPool, n: int, extra: int = 0) -> None:
-        """Demote n unpinned sealed blocks hot -> warm, all or nothing; and up to ``extra`` more
+        """Demote n unpinned blocks hot -> warm, all or nothing; and up to ``extra`` more
         that need no warm copy (durable, or already in warm): choosing victims scans every
-        resident block, so it is done for a batch of slots, not for each one."""
+        resident block, so it is done for a batch of slots, not for each one. Candidates: sealed
+        blocks, and partial tails that need no copy (committed, or with a current warm copy: an
+        idle cache's tail; ``append`` promotes a tail back before writing to it)."""
         while True:
             while True:
                 resident = [b for s in self._seqs.values() if s.hot is pool for layer in s.layers for b in layer
-                            if b.hot is not None and b.sealed]
+                            if b.hot is not None and (b.sealed or b.durable or b.warm is not None)]
                 cands = [b for b in resident if b.pins == 0 and b.loading is None]
                 if len(cands) >= n or not any(b.queued or b.loading is not None for b in resident):
                     break

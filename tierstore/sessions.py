@@ -100,6 +100,7 @@ class SessionStore:
 
     def __init__(self, cold: ColdStore) -> None:
         self.cold = cold
+        self._mine: dict[str, Lease] = {}  # leases this object handed out and not released (token -> lease)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -275,15 +276,24 @@ class SessionStore:
             raw = self.cold.get("leases", name_key(name), txn=txn)
             held = Lease.from_bytes(bytes(raw)) if raw else None
             if held is not None and held.alive():
-                raise SessionBusyError(
-                    f"another writer holds it (pid {held.pid} on {held.host} since "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.since))})", session=name)
+                since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.since))
+                if (held.pid, held.host, held.boot, held.start) == (me.pid, me.host, me.boot, me.start):
+                    raise SessionBusyError(
+                        f"this process (pid {held.pid}) holds it, through a TieredCache still open (or a "
+                        f"put_session in progress) since {since}: close() that cache first, or resume it "
+                        "read-only (TieredCache.resume(..., readonly=True)), or store.fork() it to write a copy",
+                        session=name)
+                raise SessionBusyError(f"another writer holds it (pid {held.pid} on {held.host} since {since})",
+                                       session=name)
             txn.put(name_key(name), me.to_bytes(), db=self.cold.db("leases"))
             return me
 
-        return self.cold.write(fn)  # type: ignore[return-value]
+        lease = self.cold.write(fn)
+        self._mine[lease.token] = lease  # type: ignore[union-attr]
+        return lease  # type: ignore[return-value]
 
     def release(self, lease: Lease) -> None:
+        self._mine.pop(lease.token, None)
         if self.cold.closed or self.cold.readonly:
             return
 
@@ -294,6 +304,15 @@ class SessionStore:
                 txn.delete(key, db=self.cold.db("leases"))
 
         self.cold.write(fn)
+
+    def release_all(self) -> None:
+        """Release every lease this process still holds through this object (the store closes:
+        a lease left behind would refuse this process's next writer of the session)."""
+        for lease in list(self._mine.values()):
+            try:
+                self.release(lease)
+            except TierstoreError as e:
+                log.warning("releasing the lease of session %r: %s", lease.session, e)
 
     def live_leases(self) -> list[Lease]:
         out = []

@@ -1,5 +1,11 @@
 """A slot pool: preallocated K and V buffers of fixed-size block slots, and a free list.
 
+Memory: the buffer is one ``torch.empty`` allocation, never written before a block is: host
+pools in pageable memory then take physical pages only where blocks have been (the OS maps a
+page at its first write), so a pool grows on demand up to its budget. Pinned host memory and
+device memory are committed when the pool is made (the first sequence of a layout). Nothing may
+read a slot's bytes past its block's tokens (stale or never written: any bits, NaN included).
+
 Layout: ``k``, ``v`` are ``[kv_heads, slots, block_tokens, head_dim]`` (head-major) so that a
 run of consecutive slots is one *view* ``[kv_heads, n * block_tokens, head_dim]``: attention
 reads a run of resident blocks without a copy. The free list is a boolean mask searched with
@@ -28,13 +34,18 @@ class SlotPool:
         self.name = name
         self.slots = slots
         shape = (2, layout.kv_heads, slots, layout.block_tokens, layout.head_dim)
-        # one allocation; k and v are its halves, each [kv_heads, slots, block_tokens, head_dim]
-        self.kv = torch.zeros(shape, dtype=layout.dtype, device=self.device, pin_memory=pin)
+        # one allocation; k and v are its halves, each [kv_heads, slots, block_tokens, head_dim].
+        # Not zeroed: zeroing would fault in the whole budget at once (see the module docstring)
+        self.kv = torch.empty(shape, dtype=layout.dtype, device=self.device, pin_memory=pin)
         with torch.enable_grad():  # views made under no_grad could not be written under grad mode
             self.k, self.v = self.kv[0], self.kv[1]
         self.pinned = pin
         self._free = np.ones(slots, dtype=bool)
         self.used = 0
+
+    def fault_in(self) -> None:
+        """Touch every page now (``TierManager.prepare``): no first-write faults later."""
+        self.kv.zero_()
 
     @property
     def nbytes(self) -> int:

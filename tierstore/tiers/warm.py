@@ -22,5 +22,8 @@ def pinning_available() -> bool:
 
 
 class WarmPool(SlotPool):
-    def __init__(self, layout: KVLayout, slots: int) -> None:
-        super().__init__(layout, slots, "cpu", pin=pinning_available(), name="warm")
+    """pin: page-locked (committed at once; async copies to and from a CUDA hot pool); default:
+    wherever pinning is available."""
+
+    def __init__(self, layout: KVLayout, slots: int, *, pin: bool | None = None) -> None:
+        super().__init__(layout, slots, "cpu", pin=pinning_available() if pin is None else pin, name="warm")
