@@ -153,11 +153,11 @@ def test_calibration_fits_stores_and_sketches_every_block(tmp_path):
                         block_tokens=BT) as st:
         mgr = st.manager
         seq = mgr.open_sequence("s", LAY, "cpu", policy="sketch")
-        assert mgr._basis(LAY, 0) is None
+        assert mgr.calibrator.basis(LAY, 0) is None
         _fill(mgr, seq, CALIB_TOKENS - BT)
-        assert mgr._basis(LAY, 0) is None  # not enough tokens yet
+        assert mgr.calibrator.basis(LAY, 0) is None  # not enough tokens yet
         _fill(mgr, seq, 11 * BT, seed=1)
-        basis = mgr._basis(LAY, 0)
+        basis = mgr.calibrator.basis(LAY, 0)
         assert basis is not None and basis.dims == 16
         _wait_background(mgr)
         assert Basis.unseal(basis_key(LAY, 0), st.cold.get("meta", basis_key(LAY, 0))).tag == basis.tag
@@ -181,13 +181,13 @@ def test_sketches_survive_a_commit_and_a_reopen_and_rank_the_same(tmp_path):
                 model(input_ids=ids[:, s:s + 256], cache=cache, use_cache=True)
             summ = [st.manager.summaries(cache.seqs[0], layer) for layer in range(2)]
             before = [select(summ[layer], get_policy("sketch"), q, sc, BT) for layer in range(2)]
-            tags = [st.manager._basis(cache.layout, layer).tag for layer in range(2)]
+            tags = [st.manager.calibrator.basis(cache.layout, layer).tag for layer in range(2)]
     with tierstore.open(tmp_path / "kv", hot="8MiB", warm="8MiB", block_tokens=BT) as st:
         cache = TieredCache.resume(st, model, "s", policy="sketch", budget_tokens=8 * BT)
         try:
             mgr = st.manager
             for layer in range(2):
-                assert mgr._basis(cache.layout, layer).tag == tags[layer]
+                assert mgr.calibrator.basis(cache.layout, layer).tag == tags[layer]
                 blocks = mgr.blocks(cache.seqs[0], layer)
                 assert all(b.summary.tag == tags[layer] for b in blocks if b.sealed)
                 s = mgr.summaries(cache.seqs[0], layer)
@@ -204,12 +204,12 @@ def test_a_basis_stored_first_by_another_process_is_adopted(tmp_path):
                         block_tokens=BT) as st:
         mgr = st.manager
         seq = mgr.open_sequence("s", LAY, "cpu", policy="sketch")
-        assert mgr._basis(LAY, 0) is None              # looked up (and cached) before the other stored it
+        assert mgr.calibrator.basis(LAY, 0) is None    # looked up (and cached) before the other stored it
         theirs = _basis(d=16, r=16, seed=5)
         st.cold.put_many("meta", [(basis_key(LAY, 0), theirs.seal(basis_key(LAY, 0)))])
         _fill(mgr, seq, CALIB_TOKENS + 4 * BT)
         _wait_background(mgr)
-        assert mgr._basis(LAY, 0).tag == theirs.tag
+        assert mgr.calibrator.basis(LAY, 0).tag == theirs.tag
         s = mgr.summaries(seq, 0)                      # resident blocks are sketched again in it
         assert all(b.summary.tag == theirs.tag for b in mgr.blocks(seq, 0) if b.sealed)
         assert torch.equal(s.basis, theirs.vectors)
@@ -227,10 +227,10 @@ def test_no_sketches_when_turned_off_and_a_damaged_basis_is_not_used(tmp_path, c
         raw[-1] ^= 1
         st.cold.put_many("meta", [(basis_key(LAY, 0), bytes(raw))])
         seq = st.manager.open_sequence("s", LAY, "cpu", policy="sketch")
-        with caplog.at_level(logging.WARNING, logger="tierstore.scoring"):
+        with caplog.at_level(logging.WARNING, logger="tierstore.calibrator"):
             _fill(st.manager, seq, 4 * BT)
         assert "without key sketches" in caplog.text
-        assert st.manager._basis(LAY, 0) is None
+        assert st.manager.calibrator.basis(LAY, 0) is None
         from tierstore.maintenance.verify import verify_store
         rep = verify_store(st)
         assert [w.kind for w in rep.warnings] == ["corrupt_sketch_basis"] and "sketch basis" in rep.warnings[0].reason

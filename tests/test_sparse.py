@@ -321,7 +321,7 @@ def test_decode_mass_reaches_the_committed_summaries(tmp_path):
         with TieredCache(st, model, session="m", policy="h2o", budget_tokens=4 * BT) as cache:
             model.generate(ids, cache=cache, max_new_tokens=12, do_sample=False, pad_token_id=0)
             seq = cache.seqs[0]
-            assert 0 in seq.summ  # the policy scored: its mass went to the stack
+            assert 0 in st.manager.index.stacked_layers(seq)  # the policy scored: its mass went to the stack
             before = st.manager.summaries(seq, 1).mass[0].clone()
             cache.crop(-3)  # drops the stacks: their mass must be written back first
             live = [st.manager.summaries(seq, layer).mass.clone() for layer in range(2)]

@@ -60,8 +60,7 @@ class Block:
 class Seq:
     """One sequence (a batch row) registered with the manager."""
 
-    __slots__ = ("id", "name", "layout", "device", "codec", "policy", "layers", "hot", "warm", "closed", "chains",
-                 "summ")
+    __slots__ = ("id", "name", "layout", "device", "codec", "policy", "layers", "hot", "warm", "closed", "chains")
 
     def __init__(self, sid: int, name: str, layout: KVLayout, device: torch.device, codec: CodecConfig,
                  policy: Policy, hot: HotPool, warm: WarmPool) -> None:
@@ -70,7 +69,6 @@ class Seq:
         self.layers: list[list[Block]] = [[] for _ in range(layout.num_layers)]
         self.closed = False
         self.chains: list[bytes] = []  # chain hash of every *full* block whose token ids are known
-        self.summ: dict[int, _Stack] = {}  # layer -> stacked summaries (see TierManager.summaries)
 
     @property
     def length(self) -> int:
@@ -83,55 +81,3 @@ class Seq:
         a group never crowds out what attention holds."""
         return max(1, min(16, self.hot.slots // 4))
 
-
-class _Stack:
-    """One layer's block summaries stacked for scoring, grown in place.
-
-    Rows ``[0, final)`` are sealed blocks whose summary is stacked (their mass is updated by
-    ``note_attention``); rows from ``final`` on (the partial tail, new blocks) and the rows in
-    ``missing`` (sealed blocks whose summary was unknown) are restacked at the next read.
-    ``first`` is the layer's first block: another first block means the layer was rebuilt.
-    ``basis``: the sketch basis the rows were stacked with (another one means restacking);
-    ``sketch`` [kv_heads, capacity, block_tokens, r] exists with it (zero rows: not sketched)."""
-
-    __slots__ = ("kmin", "kmax", "kmean", "mass", "tokens", "n", "final", "missing", "first", "basis", "sketch")
-
-    def __init__(self, layout: KVLayout, first: "Block | None", basis: Basis | None = None) -> None:
-        self.kmin = torch.zeros(0, layout.kv_heads, layout.head_dim)
-        self.kmax, self.kmean = torch.zeros_like(self.kmin), torch.zeros_like(self.kmin)
-        self.mass = torch.zeros(0, layout.kv_heads)
-        self.tokens = torch.zeros(0, dtype=torch.int64)
-        self.n = self.final = 0
-        self.missing: set[int] = set()
-        self.first = first
-        self.basis = basis
-        self.sketch = None if basis is None else \
-            torch.zeros(layout.kv_heads, 0, layout.block_tokens, basis.dims, dtype=torch.float16)
-
-    def grow(self, n: int) -> None:
-        """Room for ``n`` rows (capacity doubles; new rows are zero)."""
-        cap = self.tokens.shape[0]
-        if n <= cap:
-            return
-        cap = max(n, 2 * cap, 64)
-        for name in ("kmin", "kmax", "kmean", "mass", "tokens"):
-            old = getattr(self, name)
-            new = old.new_zeros((cap, *old.shape[1:]))
-            new[:old.shape[0]] = old
-            setattr(self, name, new)
-        if self.sketch is not None:
-            new = self.sketch.new_zeros((self.sketch.shape[0], cap, *self.sketch.shape[2:]))
-            new[:, :self.sketch.shape[1]] = self.sketch
-            self.sketch = new
-
-    def put(self, i: int, sm: "BlockSummary | None", ntok: int) -> None:
-        if sm is None:
-            self.kmin[i] = self.kmax[i] = self.kmean[i] = 0.0
-            self.mass[i] = 0.0
-        else:
-            self.kmin[i], self.kmax[i], self.kmean[i], self.mass[i] = sm.kmin, sm.kmax, sm.kmean, sm.mass
-        self.tokens[i] = ntok
-        if self.sketch is not None:
-            self.sketch[:, i] = 0.0
-            if sm is not None and sm.sketch is not None and sm.tag == self.basis.tag:
-                self.sketch[:, i, :sm.sketch.shape[1]] = sm.sketch

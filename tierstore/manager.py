@@ -33,16 +33,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .blocks import Block, Seq, _summary_of
+from .calibrator import Calibrator
 from .codec import CodecConfig, decode_block
 from .config import StoreConfig
 from .errors import BudgetError, CorruptBlockError, MissingBlockError, StoreClosedError, TierstoreError
 from .layout import KVLayout
 from .metrics import Counters
-from .policies import Policy, get_policy
+from .policies import Policy, Summaries, get_policy
 from .records import BlockSummary
-from .scoring import Scoring
 from .seqops import SequenceOps
 from .sessions import SessionStore
+from .summaries import SummaryIndex
 from .tiers.cold import ColdStore, block_key
 from .tiers.hot import HotPool
 from .tiers.pool import SlotPool
@@ -71,7 +72,7 @@ class StoreParts:
         return self.config.path
 
 
-class TierManager(WriteBack, SequenceOps, Scoring):
+class TierManager(WriteBack, SequenceOps):
     """One per store and process; thread-safe. See the module docstring for the contracts."""
 
     def __init__(self, store) -> None:
@@ -87,11 +88,15 @@ class TierManager(WriteBack, SequenceOps, Scoring):
         self._ids = itertools.count(1)
         self.step = 0
         self.counters = Counters()
-        self._init_scoring(cfg.sketch_dims)
         # A CPU hot pool reads warm blocks where they are: both tiers are host memory, so a
         # warm -> hot copy would only add a copy and evict a hot block (CUDA copies them up).
         self.warm_in_place = True
         self._encoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierstore-encode")
+        # what policies score (summaries.py; lock order there) and the sketch bases (calibrator.py)
+        self.index = SummaryIndex(self._lock)
+        self.calibrator = Calibrator(store.cold, cfg.sketch_dims, submit=self._encoders.submit,
+                                     resketch=self.index.resketch)
+        self.index.basis_of = self.calibrator.basis
         self._loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierstore-load")
         # background warm fills of resumed sessions: their own thread, so recalls never queue behind them
         self._fillers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-fill")
@@ -171,7 +176,8 @@ class TierManager(WriteBack, SequenceOps, Scoring):
                     self._drop_warm(b)
             seq.closed = True
             self._seqs.pop(seq.id, None)
-            self._forget_pending(seq)
+            self.calibrator.forget(seq)
+            self.index.drop(seq, sync=False)
             if self._write_error is not None and self._write_error_seqs <= {seq.id}:
                 self._write_error = None  # only this sequence's write-backs failed: moot once it is closed
 
@@ -210,18 +216,18 @@ class TierManager(WriteBack, SequenceOps, Scoring):
                 if b.key is not None:  # a stored partial block changed: new content, new key
                     b.key, b.durable = None, False
                 mass = b.summary.mass if b.summary is not None else None
-                b.summary = None  # stale: recomputed at seal (or at encode for a partial block)
+                b.summary = None  # stale: recomputed at seal (or by write_now for a partial block)
                 self._drop_warm(b)
                 b.ntok += take
                 b.last_used = self.step
                 pos += take
                 if b.sealed:
-                    basis = self._basis(seq.layout, layer)
+                    basis = self.calibrator.basis(seq.layout, layer)
                     b.summary = _summary_of(hk, basis)
                     if mass is not None:
                         b.summary.mass += mass
-                    if basis is None and self.sketch_dims > 0 and not self.store.cold.readonly:
-                        self._calibrate(seq, layer, b, hk)
+                    if basis is None:
+                        self.calibrator.observe(seq.layout, layer, b, hk)
                     if b.index < len(seq.chains):
                         b.key = block_key(seq.chains[b.index], layer)
                     self._maybe_write_back(b)
@@ -259,6 +265,26 @@ class TierManager(WriteBack, SequenceOps, Scoring):
                 b = Block(seq, layer, index)
                 b.ntok, b.key, b.durable, b.summary = ntok, key, True, summary
                 blocks.append(b)
+
+    # -- scoring (delegated to ``self.index``) ------------------------------------------------
+
+    def summaries(self, seq: Seq, layer: int) -> Summaries:
+        """Stacked summaries of the layer's blocks, partial tail included (``SummaryIndex.summaries``)."""
+        with self._lock:
+            return self.index.summaries(seq, layer, step=self.step)
+
+    def note_attention(self, seq: Seq, layer: int, block_ids: Sequence[int], mass: torch.Tensor, *,
+                       replace: bool = False) -> None:
+        """Feed attention mass back into the blocks' summaries (``SummaryIndex.note_attention``)."""
+        self.index.note_attention(seq, layer, block_ids, mass, replace=replace)
+
+    def sync_mass(self, seq: Seq) -> None:
+        """Write stacked mass back into the blocks' summaries (``SummaryIndex.sync_mass``)."""
+        self.index.sync_mass(seq)
+
+    def mass_summaries(self, seq: Seq) -> list[tuple[bytes, bytes]]:
+        """The summaries to rewrite at commit (``SummaryIndex.mass_summaries``)."""
+        return self.index.mass_summaries(seq)
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -187,8 +187,7 @@ class SequenceOps:
         """Keep the first ``length`` tokens of every layer (crop)."""
         bt = seq.layout.block_tokens
         with self._lock:
-            self.sync_mass(seq)
-            seq.summ.clear()  # stacked summaries describe the old blocks
+            self.index.drop(seq)  # stacked summaries describe the old blocks (their mass is kept)
             for layer, blocks in enumerate(seq.layers):
                 keep = -(-length // bt)
                 for b in blocks[keep:]:
@@ -209,7 +208,7 @@ class SequenceOps:
         """A copy of ``src`` (beam search, num_return_sequences). Durable blocks share their cold
         record; resident ones are copied into new slots of the same tier."""
         with self._lock:
-            self.sync_mass(src)
+            self.index.sync_mass(src)  # the copies below carry the mass stacked so far
             dst = Seq(next(self._ids), src.name, src.layout, src.device, src.codec, src.policy, src.hot, src.warm)
             dst.chains = list(src.chains)
             self._seqs[dst.id] = dst
@@ -237,6 +236,7 @@ class SequenceOps:
                     dst.layers[layer].append(c)
                     if c.sealed and c.key is not None and not c.durable:
                         self._maybe_write_back(c)
+            self.index.clone(src, dst)
             return dst
 
     def prefetch_next(self, seq: Seq, layer: int) -> None:

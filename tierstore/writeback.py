@@ -12,6 +12,7 @@ import torch
 from .blocks import Block, Seq, _summary_of
 from .codec import encode_block
 from .errors import TierstoreError
+from .records import BlockSummary
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +35,19 @@ class WriteBack:
                     return
                 self._cv.wait(0.05)
 
-    def mass_summaries(self, seq: Seq) -> list[tuple[bytes, bytes]]:
-        """Sealed summaries of the durable blocks that received attention mass or a sketch after
-        they were written, to be rewritten at commit (the copy written at seal time has the
-        mass of that moment)."""
-        self.sync_mass(seq)
-        with self._lock:
-            out = [b for layer in seq.layers for b in layer
-                   if b.durable and b.key is not None and b.summary is not None
-                   and b.summary.tokens == b.ntok and (b.restated or bool(b.summary.mass.any()))]
-            for b in out:
-                b.restated = False  # rewritten once (mass changes keep a block in the list anyway)
-            return [(b.key, b.summary.seal(b.key)) for b in out]
-
     def write_now(self, blocks: Sequence[Block]) -> None:
-        """Encode and store keyed blocks synchronously (the partial tail at commit)."""
-        items = []
+        """Encode and store keyed blocks synchronously (the partial tail at commit). A block's
+        summary is brought up to its tokens here, under the lock; the encoding runs outside it."""
+        items, summaries = [], []
         with self._lock:
             for b in blocks:
                 if b.durable or b.key is None:
                     continue
                 b.pins += 1
                 items.append(b)
+                summaries.append(self.index.to_write(b))
         try:
-            enc = [(b.key, *self._encode(b)) for b in items]
+            enc = [(b.key, *self._encode(b, sm)) for b, sm in zip(items, summaries)]
             if enc:
                 self.store.sessions.put_blocks(enc)
                 self._count_written(items, enc)
@@ -72,11 +62,16 @@ class WriteBack:
 
     def _maybe_write_back(self, b: Block) -> None:
         if b.sealed and b.key is not None and not b.durable and not b.queued:
+            summary = self.index.to_write(b)  # made at seal; copied under the lock for the encoder
             b.queued = True
             b.pins += 1
-            self._wq.put((b, self._encoders.submit(self._encode, b)))
+            self._wq.put((b, self._encoders.submit(self._encode, b, summary)))
 
-    def _encode(self, b: Block) -> tuple[bytes, bytes]:
+    def _encode(self, b: Block, summary: BlockSummary | None) -> tuple[bytes, bytes]:
+        """The cold record of pinned block ``b`` and its sealed ``summary`` (an encoder thread,
+        outside the lock: it assigns no shared state). A summary that does not cover the block's
+        tokens (it was not resident when it was taken) is made from the keys read here, for the
+        record only."""
         # the warm copy when there is one: complete whenever it exists, while the hot slot may be
         # mid-copy during a promotion (and reading host memory costs no device sync)
         pool, slot = (b.seq.warm, b.warm) if b.warm is not None else (b.seq.hot, b.hot)
@@ -88,13 +83,13 @@ class WriteBack:
             for h in range(k.shape[0]):
                 k[h].copy_(dk[h])
                 v[h].copy_(dv[h])
-        if b.summary is None or b.summary.tokens != b.ntok:
-            mass = b.summary.mass if b.summary is not None else None
-            b.summary = _summary_of(k, self._basis(b.seq.layout, b.layer))
-            if mass is not None:
-                b.summary.mass += mass
+        if summary is None or summary.tokens != b.ntok:
+            fresh = _summary_of(k, self.calibrator.basis(b.seq.layout, b.layer))
+            if summary is not None:
+                fresh.mass += summary.mass
+            summary = fresh
         rec = encode_block(b.key, k, v, b.seq.codec)
-        return rec, b.summary.seal(b.key)
+        return rec, summary.seal(b.key)
 
     def _write_loop(self) -> None:
         while True:
