@@ -17,23 +17,21 @@ import time
 import weakref
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from tierstore.chain import chain_hashes, root_hash
+from tierstore.chain import root_hash
 from tierstore.codec import CodecConfig
-from tierstore.errors import (ModelMismatchError, ReadOnlyCacheError, SessionExistsError, TierstoreError,
-                              TokenMismatchError)
+from tierstore.errors import ModelMismatchError, ReadOnlyCacheError, SessionExistsError, TokenMismatchError
 from tierstore.layout import check_session_name, parse_size
 from tierstore.lifecycle import release
-from tierstore.records import BlockSummary, SessionRecord
-from tierstore.tiers.cold import block_key
+from tierstore.records import SessionRecord
 
 from . import attention as attn
+from . import persist
+from .row import Row
 from .fingerprint import kv_layout, model_fingerprint
 from tierstore.attention import WindowMass, attend_exact
-from tierstore.reader import SeqReader
 from tierstore.policies import get_policy
 from tierstore.sparse import SparseConfig, attend_selected, select
 
@@ -69,7 +67,7 @@ class TieredLayer(CacheLayerMixin):
 
     @property
     def batch_size(self) -> int:
-        return len(self.cache.seqs) if self.cache.seqs else -1
+        return len(self.cache.rows) if self.cache.is_initialized else -1
 
 
 # -- lifecycle helpers -------------------------------------------------------------------------
@@ -116,11 +114,11 @@ class _Held:
     dropped without ``close()`` can give it back (it must not reference the cache): the manager
     sequences of its rows, its writer leases, the model's hooks and attention implementation."""
 
-    __slots__ = ("mgr", "sessions", "model", "seqs", "leases", "hooks", "attention")
+    __slots__ = ("mgr", "sessions", "model", "rows", "leases", "hooks", "attention")
 
     def __init__(self, mgr, sessions, model) -> None:
         self.mgr, self.sessions, self.model = mgr, sessions, model
-        self.seqs: list = []      # the cache's rows (``TieredCache.seqs`` reads and writes this list)
+        self.rows: list[Row] = []  # the cache's rows (``TieredCache.rows`` is this list)
         self.leases: list = []
         self.hooks: list = []
         self.attention = False    # holds the model's attention implementation (``_hold_attention``)
@@ -133,10 +131,11 @@ class _Held:
         if self.attention:
             self.attention = False
             _drop_attention(self.model)
-        seqs, self.seqs = self.seqs, []
+        rows, self.rows = self.rows, []
         try:
-            for seq in seqs:
-                self.mgr.close_sequence(seq, flush=False)
+            for row in rows:
+                if row.seq is not None:
+                    self.mgr.close_sequence(row.seq, flush=False)
         finally:
             leases, self.leases = self.leases, []
             for lease in leases:
@@ -156,22 +155,25 @@ class TieredCache(Cache):
     is switched to ``tierstore`` until ``close()``); session: name (or one name per batch row)
     under which ``commit()`` persists, None for an in-memory cache. policy: placement policy
     (``exact``, ``lru``) or sparse policy (``streaming``, ``h2o``, ``snapkv``, ``quest``,
-    ``hybrid``, ``sketch``) with ``budget_tokens`` per step, ``sink_blocks``, ``window_blocks`` and
-    ``dense_layers`` (a count of first layers, or indices, attended exactly at every step);
-    ``per_head``: every KV head selects its own blocks (None: the policy's default).
+    ``hybrid``, ``sketch``); its settings as one ``sparse=SparseConfig(...)``, or as the keywords
+    ``budget_tokens`` per step, ``sink_blocks``, ``window_blocks``, ``sparse_prefill``,
+    ``dense_layers`` (a count of first layers, or indices, attended exactly at every step) and
+    ``per_head`` (every KV head selects its own blocks; None: the policy's default).
     hot/warm: this cache's share of the store's budgets (default: all that is left).
     auto_commit_blocks: commit after this many newly sealed blocks (None: off).
     readonly (``resume`` only): attend to a committed session without its writer lease (another
     cache may hold it); new tokens stay in memory and ``commit()`` raises ``ReadOnlyCacheError``.
 
+    Per-row state (sequence, token ids, padding, chains, sparse selections) lives in ``Row``
+    objects (``self.rows``), as transformers keeps per-layer state in ``Cache.layers``.
     ``close()`` (or ``with``) commits (``commit_on_close``) and gives the slots, the leases and the
     model back; a cache dropped without it gives them back when it is collected, uncommitted.
     """
 
     def __init__(self, store, model, session: str | Sequence[str] | None = None, *, policy: str = "exact",
-                 budget_tokens: int | float | None = None, sink_blocks: int = 1, window_blocks: int = 2,
-                 sparse_prefill: bool = False, dense_layers: int | Sequence[int] = 0,
-                 per_head: bool | None = None, obs_window: int = 32,
+                 sparse: SparseConfig | None = None, budget_tokens: int | float | None = None,
+                 sink_blocks: int = 1, window_blocks: int = 2, sparse_prefill: bool = False,
+                 dense_layers: int | Sequence[int] = 0, per_head: bool | None = None, obs_window: int = 32,
                  hot: int | str | None = None, warm: int | str | None = None,
                  codec: str | CodecConfig | None = None, overwrite: bool = False,
                  auto_commit_blocks: int | None = None, commit_on_close: bool = True,
@@ -190,19 +192,13 @@ class TieredCache(Cache):
             check_session_name(n)
         self.fingerprint, self.fingerprint_fields = model_fingerprint(model)
         self.codec = CodecConfig.parse(codec) if codec is not None else store.config.codec
-        self.policy, self.budget_tokens = policy, budget_tokens
-        pol = get_policy(policy)
-        self.sparse = None if budget_tokens is None or pol.selects_all else SparseConfig(
-            budget_tokens, sink_blocks, window_blocks, sparse_prefill, SparseConfig.dense(dense_layers), per_head)
-        if self.sparse is not None and not self.sparse.dense_layers <= set(range(self.layout.num_layers)):
-            raise ValueError(f"dense_layers {sorted(self.sparse.dense_layers)} name layers the model "
-                             f"({self.layout.num_layers} layers) does not have")
+        self.policy = policy
+        self.sparse = self._sparse_config(policy, sparse, budget_tokens, sink_blocks, window_blocks,
+                                          sparse_prefill, dense_layers, per_head)
+        self.budget_tokens = None if self.sparse is None else self.sparse.budget_tokens
         self.obs_window = obs_window
         self.force_exact = False
         self.approx_from: int | None = _resume.meta.get("approx_from") if _resume is not None else None
-        self._selected: list[dict[int, list[int]]] = []  # per row: layer -> last selected blocks
-        self.head_masks: list[dict] = []                   # per row: layer -> per-head mask of those (or None)
-        self.attended: dict[int, int] = {}                # layer -> tokens a head attended at the last step
         self.hot_bytes, self.warm_bytes = parse_size(hot, what="hot"), parse_size(warm, what="warm")
         self.auto_commit_blocks, self.commit_on_close = auto_commit_blocks, commit_on_close
         self.model_name = model_name or getattr(model.config, "_name_or_path", None) or None
@@ -214,22 +210,17 @@ class TieredCache(Cache):
         if readonly:
             self.commit_on_close = False
         self.lengths = [0] * self.layout.num_layers
-        self.seqs: list = []                     # one manager sequence per batch row
-        self.token_ids: list[list[int]] = []     # per row: ids whose KV is (being) stored
-        self.pads: list[int] = []                # per row: left padding tokens
         self.last_logits: torch.Tensor | None = None
         self.ids_known = True
-        self._chains: list[list[bytes]] = []
-        self._committed_blocks = 0
+        self.committed_blocks = 0      # full blocks covered by the last commit (or the resumed record)
         self._closed = False
-        self._created = time.time()
+        self.created = time.time()
         self.meta: dict = dict(_resume.meta) if _resume is not None else {}  # kept in the record
         if _resume is None and self.names and not overwrite:
             for n in self.names:
                 if store.exists(n):
                     raise SessionExistsError("session exists; use TieredCache.resume(...) or overwrite=True",
                                              session=n)
-        self._prev_attn = model.config._attn_implementation
         try:
             for n in ([] if readonly else self.names):
                 self._held.leases.append(store.sessions.acquire(n))
@@ -246,27 +237,109 @@ class TieredCache(Cache):
             self.close()
             raise
 
+    def _sparse_config(self, policy, sparse, budget_tokens, sink_blocks, window_blocks, sparse_prefill,
+                       dense_layers, per_head) -> SparseConfig | None:
+        """The sparse settings: ``sparse`` as given, else built from the keyword forms; None when
+        the policy attends to everything or no budget is set."""
+        if get_policy(policy).selects_all:
+            if sparse is not None:
+                raise ValueError(f"policy {policy!r} attends to every block: sparse= needs a sparse policy")
+            return None
+        if sparse is None:
+            if budget_tokens is None:
+                return None
+            sparse = SparseConfig(budget_tokens, sink_blocks, window_blocks, sparse_prefill,
+                                  SparseConfig.dense(dense_layers), per_head)
+        if not sparse.dense_layers <= set(range(self.layout.num_layers)):
+            raise ValueError(f"dense_layers {sorted(sparse.dense_layers)} name layers the model "
+                             f"({self.layout.num_layers} layers) does not have")
+        return sparse
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> list[Row]:
+        """One ``Row`` per batch row (the list lives in ``_held``, which closes the rows'
+        sequences if the cache is dropped without ``close()``)."""
+        return self._held.rows
+
+    @rows.setter
+    def rows(self, rows: list[Row]) -> None:
+        self._held.rows = rows
+
     @property
     def seqs(self) -> list:
-        """One manager sequence per batch row (kept in ``_held``, which closes them if the cache
-        is dropped without ``close()``)."""
-        return self._held.seqs
+        """The rows' manager sequences."""
+        return [r.seq for r in self.rows if r.seq is not None]
 
-    @seqs.setter
-    def seqs(self, rows: list) -> None:
-        self._held.seqs = rows
+    @property
+    def token_ids(self) -> list[list[int]]:
+        """Per row: the ids whose KV is (being) stored."""
+        return [r.token_ids for r in self.rows]
+
+    @property
+    def attended(self) -> dict[int, int]:
+        """Layer -> the most tokens a KV head of any row attended at the last sparse step."""
+        out: dict[int, int] = {}
+        for r in self.rows:
+            for layer, n in r.attended.items():
+                out[layer] = max(n, out.get(layer, 0))
+        return out
+
+    def _row_name(self, r: int) -> str:
+        if len(self.names) > 1:
+            return self.names[r]
+        return (self.names[0] if self.names else "<memory>") + (f"[{r}]" if r else "")
+
+    def _grow_rows(self, b: int) -> None:
+        while len(self.rows) < b:
+            self.rows.append(Row(self._row_name(len(self.rows))))
+
+    def _open_rows(self, key_states: torch.Tensor) -> None:
+        b = key_states.shape[0]
+        if self.names and len(self.names) not in (1, b):
+            raise ValueError(f"{len(self.names)} session names for a batch of {b}")
+        if key_states.shape[1] != self.layout.kv_heads or key_states.shape[3] != self.layout.head_dim:
+            raise ModelMismatchError(f"KV shape {tuple(key_states.shape)} does not match {self.layout}")
+        self._grow_rows(b)
+        for row in self.rows:
+            row.seq = self._open_seq(row.name, key_states.device)
+        self.share_chains()
+
+    def _open_seq(self, name: str, device):
+        return self.mgr.open_sequence(name, self.layout, device, codec=self.codec, policy=self.policy,
+                                      hot_bytes=self.hot_bytes, warm_bytes=self.warm_bytes)
+
+    def _select_rows(self, picks: list[int]) -> None:
+        """New row i = old row picks[i]; the first use of a row keeps it, repeats fork it."""
+        old, used, new = self.rows, set(), []
+        for r in picks:
+            new.append(old[r] if r not in used else old[r].fork(self.mgr.clone_sequence(old[r].seq)))
+            used.add(r)
+        self.rows = new
+        for r, row in enumerate(old):
+            if r not in used:
+                self.mgr.close_sequence(row.seq, flush=False)
+        if self.last_logits is not None:
+            self.last_logits = self.last_logits[picks]
+
+    def _drop_rows(self) -> None:
+        rows, self.rows = self.rows, []
+        for row in rows:
+            if row.seq is not None:
+                self.mgr.close_sequence(row.seq, flush=False)
 
     # -- transformers Cache API ------------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key/value_states: [batch, kv_heads, q, head_dim] post-RoPE. Returns them unchanged:
         attention reads the tiers through the ``tierstore`` attention function."""
-        if not self.seqs:
-            self._init_rows(key_states)
+        if not self.is_initialized:
+            self._open_rows(key_states)
         if key_states.dtype != self.layout.dtype:
             raise ModelMismatchError(f"KV dtype {key_states.dtype} != cache dtype {self.layout.dtype}")
-        for r, seq in enumerate(self.seqs):
-            self.mgr.append(seq, layer_idx, key_states[r], value_states[r])
+        for r, row in enumerate(self.rows):
+            self.mgr.append(row.seq, layer_idx, key_states[r], value_states[r])
         self.lengths[layer_idx] += key_states.shape[2]
         attn.set_active(self)
         return key_states, value_states
@@ -283,7 +356,7 @@ class TieredCache(Cache):
 
     @property
     def is_initialized(self) -> bool:
-        return bool(self.seqs)
+        return bool(self.rows) and self.rows[0].seq is not None
 
     def reset(self) -> None:
         self._drop_rows()
@@ -293,7 +366,7 @@ class TieredCache(Cache):
         self._select_rows([int(i) for i in beam_idx.tolist()])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_rows([r for r in range(len(self.seqs)) for _ in range(repeats)])
+        self._select_rows([r for r in range(len(self.rows)) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select_rows([int(i) for i in indices.tolist()])
@@ -303,10 +376,9 @@ class TieredCache(Cache):
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative count of tokens to remove (transformers v5)")
         new_len = self.lengths[0] + tokens_to_remove
-        for r, seq in enumerate(self.seqs):
-            self.mgr.truncate(seq, new_len)
-            self.token_ids[r] = self.token_ids[r][:new_len]
-            self._chains[r] = self._chains[r][:new_len // self.layout.block_tokens]
+        for row in self.rows:
+            self.mgr.truncate(row.seq, new_len)
+            row.truncate(new_len, self.layout.block_tokens)
         self.lengths = [new_len] * self.layout.num_layers
         self.last_logits = None
         if self.approx_from is not None and new_len <= self.approx_from:
@@ -320,43 +392,52 @@ class TieredCache(Cache):
         Exact (every block, streamed) unless a sparse budget is set and this is a decode step
         (or ``sparse_prefill``): then the sinks, the recent window and the policy's top-k."""
         q_len = query.shape[2]
-        lay = self.layout
-        n_rep = query.shape[1] // lay.kv_heads
         sparse = self._sparse_step(q_len) and layer not in self.sparse.dense_layers
         outs = []
-        for r, seq in enumerate(self.seqs):
+        for r, row in enumerate(self.rows):
             pad = None if mask is None or mask.padding is None else mask.padding[r]
             q_offset = mask.q_offset if mask is not None else self.lengths[layer] - q_len
-            policy = seq.policy
-            if sparse:
-                qg = query[r].reshape(lay.kv_heads, n_rep * q_len, lay.head_dim)
-                ids, heads = select(functools.partial(self.mgr.summaries, seq, layer), policy, qg, self.sparse,
-                                    lay.block_tokens, n=len(self.mgr.blocks(seq, layer)))
-                out, mass = attend_selected(SeqReader(self.mgr, seq), layer, query[r], q_offset, pad, scale, ids,
-                                            heads)
-                if policy.mass_mode == "accumulate":
-                    self.mgr.note_attention(seq, layer, ids, mass)
-                self._selected[r][layer] = ids
-                self.head_masks[r][layer] = heads
-                ntok = torch.tensor([self.mgr.blocks(seq, layer)[i].ntok for i in ids])
-                self.attended[layer] = int(ntok.sum()) if heads is None else int((heads * ntok).sum(1).max())
-            else:
-                window = WindowMass(query[r], q_offset, self.obs_window, n_rep, lay.kv_heads, scale) \
-                    if policy.mass_mode is not None and q_len > 1 else None
-                out = attend_exact(SeqReader(self.mgr, seq), layer, query[r], q_offset, pad, scale, window)
-                if window is not None:
-                    ids, mass = window.mass()
-                    self.mgr.note_attention(seq, layer, ids, mass, replace=policy.mass_mode == "observe")
-            outs.append(out)
-        if layer + 1 < lay.num_layers:  # layer-ahead: start moving the next layer's blocks up
+            step = self._attend_sparse if sparse else self._attend_exact
+            outs.append(step(row, layer, query[r], q_offset, pad, scale))
+        if layer + 1 < self.layout.num_layers:  # layer-ahead: start moving the next layer's blocks up
             nxt_sparse = self._sparse_step(q_len) and layer + 1 not in self.sparse.dense_layers
-            for r, seq in enumerate(self.seqs):
-                nxt = self._selected[r].get(layer + 1) if nxt_sparse else None
+            for row in self.rows:
+                nxt = row.selected.get(layer + 1) if nxt_sparse else None
                 if nxt:
-                    self.mgr.prefetch_to_read(seq, layer + 1, nxt)  # the previous step's choice
+                    self.mgr.prefetch_to_read(row.seq, layer + 1, nxt)  # the previous step's choice
                 elif not nxt_sparse:
-                    self.mgr.prefetch_next(seq, layer + 1)
+                    self.mgr.prefetch_next(row.seq, layer + 1)
         return torch.stack(outs).to(query.dtype)
+
+    def _attend_sparse(self, row: Row, layer: int, q: torch.Tensor, q_offset: int, pad, scale: float):
+        """q [heads, q_len, d]: the sinks, the window and the policy's top-k blocks of ``layer``."""
+        lay, seq = self.layout, row.seq
+        heads, q_len, d = q.shape
+        qg = q.reshape(lay.kv_heads, heads // lay.kv_heads * q_len, d)
+        n = len(self.mgr.blocks(seq, layer))
+        ids, head_mask = select(functools.partial(self.mgr.summaries, seq, layer), seq.policy, qg, self.sparse,
+                                lay.block_tokens, n=n)
+        reader = row.reader(self.mgr)
+        out, mass = attend_selected(reader, layer, q, q_offset, pad, scale, ids, head_mask)
+        if seq.policy.mass_mode == "accumulate":
+            self.mgr.note_attention(seq, layer, ids, mass)
+        row.selected[layer], row.head_masks[layer] = ids, head_mask
+        ntok = torch.tensor(reader.ntok(layer, ids))
+        row.attended[layer] = int(ntok.sum()) if head_mask is None else int((head_mask * ntok).sum(1).max())
+        return out
+
+    def _attend_exact(self, row: Row, layer: int, q: torch.Tensor, q_offset: int, pad, scale: float):
+        """q [heads, q_len, d]: every block of ``layer``; an observation window's mass feeds the
+        policy (prefill of h2o/snapkv)."""
+        lay, seq = self.layout, row.seq
+        heads, q_len, _ = q.shape
+        window = WindowMass(q, q_offset, self.obs_window, heads // lay.kv_heads, lay.kv_heads, scale) \
+            if seq.policy.mass_mode is not None and q_len > 1 else None
+        out = attend_exact(row.reader(self.mgr), layer, q, q_offset, pad, scale, window)
+        if window is not None:
+            ids, mass = window.mass()
+            self.mgr.note_attention(seq, layer, ids, mass, replace=seq.policy.mass_mode == "observe")
+        return out
 
     def _sparse_step(self, q_len: int) -> bool:
         """Does a forward of ``q_len`` new tokens attend sparsely?"""
@@ -372,57 +453,6 @@ class TieredCache(Cache):
         finally:
             self.force_exact = prev
 
-    # -- rows ---------------------------------------------------------------------------------
-
-    def _init_rows(self, key_states: torch.Tensor) -> None:
-        b = key_states.shape[0]
-        if self.names and len(self.names) not in (1, b):
-            raise ValueError(f"{len(self.names)} session names for a batch of {b}")
-        if key_states.shape[1] != self.layout.kv_heads or key_states.shape[3] != self.layout.head_dim:
-            raise ModelMismatchError(f"KV shape {tuple(key_states.shape)} does not match {self.layout}")
-        for r in range(b):
-            self.seqs.append(self._open_seq(self._row_name(r), key_states.device))
-        self._selected = [{} for _ in range(b)]
-        self.head_masks = [{} for _ in range(b)]
-        while len(self.token_ids) < b:
-            self.token_ids.append([])
-            self.pads.append(0)
-            self._chains.append([])
-        self._share_chains()
-
-    def _open_seq(self, name: str, device):
-        return self.mgr.open_sequence(name, self.layout, device, codec=self.codec, policy=self.policy,
-                                      hot_bytes=self.hot_bytes, warm_bytes=self.warm_bytes)
-
-    def _row_name(self, r: int) -> str:
-        if len(self.names) > 1:
-            return self.names[r]
-        return (self.names[0] if self.names else "<memory>") + (f"[{r}]" if r else "")
-
-    def _select_rows(self, rows: list[int]) -> None:
-        """New row i = old row rows[i]; the first use of a row keeps it, repeats copy it."""
-        used: set[int] = set()
-        new = []
-        for r in rows:
-            new.append(self.seqs[r] if r not in used else self.mgr.clone_sequence(self.seqs[r]))
-            used.add(r)
-        for r, seq in enumerate(self.seqs):
-            if r not in used:
-                self.mgr.close_sequence(seq, flush=False)
-        self.seqs = new
-        self._selected = [dict(self._selected[r]) if r < len(self._selected) else {} for r in rows]
-        self.head_masks = [dict(self.head_masks[r]) if r < len(self.head_masks) else {} for r in rows]
-        self.token_ids = [list(self.token_ids[r]) for r in rows]
-        self.pads = [self.pads[r] for r in rows]
-        self._chains = [list(self._chains[r]) for r in rows]
-        if self.last_logits is not None:
-            self.last_logits = self.last_logits[rows]
-
-    def _drop_rows(self) -> None:
-        for seq in self.seqs:
-            self.mgr.close_sequence(seq, flush=False)
-        self.seqs, self.token_ids, self.pads, self._chains = [], [], [], []
-
     # -- token ids and keys -----------------------------------------------------------------------
 
     def _pre_forward(self, module, args, kwargs):
@@ -435,30 +465,28 @@ class TieredCache(Cache):
             self.ids_known = False
             return None
         ids = ids.tolist()
-        while len(self.token_ids) < len(ids):
-            self.token_ids.append([])
-            self.pads.append(0)
-            self._chains.append([])
+        self._grow_rows(len(ids))
         mask = kwargs.get("attention_mask")
         if self.lengths[0] == 0 and mask is not None and mask.dim() == 2:
-            self.pads = [int((m == 0).long().cumprod(0).sum()) for m in mask.cpu()]
+            for row, m in zip(self.rows, mask.cpu()):
+                row.pad = int((m == 0).long().cumprod(0).sum())
         if self._sparse_step(len(ids[0])) and self.approx_from is None:
             self.approx_from = self.lengths[0]  # KV from here on depends on the sparse selection
-        for r, row in enumerate(ids):
-            self.token_ids[r].extend(row)
-            self._chains[r] = chain_hashes(self._root(r), self.token_ids[r], self.layout.block_tokens,
-                                           self.approx_from)
-        self._share_chains()
+        for r, (row, new) in enumerate(zip(self.rows, ids)):
+            row.extend(new, self.root(r), self.layout.block_tokens, self.approx_from)
+        self.share_chains()
         return None
 
-    def _share_chains(self) -> None:
-        """Hand each row's full-block chains to its manager sequence (keys at seal time)."""
-        full = [len(ids) // self.layout.block_tokens for ids in self.token_ids]
-        if self.readonly:  # new blocks get no cold key: never written, so never left to gc as orphans
-            full = [min(f, self._committed_blocks) for f in full]
-        for r, seq in enumerate(self.seqs):
-            if r < len(self._chains):
-                seq.chains = self._chains[r][:full[r]]
+    def share_chains(self) -> None:
+        """Hand each row's full-block chains to its manager sequence (keys at seal time). A
+        read-only cache keys no new block: never written, so never left to gc as orphans."""
+        bt = self.layout.block_tokens
+        for row in self.rows:
+            if row.seq is not None:
+                full = len(row.token_ids) // bt
+                if self.readonly:
+                    full = min(full, self.committed_blocks)
+                row.seq.chains = row.chains[:full]
 
     def _post_forward(self, module, args, kwargs, output):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -467,15 +495,16 @@ class TieredCache(Cache):
         logits = getattr(output, "logits", None)
         if logits is not None:
             self.last_logits = logits[:, -1].detach().float().cpu()
-        sealed = self.lengths[-1] // self.layout.block_tokens - self._committed_blocks
+        sealed = self.lengths[-1] // self.layout.block_tokens - self.committed_blocks
         if self.auto_commit_blocks and sealed >= self.auto_commit_blocks and self.names:
             self.commit()
         return None
 
-    def _root(self, r: int) -> bytes:
-        return root_hash(self.fingerprint, self.layout, self.codec.quant, self.pads[r])
+    def root(self, r: int) -> bytes:
+        """Row ``r``'s chain root: model fingerprint, layout, quantisation, left padding."""
+        return root_hash(self.fingerprint, self.layout, self.codec.quant, self.rows[r].pad)
 
-    # -- persistence --------------------------------------------------------------------------
+    # -- persistence (adapters.persist) --------------------------------------------------------
 
     def commit(self, token_ids: Sequence[int] | torch.Tensor | None = None) -> list[SessionRecord]:
         """Make the session(s) durable: flush sealed blocks, store the partial tail, write the record.
@@ -485,49 +514,7 @@ class TieredCache(Cache):
         if self.readonly:
             raise ReadOnlyCacheError(f"session {self.names[0]!r} was resumed read-only (no writer lease): it "
                                      "cannot be committed; store.fork() it and resume the copy to write")
-        if not self.names:
-            raise TierstoreError("this TieredCache has no session name; nothing to commit")
-        if len(self.seqs) > 1 and len(self.names) != len(self.seqs):
-            raise TierstoreError(f"a batch of {len(self.seqs)} rows needs {len(self.seqs)} session names to "
-                                 f"persist (got {len(self.names)})")
-        if token_ids is not None:
-            t = torch.as_tensor(token_ids)
-            rows = t.reshape(-1, t.shape[-1]).tolist()
-            self.token_ids = [list(r) for r in rows]
-            self._chains = [chain_hashes(self._root(r), ids, self.layout.block_tokens, self.approx_from)
-                            for r, ids in enumerate(self.token_ids)]
-            self._share_chains()
-            full = self.lengths[0] // self.layout.block_tokens
-            for r, seq in enumerate(self.seqs):  # blocks sealed while the ids were unknown
-                self.mgr.set_keys(seq, {i: [block_key(self._chains[r][i], layer)
-                                            for layer in range(self.layout.num_layers)] for i in range(full)})
-        out = []
-        n = self.lengths[0]
-        for r, seq in enumerate(self.seqs):
-            ids = self.token_ids[r]
-            if len(ids) != n or not self.ids_known and token_ids is None:
-                raise TokenMismatchError(f"session {self.names[r]!r}: the cache holds {n} tokens but "
-                                         f"{len(ids)} token ids are known; pass commit(token_ids)")
-            chains = self._chains[r]
-            tail = n % self.layout.block_tokens
-            if tail:
-                blocks = [self.mgr.blocks(seq, layer)[-1] for layer in range(self.layout.num_layers)]
-                self.mgr.set_layer_tail_keys(seq, [block_key(chains[-1], layer)
-                                                   for layer in range(self.layout.num_layers)])
-                self.mgr.write_now(blocks)
-            self.mgr.flush(seq)
-            logits = self.last_logits[r].numpy() if self.last_logits is not None else None
-            prev = self.store.sessions.read(self.names[r]) if self.store.exists(self.names[r]) else None
-            rec = SessionRecord(
-                name=self.names[r], layout=self.layout, fingerprint=self.fingerprint,
-                fingerprint_fields=self.fingerprint_fields, codec=self.codec,
-                token_ids=np.asarray(ids, dtype=np.int64), last_logits=logits, pad=self.pads[r],
-                model_name=self.model_name, tokenizer_name=self.tokenizer_name,
-                created=prev.created if prev else self._created, updated=time.time(),
-                meta={**self.meta, "policy": self.policy, "approx_from": self.approx_from})
-            out.append(self.store.sessions.commit(rec, summaries=self.mgr.mass_summaries(seq)))
-        self._committed_blocks = n // self.layout.block_tokens
-        return out
+        return persist.commit(self, token_ids)
 
     @classmethod
     def resume(cls, store, model, session: str, *, policy: str = "exact", budget_tokens: int | None = None,
@@ -537,49 +524,27 @@ class TieredCache(Cache):
 
         readonly: attend without taking the session's writer lease (e.g. while an open cache of
         this process writes it); such a cache never commits (``ReadOnlyCacheError``)."""
-        rec = store.session(session)
-        fp, fields = model_fingerprint(model)
-        if rec.fingerprint != fp:
-            diff = {k: (rec.fingerprint_fields.get(k), fields.get(k)) for k in fields
-                    if rec.fingerprint_fields.get(k) != fields.get(k)}
-            raise ModelMismatchError(f"session {session!r} was stored by another model; differs in {diff}")
-        lay = kv_layout(model, rec.layout.block_tokens)
-        if lay != rec.layout:
-            raise ModelMismatchError(f"session {session!r}: stored layout {rec.layout} != model's {lay}")
+        rec = persist.check_record(store, model, session)
         return cls(store, model, session, policy=policy, budget_tokens=budget_tokens, hot=hot, warm=warm,
                    codec=rec.codec, model_name=rec.model_name, tokenizer_name=rec.tokenizer_name, readonly=readonly,
                    _resume=rec, **kw)
 
     def _adopt(self, rec: SessionRecord) -> None:
-        device = next(self.model.parameters()).device
-        seq = self._open_seq(rec.name, device)
-        self.seqs = [seq]  # closed with the cache if adopting fails
-        chains = rec.chains()
-        keys = [block_key(c, layer) for layer in range(self.layout.num_layers) for c in chains]
-        # summaries are read only for policies that score with them (exact/lru/streaming rank by
-        # position or recency; a summary missing later is recomputed from the resident block)
-        raw = self.store.cold.get_many("summaries", keys) if seq.policy.uses_summaries else [None] * len(keys)
-        ntoks = [rec.block_len(i) for i in range(len(chains))]
-        for layer in range(self.layout.num_layers):
-            row = slice(layer * len(chains), (layer + 1) * len(chains))
-            summs = [BlockSummary.unseal(key, bytes(data), session=rec.name, layer=layer, block=i)
-                     if data is not None else None for i, (key, data) in enumerate(zip(keys[row], raw[row]))]
-            self.mgr.adopt_layer(seq, layer, list(zip(ntoks, keys[row], summs)))
-        self.seqs = [seq]
-        self._selected = [{}]
-        self.head_masks = [{}]
-        self.token_ids, self.pads, self._chains = [rec.token_ids.tolist()], [rec.pad], [chains]
+        row = Row(rec.name)
+        self.rows = [row]  # its sequence is closed with the cache if adopting fails
+        row.seq = self._open_seq(rec.name, next(self.model.parameters()).device)
         self.lengths = [rec.length] * self.layout.num_layers
-        self._committed_blocks = rec.length // self.layout.block_tokens
-        self._created = rec.created
+        self.committed_blocks = rec.length // self.layout.block_tokens
+        self.created = rec.created
         if rec.last_logits is not None:
             self.last_logits = torch.from_numpy(rec.last_logits).unsqueeze(0)
-        self.mgr.restore(seq)
+        persist.adopt(self, rec, row)
+        self.share_chains()
 
     def check_history(self, ids: Sequence[int] | torch.Tensor) -> None:
         """Raise TokenMismatchError unless ``ids`` (one row) extend the ids the cache holds."""
         row = torch.as_tensor(ids).reshape(-1).tolist()
-        have = self.token_ids[0] if self.token_ids else []
+        have = self.rows[0].token_ids if self.rows else []
         if row[:len(have)] != have:
             at = next(i for i, (a, b) in enumerate(zip(row, have)) if a != b) if len(row) >= len(have) else len(row)
             raise TokenMismatchError(f"the given token history does not extend the {len(have)} cached tokens "
@@ -587,7 +552,7 @@ class TieredCache(Cache):
 
     def full_ids(self, new_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """[1, n] the cached history (+ ``new_ids``): what ``generate`` must be given after a resume."""
-        have = self.token_ids[0] if self.token_ids else []
+        have = self.rows[0].token_ids if self.rows else []
         extra = torch.as_tensor(new_ids).reshape(-1).tolist() if new_ids is not None else []
         return torch.tensor([have + extra], dtype=torch.long)
 
@@ -599,12 +564,11 @@ class TieredCache(Cache):
             return
         self._closed = True
         try:
-            if self.commit_on_close and self.names and self.seqs and self.lengths[0] and self.ids_known:
+            if self.commit_on_close and self.names and self.is_initialized and self.lengths[0] and self.ids_known:
                 self.commit()
         finally:
             self._finalizer.detach()
             self._held.release()  # hooks, attention implementation, rows, leases
-            self.token_ids, self.pads, self._chains = [], [], []
 
     def __enter__(self) -> "TieredCache":
         return self

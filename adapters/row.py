@@ -36,18 +36,13 @@ class Row:
         return SeqReader(mgr, self.seq)
 
     def extend(self, ids: Sequence[int], root: bytes, block_tokens: int, approx_from: int | None) -> None:
-        """The ids of tokens whose KV this forward appends; chains follow."""
+        """The ids of tokens whose KV this forward appends; the chains follow (the cache then
+        hands them to the sequence: ``TieredCache.share_chains``)."""
         self.token_ids.extend(ids)
         self.rehash(root, block_tokens, approx_from)
 
     def rehash(self, root: bytes, block_tokens: int, approx_from: int | None) -> None:
         self.chains = chain_hashes(root, self.token_ids, block_tokens, approx_from)
-        self.share_chains(block_tokens)
-
-    def share_chains(self, block_tokens: int) -> None:
-        """Hand the full-block chains to the manager sequence (its blocks are keyed at seal)."""
-        if self.seq is not None:
-            self.seq.chains = self.chains[:len(self.token_ids) // block_tokens]
 
     def truncate(self, length: int, block_tokens: int) -> None:
         self.token_ids = self.token_ids[:length]

@@ -187,13 +187,13 @@ def test_dense_layers_attend_everything_at_sparse_steps(tmp_path):
         with TieredCache(st, model, policy="quest", budget_tokens=4 * BT, dense_layers=1) as cache:
             model(input_ids=ids, cache=cache, use_cache=True)
             step = model(input_ids=ids[:, :1], cache=cache, use_cache=True).logits
-            assert set(cache._selected[0]) == {1} and set(cache.attended) == {1}  # layer 0 was dense
+            assert set(cache.rows[0].selected) == {1} and set(cache.attended) == {1}  # layer 0 was dense
             assert cache.attended[1] <= 4 * BT
             assert (step - ref).abs().max() > 0
         with TieredCache(st, model, policy="quest", budget_tokens=4 * BT, dense_layers=[0, 1]) as cache:
             model(input_ids=ids, cache=cache, use_cache=True)
             every = model(input_ids=ids[:, :1], cache=cache, use_cache=True).logits
-            assert cache._selected[0] == {}
+            assert cache.rows[0].selected == {}
         assert (every - ref).abs().max() < 1e-4                       # all layers dense: exact
         with pytest.raises(ValueError, match="dense_layers"):
             TieredCache(st, model, policy="quest", budget_tokens=4 * BT, dense_layers=[2])
@@ -333,3 +333,20 @@ def test_decode_mass_reaches_the_committed_summaries(tmp_path):
             keys = [block_key(c, layer) for c in chains]
             for i, (k, r) in enumerate(zip(keys, st.cold.get_many("summaries", keys))):
                 assert torch.allclose(BlockSummary.unseal(k, bytes(r)).mass, live[layer][i]), (layer, i)
+
+
+def test_sparse_settings_as_one_config_equal_the_keyword_forms(tmp_path):
+    """``sparse=SparseConfig(...)`` is the same cache as its keywords; an exact policy refuses it."""
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 100))
+    cfg = SparseConfig(4 * BT, sink_blocks=1, window_blocks=1, dense_layers=frozenset({0}), per_head=True)
+    outs = []
+    with tierstore.open(tmp_path / "kv", hot="1MiB", warm="1MiB", block_tokens=BT) as st:
+        for kw in ({"sparse": cfg}, {"budget_tokens": 4 * BT, "window_blocks": 1, "dense_layers": 1, "per_head": True}):
+            with TieredCache(st, model, policy="sketch", **kw) as cache:
+                assert cache.sparse == cfg
+                outs.append(gen(model, ids, cache))
+                assert set(cache.rows[0].selected) == {1} and cache.attended[1] <= 4 * BT
+        with pytest.raises(ValueError, match="sparse policy"):
+            TieredCache(st, model, policy="exact", sparse=cfg)
+    assert torch.equal(outs[0].sequences, outs[1].sequences)

@@ -187,9 +187,9 @@ class Probe:
                 self.hit.append(1.0)
             self.attended.append(int(c.lengths[layer]))
             return out
-        if layer not in c._selected[0]:
+        if layer not in c.rows[0].selected:
             return out
-        ids = c._selected[0][layer]
+        ids = c.rows[0].selected[layer]
         seq, lay = c.seqs[0], c.layout
         n_rep = query.shape[1] // lay.kv_heads
         q_offset = mask.q_offset if mask is not None else c.lengths[layer] - 1
@@ -198,7 +198,7 @@ class Probe:
         bids, share = w.mass()  # [n, kv_heads], each query head's row sums to 1
         pos = {b: i for i, b in enumerate(bids)}
         sel = [pos[i] for i in ids if i in pos]
-        heads = c.head_masks[0].get(layer)
+        heads = c.rows[0].head_masks.get(layer)
         got = share[sel] if heads is None else share[sel] * heads[:, [j for j, i in enumerate(ids) if i in pos]].T
         self.cover.append(float(got.sum() / share.sum().clamp_min(1e-12)))
         self.by_layer.setdefault(layer, []).append(self.cover[-1])
