@@ -145,7 +145,7 @@ class _Held:
 def _cache_dropped(held: _Held, what: str) -> None:
     """The finalizer of a TieredCache dropped without ``close()`` (see ``tierstore.lifecycle``)."""
     log.debug("%s: TieredCache dropped without close(); giving its slots and leases back", what)
-    release(held.release, what=f"cache {what}", locks=[held.mgr._lock, _ATTN_LOCK])
+    release(held.release, what=f"cache {what}", locks=[held.mgr.lock, _ATTN_LOCK])
 
 
 class TieredCache(Cache):

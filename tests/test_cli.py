@@ -490,14 +490,28 @@ def test_rm_deletes_and_keeps_shared_blocks(store):
     assert names_in(store) == [] and run_json(store, "stat")["blocks"] == 0
 
 
+@contextlib.contextmanager
+def live_writer(store, session: str):
+    """Another live process holding ``session``'s writer lease until the block ends (closing its
+    store gives the lease back)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, tierstore\n"
+         f"s = tierstore.open({str(store)!r})\ns.sessions.acquire({session!r})\nprint('ready', flush=True)\n"
+         "sys.stdin.read()\ns.close()\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        yield holder
+    finally:
+        holder.communicate(timeout=60)
+    assert holder.returncode == 0
+
+
 def test_rm_unknown_or_busy_deletes_nothing(store):
     assert "no such session" in run(store, "rm", "alpha", "nobody", "-y", code=1).stderr
-    with tierstore.open(store) as s:
-        lease = s.sessions.acquire("gamma")               # this (live) process writes gamma
-    assert "live writer" in run(store, "rm", "gamma", "-y", code=1).stderr
-    assert names_in(store) == ["alpha", "beta", "gamma"]
-    with tierstore.open(store) as s:
-        s.sessions.release(lease)
+    with live_writer(store, "gamma"):                     # another live process writes gamma
+        assert "live writer" in run(store, "rm", "gamma", "-y", code=1).stderr
+        assert names_in(store) == ["alpha", "beta", "gamma"]
+    assert "freed" in run(store, "rm", "gamma", "-y").stdout
 
 
 def test_prune(tmp_path):
@@ -541,12 +555,9 @@ def test_compact(tmp_path):
 
 
 def test_compact_refused_while_a_writer_is_live(store):
-    with tierstore.open(store) as s:
-        lease = s.sessions.acquire("alpha")
-    res = run(store, "compact", code=1)
+    with live_writer(store, "alpha"):
+        res = run(store, "compact", code=1)
     assert res.stderr.startswith("error: ") and "live writers" in res.stderr
-    with tierstore.open(store) as s:
-        s.sessions.release(lease)
     run(store, "compact")
 
 

@@ -406,7 +406,7 @@ def test_a_closed_store_gives_its_pools_back(tmp_path, model):
     cache = TieredCache(st, model, session="big")
     generate(model, cache, torch.arange(1, 30), 3)
     cache.close()
-    pools = list(st.manager._hot.values()) + list(st.manager._warm.values())
+    pools = st.manager.pools()
     tensors = [weakref.ref(t) for p in pools for t in (p.k, p.v)]
     assert sum(p.nbytes for p in pools) > 150 << 20           # the pools exist
     del pools
@@ -438,7 +438,7 @@ def test_a_dropped_store_gives_back_its_pools_threads_and_path(tmp_path, model):
         cache.commit()
         mine = _tierstore_threads() - before
         assert mine                                             # the manager's writer, encoders, ...
-        pools = list(store.manager._hot.values()) + list(store.manager._warm.values())
+        pools = store.manager.pools()
         refs = [weakref.ref(store), weakref.ref(cache)] + [weakref.ref(p.kv) for p in pools]
         del cache, store, pools
         gc.collect()
@@ -485,7 +485,7 @@ def test_pools_take_memory_as_blocks_arrive(tmp_path, model):
             usage = st.manager.usage()
             grown = _rss_anon_mib() - start
         assert usage["hot_allocated_bytes"] + usage["warm_allocated_bytes"] > 4 << 30   # the budgets exist
-        assert not any(p.pinned for p in st.manager._warm.values())
+        assert not any(p.pinned for p in st.manager.budgets.warm.values())
         assert grown < 256, f"{grown:.0f} MiB of anonymous memory for a {usage['hot_used_bytes']} byte session"
     with tierstore.open(str(tmp_path / "kv2"), hot="160MiB", warm="64MiB", block_tokens=cw.BLOCK_TOKENS) as st:
         from tierstore.adapters.fingerprint import kv_layout

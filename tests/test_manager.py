@@ -43,14 +43,14 @@ def random_kv(gen: torch.Generator, n: int, layout: KVLayout = LAYOUT) -> tuple[
 
 
 def all_blocks(m: TierManager) -> list[Block]:
-    return [b for s in m._seqs.values() for layer in s.layers for b in layer]
+    return [b for s in m.sequences() for layer in s.layers for b in layer]
 
 
 def wait_idle(m: TierManager, timeout: float = 20.0) -> None:
     """Wait until no load is in flight and every queued write-back is durable."""
     deadline = time.monotonic() + timeout
     while True:
-        with m._lock:
+        with m.lock:
             busy = [b for b in all_blocks(m) if b.loading is not None or b.queued]
         if not busy:
             return
@@ -62,7 +62,7 @@ def wait_idle(m: TierManager, timeout: float = 20.0) -> None:
 
 def describe(m: TierManager) -> str:
     """One line per block: where it is and why it may or may not move (for failure messages)."""
-    with m._lock:
+    with m.lock:
         return "\n".join(
             f"{b.seq.name} L{b.layer} #{b.index} ntok={b.ntok} hot={b.hot} warm={b.warm} durable={b.durable} "
             f"key={b.key is not None} queued={b.queued} pins={b.pins} loading={b.loading is not None} "
@@ -73,8 +73,8 @@ def check_bookkeeping(store) -> None:
     """Budgets hold (bookkeeping and real tensor bytes), slots are owned once, nothing is lost."""
     m = store.manager
     cfg = store.config
-    with m._lock:
-        hot_pools, warm_pools = list(m._hot.values()), list(m._warm.values())
+    with m.lock:
+        hot_pools, warm_pools = list(m.budgets.hot.values()), list(m.budgets.warm.values())
         assert sum(p.used * p.layout.block_bytes for p in hot_pools) <= cfg.hot_bytes
         assert sum(p.k.nbytes + p.v.nbytes for p in hot_pools) <= cfg.hot_bytes
         assert sum(p.used * p.layout.block_bytes for p in warm_pools) <= cfg.warm_bytes
@@ -220,7 +220,7 @@ class TierMachine(RuleBasedStateMachine):
         seq = self.seqs[s]
         blocks = [seq.layers[layer][i] for i in ids]
         tails = self.partial_tails()
-        with self.m._lock:
+        with self.m.lock:
             # warm slots this request holds at once: one per block brought up, plus the warm
             # copies of the requested blocks that are hot already (pinned: kept)
             warm_held = {id(b) for b in blocks if b.hot is None or b.loading is not None or b.warm is not None}
@@ -274,7 +274,7 @@ class TierMachine(RuleBasedStateMachine):
     def settle(self):
         wait_idle(self.m)
         self.flush()
-        with self.m._lock:
+        with self.m.lock:
             for b in all_blocks(self.m):
                 assert b.pins == 0 and not b.queued and b.loading is None, b.where()
 
@@ -485,11 +485,11 @@ def test_demoting_n_blocks_is_all_or_nothing_and_spares_pinned_blocks(store):
 
     with m.acquire(seq, 0, [0, 1, 2]) as pinned:
         before, demoted = where(), dict(m.counters.demotions)
-        with m._lock, pytest.raises(BudgetError, match="need 4 more slots, only 3"):
-            m._evict_hot(seq.hot, 4)
+        with m.lock, pytest.raises(BudgetError, match="need 4 more slots, only 3"):
+            m.placement.evict_hot(seq.hot, 4)
         assert where() == before and dict(m.counters.demotions) == demoted      # nothing moved
-        with m._lock:
-            m._evict_hot(seq.hot, 3)
+        with m.lock:
+            m.placement.evict_hot(seq.hot, 3)
         assert all(b.hot is not None for b in pinned)
         assert all(b.hot is None and b.durable for b in seq.layers[1])
     check_bookkeeping(store)
@@ -906,15 +906,15 @@ def test_exact_attention_right_after_a_resume_reads_filled_blocks_in_place(tmp_p
         from concurrent.futures import Future
         late = [blk for blk in b.layers[0] if blk.warm is not None][:3]
         fut: Future = Future()
-        with m._lock:
+        with m.lock:
             for blk in late:
                 blk.loading, blk.pins = fut, blk.pins + 1
 
         def land():
-            with m._cv:
+            with m.shared.cv:
                 for blk in late:
                     blk.loading, blk.pins = None, blk.pins - 1
-                m._cv.notify_all()
+                m.shared.cv.notify_all()
             fut.set_result(None)
         timer = threading.Timer(0.3, land)
         timer.start()

@@ -145,7 +145,7 @@ def _fill(mgr, seq, n_tokens, seed=0, chunk=24):
 
 def _wait_background(mgr):
     for _ in range(2):
-        mgr._encoders.submit(lambda: None).result()
+        mgr.writeback.encoders.submit(lambda: None).result()
 
 
 def test_calibration_fits_stores_and_sketches_every_block(tmp_path):

@@ -71,7 +71,7 @@ def _dropped(held: _Held, path: str) -> None:
     """The finalizer of a Store dropped without ``close()`` (see ``tierstore.lifecycle``)."""
     log.debug("%s: store dropped without close(); releasing its tiers", path)
     mgr = held.manager
-    release(held.close, what=f"store {path}", locks=[mgr._lock if mgr is not None else None])
+    release(held.close, what=f"store {path}", locks=[mgr.lock if mgr is not None else None])
 
 
 class Store:

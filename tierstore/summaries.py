@@ -4,7 +4,7 @@ back into them. One ``SummaryIndex`` per tier manager owns the stacks; each bloc
 
 Locks, in the order they are taken (never the other way round):
 
-1. the manager lock (``TierManager._lock``, an ``RLock`` passed in): guards block state
+1. the manager lock (``TierManager.lock``, ``Shared.lock``: an ``RLock`` passed in): guards block state
    (``Block.summary``, ``ntok``, ``hot``/``warm``, ``loading``, ``durable``, ``restated``) and the
    index's stacks. Every public method of the index takes it (it is reentrant: the manager calls
    in with it held).

@@ -155,7 +155,7 @@ def manager_overlap(mib: int = 256, block_tokens: int = 64) -> dict:
 
 def _wait(m, seq) -> None:
     while True:
-        with m._lock:
+        with m.lock:
             futs = [b.loading for layer in seq.layers for b in layer if b.loading is not None]
         if not futs:
             return

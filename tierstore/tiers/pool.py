@@ -42,6 +42,9 @@ class SlotPool:
         self.pinned = pin
         self._free = np.ones(slots, dtype=bool)
         self.used = 0
+        # which block sits in each slot (set by the manager's placement when it fills a slot,
+        # cleared at release): eviction ranks a pool's own blocks without walking every sequence
+        self.owner: list = [None] * slots
 
     def fault_in(self) -> None:
         """Touch every page now (``TierManager.prepare``): no first-write faults later."""
@@ -96,7 +99,13 @@ class SlotPool:
         if self._free[slots].any():
             raise AssertionError(f"{self.name}: double free of slots {slots}")
         self._free[slots] = True
+        for s in slots:
+            self.owner[s] = None
         self.used -= len(slots)
+
+    def resident(self) -> list:
+        """The blocks in this pool's slots (O(slots))."""
+        return [b for b in self.owner if b is not None]
 
     def view(self, start: int, n: int, ntok: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of slots ``start..start+n-1`` as ``[kv_heads, n*block_tokens, head_dim]`` views."""

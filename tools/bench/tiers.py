@@ -142,11 +142,11 @@ def mgr_cold_to_warm(m, seq, order: Order) -> float:
     t0 = time.perf_counter()
     for layer, ids in batches(order):
         m.prefetch(seq, layer, ids, hot=False)
-    with m._lock:
+    with m.lock:
         futs = [b.loading for layer in seq.layers for b in layer if b.loading is not None]
     wait_futures(futs)
     dt = time.perf_counter() - t0
-    with m._lock:
+    with m.lock:
         assert all(b.warm is not None for layer in seq.layers for b in layer), "a prefetch was skipped"
     return dt
 
