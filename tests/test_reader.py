@@ -83,3 +83,32 @@ def test_select_gathers_in_block_order_with_positions_and_valid_tokens(store_fac
     real = pos[valid]
     assert same_bits(sk[:, valid], k[:, real]) and same_bits(sv[:, valid], v[:, real])
     assert _no_pins(seq)
+
+
+def test_interleaved_layers_keep_each_piece_in_one_run(store_factory, monkeypatch):
+    """Layers appended in turn (as a forward does) still place each attention piece of each
+    layer in one run of slots, in hot and, once demoted, in warm: pieces are read as views."""
+    from tierstore import attention
+    from tierstore.reader import _runs
+    monkeypatch.setattr(attention, "SEGMENT_TOKENS", 4 * BT)  # 4 blocks a piece
+    monkeypatch.setattr("tierstore.placement.SEGMENT_TOKENS", 4 * BT)
+    lay = KVLayout(num_layers=3, kv_heads=2, head_dim=4, block_tokens=BT, dtype=torch.float32)
+    st = store_factory(hot=64 * lay.block_bytes, warm=64 * lay.block_bytes, block_tokens=BT)
+    m = st.manager
+    seq = m.open_sequence("i", lay, "cpu")
+    kv = [random_layer_kv(lay, 16 * BT, layer) for layer in range(3)]
+    for t in range(0, 16 * BT, BT):          # one block per layer at a time
+        for layer in range(3):
+            m.append(seq, layer, kv[layer][0][:, t:t + BT], kv[layer][1][:, t:t + BT])
+    for layer in range(3):
+        blocks = seq.layers[layer]
+        assert all(len(_runs(blocks[p:p + 4])) == 1 for p in range(0, 16, 4)), [b.hot for b in blocks]
+    with m.lock:
+        m.placement.evict_hot(seq.hot, 24)   # demote: the oldest blocks of every layer go to warm
+    for layer in range(3):
+        warm = [b for b in seq.layers[layer] if b.hot is None]
+        assert warm and all(b.warm is not None for b in warm)
+        for p in range(0, 16, 4):
+            piece = [b for b in warm if p <= b.index < p + 4]
+            if len(piece) == 4:
+                assert len(_runs(piece)) == 1, [b.warm for b in piece]

@@ -34,7 +34,7 @@ from .codec import CodecConfig
 from .errors import TierstoreError
 from .layout import KVLayout
 from .loader import Loader
-from .placement import Placement
+from .placement import Placement, piece_place
 from .policies import Policy, Summaries, get_policy
 from .records import BlockSummary
 from .seqops import SequenceOps
@@ -171,9 +171,10 @@ class TierManager:
             while pos < n:
                 b = blocks[-1] if blocks and not blocks[-1].sealed else None
                 if b is None:
-                    near = blocks[-1].hot if blocks else None
+                    near, extent, offset = piece_place(blocks, len(blocks), "hot")
                     b = Block(seq, layer, len(blocks))
-                    pl.put_hot(b, pl.alloc_hot(seq.hot, 1, near, room=min(256, max(8, len(blocks))))[0])
+                    room = min(256, max(8, len(blocks)))
+                    pl.put_hot(b, pl.alloc_hot(seq.hot, 1, near, room, extent, offset)[0])
                     blocks.append(b)
                 elif b.hot is None or b.loading is not None:  # (a prefetch may be filling its slot)
                     pl.promote([b])

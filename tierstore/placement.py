@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from .attention import SEGMENT_TOKENS
 from .blocks import Block, Seq
 from .errors import BudgetError
 from .shared import Shared
@@ -27,6 +28,17 @@ from .tiers.hot import HotPool
 from .tiers.warm import WarmPool
 
 log = logging.getLogger(__name__)
+
+
+def piece_place(layer: list[Block], index: int, tier: str) -> tuple[int | None, int, int]:
+    """Where block ``index`` of a layer should go in ``tier``: ``(near, extent, offset)`` for
+    ``SlotPool.alloc``: right after the block before it when both are in one attention piece
+    (``attention.SEGMENT_TOKENS``), else at its offset in a wholly free extent of a piece's
+    slots. Pieces whose blocks sit in one run of one pool are read as one view, with no copy."""
+    per_piece = max(1, SEGMENT_TOKENS // layer[0].seq.layout.block_tokens) if layer else 1
+    within = index % per_piece
+    prev = layer[index - 1] if 0 < index <= len(layer) and within else None
+    return (getattr(prev, tier) if prev is not None else None), per_piece, within
 
 
 class Placement:
@@ -211,12 +223,13 @@ class Placement:
             b.seq.warm.release([b.warm])
             b.warm = None
 
-    def alloc_hot(self, pool: HotPool, n: int, near: int | None, room: int = 0) -> list[int]:
+    def alloc_hot(self, pool: HotPool, n: int, near: int | None, room: int = 0, extent: int = 0,
+                  offset: int = 0) -> list[int]:
         """``n`` hot slots, demoting blocks to make room (lock held; may wait)."""
-        slots = pool.alloc(n, near, room)
+        slots = pool.alloc(n, near, room, extent, offset)
         while slots is None:  # eviction may wait; slots it frees can be taken meanwhile: again
             self.evict_hot(pool, n - pool.free_count, extra=pool.slots // 32)
-            slots = pool.alloc(n, near, room)
+            slots = pool.alloc(n, near, room, extent, offset)
         self.counters.hot_peak = max(self.counters.hot_peak, pool.used)
         return slots
 
@@ -277,9 +290,10 @@ class Placement:
             break
         # durable victims need no warm copy, but one is far cheaper to read back than cold (a
         # record read, a checksum, a decode): keep them in free warm slots (evicting nothing)
-        spare = [b for b in victims if b.warm is None and b.durable][:warm.free_count]
-        sslots = warm.alloc(len(spare)) or []
-        need_warm, wslots = need_warm + spare[:len(sslots)], list(wslots) + sslots
+        spare = sorted((b for b in victims if b.warm is None and b.durable),
+                       key=lambda b: (b.seq.id, b.layer, b.index))[:warm.free_count]
+        sslots = self.alloc_warm_runs(warm, spare)  # free slots only: enough are free
+        need_warm, wslots = need_warm + spare, list(wslots) + sslots
         for b, ws in zip(need_warm, wslots):
             self.put_warm(b, ws)
             warm.copy_in(ws, b.seq.hot, b.hot, non_blocking=True)
@@ -303,8 +317,8 @@ class Placement:
             group = list(group)
             first = group[0]
             layer = first.seq.layers[first.layer]
-            prev = layer[first.index - 1].warm if 0 < first.index <= len(layer) else None
-            got = pool.alloc(len(group), prev, room=min(256, max(8, len(layer))))
+            near, extent, offset = piece_place(layer, first.index, "warm")
+            got = pool.alloc(len(group), near, room=min(256, max(8, len(layer))), extent=extent, offset=offset)
             if got is None:  # cannot happen with enough free slots; keep all-or-nothing anyway
                 pool.release(out)
                 return self.alloc_warm(pool, len(blocks))

@@ -25,7 +25,7 @@ import torch
 
 from .blocks import Block, Seq
 
-CAT_RUNS = 16  # up to this many runs in a span are concatenated; more are gathered by slot index
+CAT_RUNS = 64  # up to this many runs in a span are concatenated (one copy); more are gathered by slot index
 
 
 class SeqReader:

@@ -58,19 +58,25 @@ class SlotPool:
     def free_count(self) -> int:
         return self.slots - self.used
 
-    def alloc(self, n: int, near: int | None = None, room: int = 0) -> list[int] | None:
-        """``n`` slots, all or nothing. Prefers the run right after ``near``; else, with ``room``,
-        the middle of a free run with ``room`` free slots on both sides (space for the owner of
-        the run before it to grow, and for this owner to grow: a sequence's blocks then stay in
-        long runs of consecutive slots, which attention reads as one view); else any free run,
-        else any free slots."""
+    def alloc(self, n: int, near: int | None = None, room: int = 0, extent: int = 0,
+              offset: int = 0) -> list[int] | None:
+        """``n`` slots, all or nothing. Prefers the run right after ``near``; else, with
+        ``extent``, slot ``offset`` of a wholly free aligned extent of ``extent`` slots (the
+        owner's place in an attention piece it grows into: the piece is then one run, read as
+        one view); else, with
+        ``room``, the middle of a free run with ``room`` free slots on both sides (space for the
+        owner of the run before it to grow, and for this owner to grow); else any free run, else
+        any free slots."""
         if n <= 0:
             return []
         if n > self.free_count:
             return None
         free = self._free
+        start = None
         if near is not None and near + 1 + n <= self.slots and free[near + 1:near + 1 + n].all():
             got = list(range(near + 1, near + 1 + n))
+        elif extent > n and offset + n <= extent and (start := self._find_extent(extent)) is not None:
+            got = list(range(start + offset, start + offset + n))
         else:
             start = self._find_run(n + 2 * room) if room else None
             if start is not None:
@@ -81,6 +87,16 @@ class SlotPool:
         free[got] = False
         self.used += n
         return got
+
+    def _find_extent(self, n: int) -> int | None:
+        """First slot of the first wholly free extent of ``n`` slots aligned at a multiple of
+        ``n`` (an owner grows into its extent; others look for whole free extents, so they do
+        not take the slots it will grow into)."""
+        whole = self.slots // n * n
+        if whole == 0:
+            return None
+        ok = np.flatnonzero(self._free[:whole].reshape(-1, n).all(1))
+        return int(ok[0]) * n if ok.size else None
 
     def _find_run(self, n: int) -> int | None:
         """First slot of the first run of ``n`` free slots."""
