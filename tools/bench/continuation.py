@@ -34,7 +34,8 @@ def run_a(path: str, tokens: int, new: int, dtype: str, hot: str, warm: str) -> 
 
     model, tok = load_smollm2(dtype_from_name(dtype))
     ids = tok(long_text(tokens * 6), return_tensors="pt").input_ids[:, :tokens]
-    with tierstore.open(path, hot=hot, warm=warm) as st, TieredCache(st, model, session="cont") as cache:
+    with tierstore.open(path, hot=hot, warm=warm) as st, \
+            TieredCache(st, model, session="cont", commit_on_close=False) as cache:
         with torch.no_grad():
             for s in range(0, tokens, 1024):
                 model(input_ids=ids[:, s:s + 1024], cache=cache, use_cache=True, logits_to_keep=1)

@@ -71,7 +71,7 @@ def _dynamic_turn(model, dyn, turn: torch.Tensor, tokens: int, repeat: int) -> f
             t = time.perf_counter()
             model(input_ids=turn, cache=dyn, use_cache=True, logits_to_keep=1)
             best = min(best, time.perf_counter() - t)
-            dyn.crop(tokens)
+            dyn.crop(-turn.shape[1])  # back to the context (transformers 5: a negative count)
     return best
 
 
