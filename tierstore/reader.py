@@ -67,9 +67,10 @@ class SeqReader:
         """K, V ``[kv_heads, tokens, head_dim]`` of blocks ``[start, stop)`` in position order, the
         tokens from ``start * block_tokens`` on. ``streamed``: blocks recalled for this read leave
         hot first afterwards."""
-        mgr, seq = self.mgr, self.seq
+        mgr, seq, in_place = self.mgr, self.seq, self.in_place
         blocks = seq.layers[layer][start:stop]
-        if all(mgr.readable(b, self.in_place) for b in blocks):
+        # (``Placement.readable`` inlined: a decode step asks it of every block of every layer)
+        if all(b.loading is None and (b.hot is not None or (in_place and b.warm is not None)) for b in blocks):
             with mgr.acquire(seq, layer, range(start, stop), in_place=self.in_place) as got:
                 runs = _runs(got)
                 ntok = _tokens(got)
