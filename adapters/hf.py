@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -24,11 +23,11 @@ from tierstore.chain import root_hash
 from tierstore.codec import CodecConfig
 from tierstore.errors import ModelMismatchError, ReadOnlyCacheError, SessionExistsError, TokenMismatchError
 from tierstore.layout import check_session_name, parse_size
-from tierstore.lifecycle import release
 from tierstore.records import SessionRecord
 
 from . import attention as attn
 from . import persist
+from .held import Held, cache_dropped, hold_attention, weak_hook
 from .row import Row
 from .fingerprint import kv_layout, model_fingerprint
 from tierstore.attention import WindowMass, attend_exact
@@ -68,84 +67,6 @@ class TieredLayer(CacheLayerMixin):
     @property
     def batch_size(self) -> int:
         return len(self.cache.rows) if self.cache.is_initialized else -1
-
-
-# -- lifecycle helpers -------------------------------------------------------------------------
-
-_ATTN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [its implementation before, open caches]
-_ATTN_LOCK = threading.RLock()  # an RLock: ``release`` can tell that this thread holds it
-
-
-def _hold_attention(model) -> None:
-    """Switch ``model`` to the tierstore attention while any of its caches is open (counted per
-    model: caches closed or dropped in any order restore the implementation only after the last)."""
-    with _ATTN_LOCK:
-        ent = _ATTN.get(model)
-        prev = ent[0] if ent is not None else model.config._attn_implementation
-        model.set_attn_implementation(attn.NAME)
-        if ent is None:
-            ent = _ATTN[model] = [prev, 0]
-        ent[1] += 1
-
-
-def _drop_attention(model) -> None:
-    with _ATTN_LOCK:
-        ent = _ATTN.get(model)
-        if ent is None:
-            return
-        ent[1] -= 1
-        if ent[1] <= 0:
-            del _ATTN[model]
-            model.set_attn_implementation(ent[0])
-
-
-def _weak_hook(cache: "TieredCache", method: str):
-    """A model hook that calls ``cache.<method>`` without keeping the cache alive."""
-    ref = weakref.ref(cache)
-
-    def hook(*args, **kwargs):
-        c = ref()
-        return None if c is None else getattr(c, method)(*args, **kwargs)
-    return hook
-
-
-class _Held:
-    """What a TieredCache gives back, apart from the cache so that the finalizer of a cache
-    dropped without ``close()`` can give it back (it must not reference the cache): the manager
-    sequences of its rows, its writer leases, the model's hooks and attention implementation."""
-
-    __slots__ = ("mgr", "sessions", "model", "rows", "leases", "hooks", "attention")
-
-    def __init__(self, mgr, sessions, model) -> None:
-        self.mgr, self.sessions, self.model = mgr, sessions, model
-        self.rows: list[Row] = []  # the cache's rows (``TieredCache.rows`` is this list)
-        self.leases: list = []
-        self.hooks: list = []
-        self.attention = False    # holds the model's attention implementation (``_hold_attention``)
-
-    def release(self) -> None:
-        """Idempotent. Uncommitted KV of the rows is dropped (``close()`` commits first)."""
-        hooks, self.hooks = self.hooks, []
-        for h in hooks:
-            h.remove()
-        if self.attention:
-            self.attention = False
-            _drop_attention(self.model)
-        rows, self.rows = self.rows, []
-        try:
-            for row in rows:
-                if row.seq is not None:
-                    self.mgr.close_sequence(row.seq, flush=False)
-        finally:
-            leases, self.leases = self.leases, []
-            for lease in leases:
-                self.sessions.release(lease)
-
-
-def _cache_dropped(held: _Held, what: str) -> None:
-    """The finalizer of a TieredCache dropped without ``close()`` (see ``tierstore.lifecycle``)."""
-    log.debug("%s: TieredCache dropped without close(); giving its slots and leases back", what)
-    release(held.release, what=f"cache {what}", locks=[held.mgr.lock, _ATTN_LOCK])
 
 
 class TieredCache(Cache):
@@ -204,8 +125,8 @@ class TieredCache(Cache):
         self.model_name = model_name or getattr(model.config, "_name_or_path", None) or None
         self.tokenizer_name = tokenizer_name or self.model_name
         self.mgr = store.manager
-        self._held = _Held(self.mgr, store.sessions, model)
-        self._finalizer = weakref.finalize(self, _cache_dropped, self._held, ",".join(self.names) or "<memory>")
+        self._held = Held(self.mgr, store.sessions, model)
+        self._finalizer = weakref.finalize(self, cache_dropped, self._held, ",".join(self.names) or "<memory>")
         self._finalizer.atexit = False
         if readonly:
             self.commit_on_close = False
@@ -225,11 +146,11 @@ class TieredCache(Cache):
             for n in ([] if readonly else self.names):
                 self._held.leases.append(store.sessions.acquire(n))
             attn.register()
-            _hold_attention(model)
+            hold_attention(model)
             self._held.attention = True
             self._held.hooks = [
-                model.register_forward_pre_hook(_weak_hook(self, "_pre_forward"), with_kwargs=True),
-                model.register_forward_hook(_weak_hook(self, "_post_forward"), with_kwargs=True)]
+                model.register_forward_pre_hook(weak_hook(self, "_pre_forward"), with_kwargs=True),
+                model.register_forward_hook(weak_hook(self, "_post_forward"), with_kwargs=True)]
             if _resume is not None:
                 self._adopt(_resume)
         except BaseException:  # e.g. a damaged block on resume: unhook the model, release the leases

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from support import tiny
 
 import tierstore
 from tierstore import attention
@@ -59,13 +59,6 @@ def test_online_softmax_over_pieces_equals_dense_attention(rows):
     assert torch.allclose(acc.result(), ref, atol=1e-5)
 
 
-def _tiny(dtype):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
-
-
 def _generate(model, ids, cache, new):
     out = model.generate(ids, cache=cache, max_new_tokens=new, do_sample=False, output_scores=True,
                          return_dict_in_generate=True, pad_token_id=0, prefill_chunk_size=48)
@@ -78,7 +71,7 @@ def test_residency_budget_and_resume_never_change_a_bit(tmp_path, monkeypatch, d
     from warm and cold), then committed and resumed under yet another budget: the same tokens
     and the same logits, bit for bit. Pieces of 32 tokens make every step merge many of them."""
     monkeypatch.setattr(attention, "SEGMENT_TOKENS", 32)
-    model = _tiny(dtype)
+    model = tiny(dtype=dtype)
     bb = 2 * 2 * BT * 16 * dtype.itemsize
     ids = torch.randint(1, 128, (1, 230), generator=torch.Generator().manual_seed(1))
     with tierstore.open(tmp_path / "big", hot="16MiB", warm="16MiB", block_tokens=BT) as st, \

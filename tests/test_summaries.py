@@ -173,6 +173,16 @@ def _meta(cold, key):
     return None if raw is None else bytes(raw)
 
 
+_OPEN: list = []  # cold stores the harnesses opened (closed by the autouse fixture below)
+
+
+@pytest.fixture(autouse=True)
+def _close_cold_stores():
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 class Harness:
     """A calibrator over a real cold store (LMDB under ``path``), with its background jobs
     queued so a test runs them when it chooses."""
@@ -181,6 +191,7 @@ class Harness:
         if readonly:
             ColdStore(path).close()  # a read-only store must exist
         self.cold = ColdStore(path, readonly=readonly)
+        _OPEN.append(self.cold)
         self.jobs, self.resketched = [], []
         self.cal = Calibrator(self.cold, dims, submit=lambda fn, *a: self.jobs.append((fn, a)),
                               resketch=lambda blocks, basis: self.resketched.append((list(blocks), basis)))

@@ -23,7 +23,7 @@ The components and who owns what, the one lock and its order: ``tierstore/shared
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 

@@ -111,11 +111,7 @@ class SeqReader:
         every block is full: a partial block's slot tail is masked, never read)."""
         bt = self.block_tokens
         kv = self._gather(got, device)
-        idx = torch.tensor([b.index for b in got], dtype=torch.long, device=device)
-        offs = torch.arange(bt, device=device)
-        pos = (idx.unsqueeze(1) * bt + offs).reshape(-1)
-        ntok = torch.tensor([b.ntok for b in got], device=device)
-        valid = None if bool((ntok == bt).all()) else (offs < ntok.unsqueeze(1)).reshape(-1)
+        pos, valid = _positions(got, bt, device, (-1,))
         g, d = self.kv_heads, self.layout.head_dim
         return kv[0].reshape(g, -1, d), kv[1].reshape(g, -1, d), pos, valid
 
@@ -142,11 +138,7 @@ class SeqReader:
             if kv is None:
                 kv = part.new_empty((2, g * n, bt, lay.head_dim), device=device)
             kv[:, torch.tensor(rows, device=device)] = part.to(device)
-        idx = torch.tensor([b.index for b in blocks], dtype=torch.long, device=device)
-        offs = torch.arange(bt, device=device)
-        pos = (idx.unsqueeze(1) * bt + offs).reshape(g, n * bt)
-        ntok = torch.tensor([b.ntok for b in blocks], device=device)
-        valid = None if bool((ntok == bt).all()) else (offs < ntok.unsqueeze(1)).reshape(g, n * bt)
+        pos, valid = _positions(blocks, bt, device, (g, n * bt))
         return kv[0].reshape(g, n * bt, lay.head_dim), kv[1].reshape(g, n * bt, lay.head_dim), pos, valid
 
     def _gather(self, got: Sequence[Block], device=None) -> torch.Tensor:
@@ -186,6 +178,17 @@ def _runs(got: Sequence[Block]) -> list[tuple[object, int, int]]:
         else:
             out.append([pool, slot, 1])
     return [(p, s, n) for p, s, n in out]
+
+
+def _positions(blocks: Sequence[Block], bt: int, device, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token positions of every slot of ``blocks`` (in the order given) and the mask of slots
+    holding a token (None when every block is full), both reshaped to ``shape``."""
+    idx = torch.tensor([b.index for b in blocks], dtype=torch.long, device=device)
+    offs = torch.arange(bt, device=device)
+    pos = (idx.unsqueeze(1) * bt + offs).reshape(shape)
+    ntok = torch.tensor([b.ntok for b in blocks], device=device)
+    valid = None if bool((ntok == bt).all()) else (offs < ntok.unsqueeze(1)).reshape(shape)
+    return pos, valid
 
 
 def _tokens(blocks: Sequence[Block]) -> int:

@@ -4,14 +4,11 @@ the partial tails, crop, clone (beam search) and layer-ahead prefetch."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 
 from .blocks import Block, Seq
 from .placement import Placement
 from .shared import Shared
-
-log = logging.getLogger(__name__)
 
 
 class SequenceOps:
