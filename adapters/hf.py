@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from tierstore.chain import root_hash
+from tierstore.chain import chain_marks, root_hash
 from tierstore.codec import CodecConfig
 from tierstore.errors import ModelMismatchError, ReadOnlyCacheError, SessionExistsError, TokenMismatchError
 from tierstore.layout import check_session_name, parse_size
@@ -32,6 +32,7 @@ from .row import Row
 from .fingerprint import kv_layout, model_fingerprint
 from tierstore.attention import WindowMass, attend_exact
 from tierstore.policies import get_policy
+from tierstore.positions import Extension, Positions, PositionsError
 from tierstore.sparse import SparseConfig, attend_selected, select
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ class TieredCache(Cache):
     auto_commit_blocks: commit after this many newly sealed blocks (None: off).
     readonly (``resume`` only): attend to a committed session without its writer lease (another
     cache may hold it); new tokens stay in memory and ``commit()`` raises ``ReadOnlyCacheError``.
+    positions: ``"model"`` (default: the model's positions, bit-exact with ``DynamicCache``) or
+    ``"extend"`` / a ``Positions``: past the model's trained length, far keys are attended at
+    mapped distances that stay within it (``tierstore.positions``). Kept in the session record; a
+    resume takes it from there (another mode is refused unless ``override_positions``).
 
     Per-row state (sequence, token ids, padding, chains, sparse selections) lives in ``Row``
     objects (``self.rows``), as transformers keeps per-layer state in ``Cache.layers``.
@@ -99,14 +104,16 @@ class TieredCache(Cache):
                  codec: str | CodecConfig | None = None, overwrite: bool = False,
                  auto_commit_blocks: int | None = None, commit_on_close: bool = True,
                  model_name: str | None = None, tokenizer_name: str | None = None,
-                 readonly: bool = False, _resume: SessionRecord | None = None) -> None:
+                 readonly: bool = False, positions: "str | Positions | None" = None,
+                 override_positions: bool = False, _resume: SessionRecord | None = None) -> None:
         if readonly and _resume is None:
             raise ValueError("readonly=True is for TieredCache.resume(...): a new cache has nothing to read")
         if readonly and auto_commit_blocks:
             raise ValueError("a read-only cache never commits: auto_commit_blocks needs readonly=False")
         self.store, self.model = store, model
         self.readonly = readonly
-        self.layout = kv_layout(model, store.config.block_tokens)
+        # a resumed session keeps the block size it was stored with (the store may be opened with another)
+        self.layout = kv_layout(model, _resume.layout.block_tokens if _resume is not None else store.config.block_tokens)
         super().__init__(layers=[TieredLayer(self, i) for i in range(self.layout.num_layers)])
         self.names = list(session) if isinstance(session, (list, tuple)) else [] if session is None else [session]
         for n in self.names:
@@ -120,6 +127,8 @@ class TieredCache(Cache):
         self.obs_window = obs_window
         self.force_exact = False
         self.approx_from: int | None = _resume.meta.get("approx_from") if _resume is not None else None
+        self.positions = self._positions(model, positions, override_positions, _resume)
+        self.extension = Extension.of(self.positions, model)
         self.hot_bytes, self.warm_bytes = parse_size(hot, what="hot"), parse_size(warm, what="warm")
         self.auto_commit_blocks, self.commit_on_close = auto_commit_blocks, commit_on_close
         self.model_name = model_name or getattr(model.config, "_name_or_path", None) or None
@@ -137,6 +146,7 @@ class TieredCache(Cache):
         self._closed = False
         self.created = time.time()
         self.meta: dict = dict(_resume.meta) if _resume is not None else {}  # kept in the record
+        self.meta["positions"] = self.positions.to_json()
         if _resume is None and self.names and not overwrite:
             for n in self.names:
                 if store.exists(n):
@@ -157,6 +167,24 @@ class TieredCache(Cache):
             self.commit_on_close = False
             self.close()
             raise
+
+    @staticmethod
+    def _positions(model, positions, override: bool, rec: SessionRecord | None) -> Positions:
+        """The position mode: as given (resolved against the model), else the resumed record's;
+        a resume asking for another mode than its record's is refused unless ``override``."""
+        stored = Positions.parse(rec.meta["positions"]) if rec is not None and "positions" in rec.meta else None
+        if positions is None:
+            return stored or Positions()
+        want = Positions.parse(positions).resolved(model)
+        if stored is not None and want != stored and not override:
+            raise PositionsError(f"session {rec.name!r} was stored with positions {stored.to_json()}; resuming with "
+                                 f"{want.to_json()} would attend its KV differently: resume without positions= "
+                                 "(takes the stored mode) or pass override_positions=True")
+        return want
+
+    def chain_marks(self) -> tuple:
+        """What KV past a position depends on besides the tokens (see ``chain.chain_marks``)."""
+        return chain_marks({"approx_from": self.approx_from, "positions": self.positions.to_json()})
 
     def _sparse_config(self, policy, sparse, budget_tokens, sink_blocks, window_blocks, sparse_prefill,
                        dense_layers, per_head) -> SparseConfig | None:
@@ -319,7 +347,9 @@ class TieredCache(Cache):
             pad = None if mask is None or mask.padding is None else mask.padding[r]
             q_offset = mask.q_offset if mask is not None else self.lengths[layer] - q_len
             step = self._attend_sparse if sparse else self._attend_exact
-            outs.append(step(row, layer, query[r], q_offset, pad, scale))
+            ext = None if self.extension is None else self.extension.step(
+                q_offset - row.pad, q_offset + q_len - 1 - row.pad, row.pad, query.device)
+            outs.append(step(row, layer, query[r], q_offset, pad, scale, ext))
         if layer + 1 < self.layout.num_layers:  # layer-ahead: start moving the next layer's blocks up
             nxt_sparse = self._sparse_step(q_len) and layer + 1 not in self.sparse.dense_layers
             for row in self.rows:
@@ -330,7 +360,7 @@ class TieredCache(Cache):
                     self.mgr.prefetch_next(row.seq, layer + 1)
         return torch.stack(outs).to(query.dtype)
 
-    def _attend_sparse(self, row: Row, layer: int, q: torch.Tensor, q_offset: int, pad, scale: float):
+    def _attend_sparse(self, row: Row, layer: int, q: torch.Tensor, q_offset: int, pad, scale: float, ext=None):
         """q [heads, q_len, d]: the sinks, the window and the policy's top-k blocks of ``layer``."""
         lay, seq = self.layout, row.seq
         heads, q_len, d = q.shape
@@ -339,7 +369,7 @@ class TieredCache(Cache):
         ids, head_mask = select(functools.partial(self.mgr.summaries, seq, layer), seq.policy, qg, self.sparse,
                                 lay.block_tokens, n=n)
         reader = row.reader(self.mgr)
-        out, mass = attend_selected(reader, layer, q, q_offset, pad, scale, ids, head_mask)
+        out, mass = attend_selected(reader, layer, q, q_offset, pad, scale, ids, head_mask, ext)
         if seq.policy.mass_mode == "accumulate":
             self.mgr.note_attention(seq, layer, ids, mass)
         row.selected[layer], row.head_masks[layer] = ids, head_mask
@@ -347,14 +377,14 @@ class TieredCache(Cache):
         row.attended[layer] = int(ntok.sum()) if head_mask is None else int((head_mask * ntok).sum(1).max())
         return out
 
-    def _attend_exact(self, row: Row, layer: int, q: torch.Tensor, q_offset: int, pad, scale: float):
+    def _attend_exact(self, row: Row, layer: int, q: torch.Tensor, q_offset: int, pad, scale: float, ext=None):
         """q [heads, q_len, d]: every block of ``layer``; an observation window's mass feeds the
         policy (prefill of h2o/snapkv)."""
         lay, seq = self.layout, row.seq
         heads, q_len, _ = q.shape
         window = WindowMass(q, q_offset, self.obs_window, heads // lay.kv_heads, lay.kv_heads, scale) \
             if seq.policy.mass_mode is not None and q_len > 1 else None
-        out = attend_exact(row.reader(self.mgr), layer, q, q_offset, pad, scale, window)
+        out = attend_exact(row.reader(self.mgr), layer, q, q_offset, pad, scale, window, ext)
         if window is not None:
             ids, mass = window.mass()
             self.mgr.note_attention(seq, layer, ids, mass, replace=seq.policy.mass_mode == "observe")
@@ -394,7 +424,7 @@ class TieredCache(Cache):
         if self._sparse_step(len(ids[0])) and self.approx_from is None:
             self.approx_from = self.lengths[0]  # KV from here on depends on the sparse selection
         for r, (row, new) in enumerate(zip(self.rows, ids)):
-            row.extend(new, self.root(r), self.layout.block_tokens, self.approx_from)
+            row.extend(new, self.root(r), self.layout.block_tokens, self.chain_marks())
         self.share_chains()
         return None
 
@@ -444,7 +474,9 @@ class TieredCache(Cache):
         """Restore a committed session without re-running its prefill.
 
         readonly: attend without taking the session's writer lease (e.g. while an open cache of
-        this process writes it); such a cache never commits (``ReadOnlyCacheError``)."""
+        this process writes it); such a cache never commits (``ReadOnlyCacheError``).
+        positions (keyword): None takes the session's stored mode; another one is refused
+        (``PositionsError``) unless ``override_positions=True``."""
         rec = persist.check_record(store, model, session)
         return cls(store, model, session, policy=policy, budget_tokens=budget_tokens, hot=hot, warm=warm,
                    codec=rec.codec, model_name=rec.model_name, tokenizer_name=rec.tokenizer_name, readonly=readonly,

@@ -53,7 +53,7 @@ def commit(cache, token_ids: Sequence[int] | torch.Tensor | None = None) -> list
         t = torch.as_tensor(token_ids)
         for r, (row, ids) in enumerate(zip(rows, t.reshape(-1, t.shape[-1]).tolist())):
             row.token_ids = list(ids)
-            row.rehash(cache.root(r), lay.block_tokens, cache.approx_from)
+            row.rehash(cache.root(r), lay.block_tokens, cache.chain_marks())
         cache.share_chains()
         full = cache.lengths[0] // lay.block_tokens
         for row in rows:  # blocks sealed while the ids were unknown
@@ -76,7 +76,8 @@ def commit(cache, token_ids: Sequence[int] | torch.Tensor | None = None) -> list
             codec=cache.codec, token_ids=np.asarray(row.token_ids, dtype=np.int64), last_logits=logits,
             pad=row.pad, model_name=cache.model_name, tokenizer_name=cache.tokenizer_name,
             created=prev.created if prev else cache.created, updated=time.time(),
-            meta={**cache.meta, "policy": cache.policy, "approx_from": cache.approx_from})
+            meta={**cache.meta, "policy": cache.policy, "approx_from": cache.approx_from,
+                  "positions": cache.positions.to_json()})
         out.append(cache.store.sessions.commit(rec, summaries=mgr.mass_summaries(row.seq)))
     cache.committed_blocks = n // lay.block_tokens
     return out

@@ -35,14 +35,15 @@ class Row:
     def reader(self, mgr) -> SeqReader:
         return SeqReader(mgr, self.seq)
 
-    def extend(self, ids: Sequence[int], root: bytes, block_tokens: int, approx_from: int | None) -> None:
+    def extend(self, ids: Sequence[int], root: bytes, block_tokens: int, marks: tuple = ()) -> None:
         """The ids of tokens whose KV this forward appends; the chains follow (the cache then
         hands them to the sequence: ``TieredCache.share_chains``)."""
         self.token_ids.extend(ids)
-        self.rehash(root, block_tokens, approx_from)
+        self.rehash(root, block_tokens, marks)
 
-    def rehash(self, root: bytes, block_tokens: int, approx_from: int | None) -> None:
-        self.chains = chain_hashes(root, self.token_ids, block_tokens, approx_from)
+    def rehash(self, root: bytes, block_tokens: int, marks: tuple = ()) -> None:
+        """``marks``: ``chain.chain_marks`` of the cache (approximate or mapped KV past a position)."""
+        self.chains = chain_hashes(root, self.token_ids, block_tokens, marks=marks)
 
     def truncate(self, length: int, block_tokens: int) -> None:
         self.token_ids = self.token_ids[:length]

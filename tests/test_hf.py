@@ -437,3 +437,20 @@ def test_slot_bytes_past_a_blocks_tokens_are_never_read(store):
         clean, poisoned = outs
         assert all(bool(torch.isfinite(x).all()) for x in poisoned.scores), kw
         assert torch.equal(poisoned.sequences, clean.sequences) and max_dlogit(poisoned, clean) < 1e-5, kw
+
+
+def test_resume_keeps_the_block_size_the_session_was_stored_with(tmp_path):
+    """A store opened again without ``block_tokens`` (the default, 64) resumes a session stored
+    in blocks of 8 with its own block size: same continuation as DynamicCache (before, the
+    cache took the store's default and read the 8-token blocks as 64-token ones)."""
+    model = tiny()
+    ids = torch.randint(1, 128, (1, 150), generator=torch.Generator().manual_seed(2))
+    ref = model.generate(ids, cache=DynamicCache(), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with tierstore.open(tmp_path, block_tokens=BT) as st, TieredCache(st, model, session="s") as cache:
+        model.generate(ids[:, :-1], cache=cache, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    with tierstore.open(tmp_path) as st:
+        assert st.config.block_tokens != BT
+        with TieredCache.resume(st, model, "s", commit_on_close=False) as cache:
+            assert cache.layout.block_tokens == BT
+            out = model.generate(ids, cache=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)

@@ -38,9 +38,11 @@ class OnlineSoftmax:
         self._empty = True
         self._qs: torch.Tensor | None = None
 
-    def add(self, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> None:
+    def add(self, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+            q: torch.Tensor | None = None) -> None:
         """k, v: [kv_heads, T, head_dim]; allowed: bool broadcastable to [kv_heads, n_rep*q_len, T]
-        (None = all allowed)."""
+        (None = all allowed). ``q``: other queries for these keys (same rows; e.g. moved to
+        other positions by ``tierstore.positions``), else the accumulator's own."""
         k, v = k.float(), v.float()
         if self.flash:
             bias = None
@@ -48,14 +50,15 @@ class OnlineSoftmax:
                 bias = torch.zeros(allowed.shape, dtype=torch.float32, device=k.device)
                 bias.masked_fill_(~allowed, NEG_INF)
                 bias = bias.unsqueeze(0)
-            o_c, lse_c = _FLASH_CPU(self.q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,
+            qq = self.q if q is None else q.float()
+            o_c, lse_c = _FLASH_CPU(qq.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,
                                     attn_mask=bias, scale=self.scale)
             o_c, lse_c = torch.nan_to_num(o_c[0], nan=0.0), lse_c[0].unsqueeze(-1)
             if allowed is not None:  # the kernel reports lse 0 (not -inf) for fully masked rows
                 lse_c = torch.where(allowed.any(-1, keepdim=True), lse_c, torch.full_like(lse_c, NEG_INF))
             self._merge(o_c, lse_c)
         else:
-            self.add_group([(k, v, allowed)])
+            self.add_group([(k, v, allowed)], q)
 
     def add_causal(self, k: torch.Tensor, v: torch.Tensor, n_rep: int) -> None:
         """Keys of the queries' own positions, in order (key t is the position of query t):
@@ -68,27 +71,37 @@ class OnlineSoftmax:
         o_c, lse_c = _FLASH_CPU(self.q.reshape(g, n_rep, q_len, d), k4, v4, 0.0, True, scale=self.scale)
         self._merge(o_c.reshape(g, r, d), lse_c.reshape(g, r, 1))
 
-    def add_group(self, chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+    def add_group(self, chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                  q: torch.Tensor | None = None) -> None:
         """Several chunks under one softmax (plain matmuls: the decode path). Scores of all the
         chunks are concatenated, so the merge runs once instead of once per chunk."""
         if self.flash:
             for c in chunks:
-                self.add(*c)
+                self.add(*c, q=q)
             return
-        if self._qs is None:
-            self._qs = self.q * self.scale
+        if q is None:
+            if self._qs is None:
+                self._qs = self.q * self.scale
+            qs = self._qs
+        else:
+            qs = q.float() * self.scale
         scores = []
         for k, _, allowed in chunks:
-            s = torch.matmul(self._qs, k.float().transpose(-1, -2))  # [g, r, T]
-            scores.append(s if allowed is None else s.masked_fill(~allowed, NEG_INF))
+            sc = torch.matmul(qs, k.float().transpose(-1, -2))  # [g, r, T]
+            scores.append(sc if allowed is None else sc.masked_fill(~allowed, NEG_INF))
+        self.add_scores(scores, [c[1] for c in chunks])
+
+    def add_scores(self, scores: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Chunks given by their scaled, masked scores [g, r, T_i] (-inf = not allowed) and
+        values [g, T_i, head_dim], under one softmax."""
         s = scores[0] if len(scores) == 1 else torch.cat(scores, -1)
         lse_c = torch.logsumexp(s, -1, keepdim=True)
         p = torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c)))
-        if len(chunks) == 1:
-            o_c = torch.matmul(p, chunks[0][1].float())
+        if len(values) == 1:
+            o_c = torch.matmul(p, values[0].float())
         else:
             o_c = None
-            for pc, (_, v, _) in zip(torch.split(p, [c.shape[-1] for c in scores], -1), chunks):
+            for pc, v in zip(torch.split(p, [c.shape[-1] for c in scores], -1), values):
                 part = torch.matmul(pc, v.float())
                 o_c = part if o_c is None else o_c.add_(part)
         self._merge(o_c, lse_c)
@@ -205,8 +218,21 @@ def pieces(n_keys: int, q_first: int, q_len: int, padded: bool, block_tokens: in
     return out
 
 
+def zones(plan: list[tuple[int, int, str]], far_end: int, near_from: int) -> list[tuple[int, int, str, str]]:
+    """``plan`` cut at the boundaries of a position map: ``(start, end, kind, zone)`` with zone
+    ``far`` (keys at least a window from every query), ``near`` (within it of every query) or
+    ``mixed``. A causal square that is cut keeps an explicit mask (``masked``)."""
+    out = []
+    for s, e, kind in plan:
+        cuts = sorted({s, e} | {c for c in (far_end, near_from) if s < c < e})
+        for a, b in zip(cuts, cuts[1:]):
+            zone = "far" if b <= far_end else "near" if a >= near_from else "mixed"
+            out.append((a, b, kind if (a, b) == (s, e) or kind != "causal" else "masked", zone))
+    return out
+
+
 def attend_exact(reader, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,
-                 scale: float, window: WindowMass | None = None) -> torch.Tensor:
+                 scale: float, window: WindowMass | None = None, ext=None) -> torch.Tensor:
     """Exact attention of one sequence's queries over every block of ``layer``.
 
     reader: a ``SeqReader`` (``tierstore.reader``); q: [heads, q_len, head_dim] post-RoPE;
@@ -214,7 +240,8 @@ def attend_exact(reader, layer: int, q: torch.Tensor, q_offset: int, pad: torch.
     None. Returns float32 [heads, q_len, head_dim]. Keys are taken in the canonical ``pieces``,
     each read as one tensor (a view of a run of slots, or gathered), merged in key order; the
     next piece's blocks are prefetched while one is computed. ``window`` collects the attention
-    mass of an observation window in the same pass.
+    mass of an observation window in the same pass. ``ext``: a ``positions.StepMap``: keys at
+    least its window away from a query are attended at their mapped positions.
     """
     g, bt = reader.kv_heads, reader.block_tokens
     heads, q_len, d = q.shape
@@ -223,25 +250,51 @@ def attend_exact(reader, layer: int, q: torch.Tensor, q_offset: int, pad: torch.
     q_pos = torch.arange(q_offset, q_offset + q_len, device=q.device)
     n = reader.length(layer)
     plan = pieces(n, q_offset, q_len, pad is not None, bt, heads * q_len, fused=acc.flash)
-    for i, (s, e, kind) in enumerate(plan):
-        if i + 1 < len(plan):
-            ns, ne, _ = plan[i + 1]
+    if ext is None:
+        plan4 = [(s, e, kind, "near") for s, e, kind in plan]
+        q_far = None
+    else:
+        far_end = max(0, min(n, q_offset - ext.window + 1))
+        plan4 = zones(plan, far_end, max(far_end, min(n, q_offset + q_len - ext.window)))
+        q_far = ext.queries(q, q_offset).reshape(g, n_rep * q_len, d)
+    step = max(bt, MASKED_PIECE_BYTES // (4 * TEMPORARIES * max(1, heads * q_len)))
+    for i, (s, e, kind, zone) in enumerate(plan4):
+        if i + 1 < len(plan4):
+            ns, ne = plan4[i + 1][:2]
             reader.prefetch(layer, range(ns // bt, -(-ne // bt)))
         b0 = s // bt
         with reader.span(layer, b0, -(-e // bt)) as (k, v):
             k, v = k[:, s - b0 * bt:e - b0 * bt], v[:, s - b0 * bt:e - b0 * bt]
             pad_c = None if pad is None else pad[s:e]
+            if window is not None:
+                window.add(k, torch.arange(s, e, device=q.device), pad_c, b0, bt)
+            if zone == "mixed":  # each (query, key) pair near or far: both scores, chosen per pair
+                for a in range(s, e, step):
+                    _add_mixed(acc, ext, q_far, q_pos, k[:, a - s:a - s + step], v[:, a - s:a - s + step], a,
+                               None if pad_c is None else pad_c[a - s:a - s + step], n_rep, g)
+                continue
             allowed = None
-            if kind == "masked" or window is not None:
-                k_pos = torch.arange(s, e, device=q.device)
-                if kind == "masked":
-                    allowed = chunk_mask(q_pos, k_pos, pad_c, n_rep, g)
-                if window is not None:
-                    window.add(k, k_pos, pad_c, b0, bt)
-            if kind == "causal":
+            if kind == "masked":
+                allowed = chunk_mask(q_pos, torch.arange(s, e, device=q.device), pad_c, n_rep, g)
+            if zone == "far":
+                acc.add(ext.keys(k, s), v, allowed, q=q_far)
+            elif kind == "causal":
                 acc.add_causal(k, v, n_rep)
-            elif acc.flash:
-                acc.add(k, v, allowed)
             else:
-                acc.add_group([(k, v, allowed)])
+                acc.add(k, v, allowed)
     return acc.result().reshape(heads, q_len, d)
+
+
+def _add_mixed(acc: OnlineSoftmax, ext, q_far: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, start: int, pad_c: torch.Tensor | None, n_rep: int, g: int) -> None:
+    """Keys ``start..`` some of whose (query, key) pairs are within the map's window: true
+    scores there, mapped scores elsewhere, one explicit causal/padding mask."""
+    k_pos = torch.arange(start, start + k.shape[1], device=k.device)
+    near = torch.matmul(acc.q * acc.scale, k.float().transpose(-1, -2))
+    far = torch.matmul(q_far * acc.scale, ext.keys(k, start).transpose(-1, -2))
+    dist = (q_pos.unsqueeze(1) - k_pos.unsqueeze(0)).repeat(n_rep, 1).unsqueeze(0)  # [1, r, T]
+    sc = torch.where(dist >= ext.window, far, near)
+    allowed = dist >= 0
+    if pad_c is not None:
+        allowed = allowed & pad_c.view(1, 1, -1)
+    acc.add_scores([sc.masked_fill(~allowed, NEG_INF)], [v])

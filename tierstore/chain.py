@@ -31,13 +31,29 @@ def token_bytes(ids: Sequence[int] | np.ndarray) -> bytes:
     return np.asarray(ids, dtype="<u4").tobytes()
 
 
+def chain_marks(meta: dict) -> tuple[tuple[int, bytes], ...]:
+    """``(position, tag)`` pairs of a session's record meta (or a cache's): the KV of tokens from
+    ``position`` on depends on ``tag`` besides the tokens. ``approx_from``: the first token
+    computed under sparse attention (policy and budget); ``positions`` in mode ``extend``: tokens
+    past the trained length were attended at mapped distances (the mode and its parameters)."""
+    marks = []
+    if meta.get("approx_from") is not None:
+        marks.append((int(meta["approx_from"]), b"approx"))
+    pos = meta.get("positions")
+    if pos and pos.get("mode", "model") != "model":
+        marks.append((int(pos["trained"]), b"positions:" + json.dumps(pos, sort_keys=True).encode()))
+    return tuple(marks)
+
+
 def chain_hashes(root: bytes, token_ids: Sequence[int] | np.ndarray, block_tokens: int,
-                 approx_from: int | None = None) -> list[bytes]:
+                 approx_from: int | None = None, *, marks: Sequence[tuple[int, bytes]] = ()) -> list[bytes]:
     """One hash per block of ``token_ids`` (the last one may cover a partial block).
 
     ``approx_from``: position of the first token whose KV was computed under sparse attention
     (it depends on the policy and budget, not only on the tokens). Blocks reaching past it get
-    a different chain, so approximate KV is never shared with, or served to, an exact session."""
+    a different chain, so approximate KV is never shared with, or served to, an exact session.
+    ``marks``: ``chain_marks`` pairs, the general form (``approx_from`` is ``(pos, b"approx")``)."""
+    marks = tuple(marks) + (((approx_from, b"approx"),) if approx_from is not None else ())
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 2**32):
         raise ValueError("token ids must be in [0, 2**32)")
@@ -49,8 +65,9 @@ def chain_hashes(root: bytes, token_ids: Sequence[int] | np.ndarray, block_token
         h = hashlib.blake2b(parent, digest_size=CHAIN_BYTES, person=b"tierstore-blk")
         h.update(struct.pack("<I", len(chunk)))
         h.update(chunk.tobytes())
-        if approx_from is not None and start + len(chunk) > approx_from:
-            h.update(b"approx")
+        for at, tag in marks:
+            if start + len(chunk) > at:
+                h.update(tag)
         parent = h.digest()
         out.append(parent)
     return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .chain import chain_hashes, root_hash
+from .chain import chain_hashes, chain_marks, root_hash
 from .codec import CodecConfig, open_envelope, seal_envelope
 from .errors import CorruptBlockError, CorruptRecordError, FormatVersionError
 from .layout import FORMAT_VERSION, KVLayout
@@ -57,7 +57,7 @@ class SessionRecord:
 
     def chains(self) -> list[bytes]:
         """Chain hash of every block (derived from the token ids)."""
-        return chain_hashes(self.root, self.token_ids, self.layout.block_tokens, self.meta.get("approx_from"))
+        return chain_hashes(self.root, self.token_ids, self.layout.block_tokens, marks=chain_marks(self.meta))
 
     def block_len(self, index: int) -> int:
         bt = self.layout.block_tokens

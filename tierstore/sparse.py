@@ -101,12 +101,13 @@ def select(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.
 
 
 def attend_selected(reader, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,
-                    scale: float, ids: list[int], head_mask: torch.Tensor | None = None
+                    scale: float, ids: list[int], head_mask: torch.Tensor | None = None, ext=None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [heads, q_len, head_dim] over the blocks ``ids`` (ascending) only,
     read through ``reader`` (a ``SeqReader``) in block order whatever their tiers
     (``head_mask`` bool [kv_heads, len(ids)]: each KV head's group attends only its own blocks
-    of ``ids``, the same number per head).
+    of ``ids``, the same number per head). ``ext``: a ``positions.StepMap``: keys at least its
+    window away from a query are attended at their mapped positions.
 
     Returns (out float32 [heads, q_len, head_dim], mass float32 [len(ids), kv_heads]: the share of
     attention each block received, summed over the query rows of each KV head's group)."""
@@ -126,6 +127,11 @@ def attend_selected(reader, layer: int, q: torch.Tensor, q_offset: int, pad: tor
         v = v.masked_fill(~valid.unsqueeze(-1), 0.0)
     s = torch.matmul(qg, k.transpose(-1, -2))  # [g, r, T]
     q_pos = torch.arange(q_offset, q_offset + q_len, device=q.device).repeat(n_rep)  # rows: (rep, token)
+    if ext is not None:
+        far = (q_pos.view(1, -1, 1) - k_pos.unsqueeze(1)) >= ext.window  # [1|g, r, T]
+        if bool(far.any()):
+            qf = ext.queries(q, q_offset).reshape(lay.kv_heads, n_rep * q_len, d) * scale
+            s = torch.where(far, torch.matmul(qf, ext.keys_at(k, k_pos).transpose(-1, -2)), s)
     allowed = k_pos.unsqueeze(1) <= q_pos.view(1, -1, 1)  # [1|g, r, T] causal
     if valid is not None:
         allowed = allowed & valid.unsqueeze(1)

@@ -1,0 +1,244 @@
+"""Position modes (``tierstore.positions``): ``extend`` keeps attention within the trained length.
+
+The reference for ``extend`` is written independently of the library's tables and rotations:
+an attention function over a plain ``DynamicCache`` that un-rotates the stored queries and keys
+with the model's own rotary embedding and applies it again at the mapped positions (SelfExtend's
+two score matrices, chosen per pair by distance)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from support import tiny
+from transformers import AttentionInterface, DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+import tierstore
+from tierstore.adapters.hf import TieredCache
+from tierstore.chain import chain_marks
+from tierstore.positions import Extension, Positions, PositionsError, RoPE
+
+BT = 8
+TRAINED = 64  # the tiny models' max_position_embeddings here: prompts of 150+ tokens reach past it
+
+
+def _model(dtype=torch.float32, **rope):
+    kw = {"max_position_embeddings": TRAINED}
+    if rope:
+        kw["rope_parameters"] = {"rope_theta": 10000.0, **rope}
+    return tiny(dtype=dtype, **kw)
+
+
+ROPES = {
+    "default": {"rope_type": "default"},
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPES))
+def test_rerotation_equals_rope_applied_at_the_target_position(kind):
+    """A key stored post-RoPE at position j, re-rotated by delta, is the key RoPE would have
+    made at j + delta (fp32), for every supported RoPE type (yarn's attention scaling included)."""
+    model = _model(**ROPES[kind])
+    emb = model.model.rotary_emb
+    assert emb.rope_type == kind
+    rope = RoPE.from_model(model)
+    x = torch.randn(1, 3, 40, 16, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(40) * 37 + 5
+    delta = torch.tensor([(-1) ** i * (i * 101 % 977) for i in range(40)], dtype=torch.float64)
+    cos, sin = emb(x, pos[None])
+    at_j, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    cos_t, sin_t = emb(x, (pos + delta.long())[None])
+    want, _ = apply_rotary_pos_emb(x, x, cos_t, sin_t)
+    c, s = rope.cos_sin(delta)
+    got = RoPE.rotate(at_j, c, s)
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
+
+
+def test_models_without_a_static_rope_are_refused():
+    with pytest.raises(PositionsError, match="no rotary position embedding"):
+        Positions("extend").resolved(tiny("gpt2"))
+    with pytest.raises(PositionsError, match="'dynamic' is not supported"):
+        Positions("extend").resolved(_model(rope_type="dynamic", factor=2.0))
+    with pytest.raises(PositionsError, match="mode 'stretch'"):
+        Positions("stretch")
+    with pytest.raises(PositionsError, match="window 64 must be below the trained length 64"):
+        Positions("extend", window=64).resolved(_model())
+
+
+def test_the_factor_is_the_smallest_that_keeps_every_distance_trained():
+    ext = Extension(Positions("extend").resolved(_model()), RoPE.from_model(_model()))
+    L, W = ext.trained, ext.window
+    for p in range(L, 40 * L, 7):
+        g = ext.factor(p)
+        assert p // g + W - W // g <= L - 1               # the furthest key (j = 0) stays trained
+        assert g == 2 or (p // (g - 1) + W - W // (g - 1)) > L - 1
+    assert ext.step(0, L - 1, 0, "cpu") is None           # nothing mapped inside the trained length
+    scale = Extension(Positions("extend", mapping="scale").resolved(_model()), RoPE.from_model(_model()))
+    assert abs(float(scale.query_target(torch.tensor([5000.0]), scale.factor(5000))) - (L - 1)) < 1e-9
+
+
+def _reference(model, pos: Positions):
+    """An attention function over full K/V that attends far pairs at the mapped positions."""
+    emb = model.model.rotary_emb
+    L, W, m = pos.trained, pos.window, emb.attention_scaling
+
+    def rot(x, p):
+        cos, sin = emb(x, p[None].to(torch.float32))
+        return x * cos + rotate_half(x) * sin
+
+    def unrot(x, p):
+        cos, sin = emb(x, p[None].to(torch.float32))
+        return (x * cos - rotate_half(x) * sin) / (m * m)
+
+    def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        b, h, ql, d = query.shape
+        rep = h // key.shape[1]
+        key, value = key.repeat_interleave(rep, 1).float(), value.repeat_interleave(rep, 1).float()
+        query = query.float()
+        n = key.shape[2]
+        qp, kp = torch.arange(n - ql, n), torch.arange(n)
+        s = query @ key.transpose(-1, -2) * scaling
+        if int(qp[-1]) >= L:
+            g = pos.group or Extension(pos, RoPE.from_model(model)).factor(int(qp[-1]))
+            if pos.mapping == "group":
+                kt, qt = torch.div(kp, g, rounding_mode="floor"), torch.div(qp, g, rounding_mode="floor") + W - W // g
+            elif pos.mapping == "scale":
+                kt, qt = kp / g, qp / g + W - W / g
+            else:
+                kt, qt = torch.zeros(n), torch.full((ql,), float(W))
+            far = rot(unrot(query, qp), qt) @ rot(unrot(key, kp), kt).transpose(-1, -2) * scaling
+            s = torch.where((qp[:, None] - kp[None]) >= W, far, s)
+        s = s.masked_fill(kp[None] > qp[:, None], float("-inf"))
+        out = torch.softmax(s, -1) @ value
+        return out.transpose(1, 2).to(value.dtype), None
+
+    return fn
+
+
+def _reference_run(model, pos, ids, new, chunk):
+    AttentionInterface.register("ref-extend", _reference(model, pos))
+    prev = model.config._attn_implementation
+    model.set_attn_implementation("ref-extend")
+    try:
+        cache, logits, seq = DynamicCache(), [], ids
+        with torch.no_grad():
+            for s in range(0, ids.shape[1], chunk):
+                out = model(input_ids=ids[:, s:s + chunk], cache=cache, use_cache=True)
+            for _ in range(new):
+                logits.append(out.logits[:, -1].float())
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                seq = torch.cat([seq, nxt], 1)
+                out = model(input_ids=nxt, cache=cache, use_cache=True)
+        return seq, torch.stack(logits)
+    finally:
+        model.set_attn_implementation(prev)
+
+
+def _run(cache, model, ids, new, chunk):
+    out = model.generate(ids, cache=cache, max_new_tokens=new, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, pad_token_id=0, prefill_chunk_size=chunk)
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("mapping,policy", [("group", "exact"), ("scale", "exact"), ("far", "exact"),
+                                            ("group", "quest")])
+def test_extend_matches_the_dense_reference(tmp_path, mapping, policy):
+    """Chunked prefill and decode past the trained length, through the tiers (a small hot
+    budget, so far keys come from warm/cold too): the logits of the dense reference. The sparse
+    path (quest, a budget that selects every block) maps the same keys the same way."""
+    model = _model()
+    pos = Positions("extend", mapping=mapping, window=16).resolved(model)
+    ids = torch.randint(1, 128, (1, 190), generator=torch.Generator().manual_seed(3))
+    ref_seq, ref_logits = _reference_run(model, pos, ids, 12, 24)
+    kw = {} if policy == "exact" else {"policy": policy, "budget_tokens": 10**6}
+    with tierstore.open(tmp_path / "s", hot=4 * 2 * 2 * BT * 16 * 4 * 2, warm="1MiB", block_tokens=BT) as st, \
+            TieredCache(st, model, commit_on_close=False, positions=pos, **kw) as cache:
+        seq, logits = _run(cache, model, ids, 12, 24)
+    assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
+    assert torch.equal(seq, ref_seq)
+    # the map changes something past the trained length: model positions differ from it
+    with tierstore.open(tmp_path / "m", block_tokens=BT) as st, TieredCache(st, model, commit_on_close=False) as c:
+        _, plain = _run(c, model, ids, 12, 24)
+    assert (plain - ref_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extend_is_model_below_the_trained_length(tmp_path, dtype):
+    """Inside the trained length nothing is mapped: extend is model bit for bit (and both give
+    DynamicCache's tokens)."""
+    model = _model(dtype)
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    dyn_seq, _ = _run(DynamicCache(), model, ids, 20, 16)
+    runs = {}
+    for mode in ("model", "extend"):
+        with tierstore.open(tmp_path / mode, block_tokens=BT) as st, \
+                TieredCache(st, model, commit_on_close=False, positions=mode) as cache:
+            runs[mode] = _run(cache, model, ids, 20, 16)
+    assert torch.equal(runs["extend"][0], dyn_seq) and torch.equal(runs["model"][0], dyn_seq)
+    assert torch.equal(runs["extend"][1], runs["model"][1])
+
+
+def test_the_mode_is_recorded_resumed_and_refused_on_mismatch(tmp_path):
+    """A committed extend session resumes with its mode (in another process too) and continues
+    bit-identically to the uninterrupted run; another mode is refused, unless overridden."""
+    model = _model()
+    pos = Positions("extend", window=16)
+    ids = torch.randint(1, 128, (1, 150), generator=torch.Generator().manual_seed(5))
+    with tierstore.open(tmp_path, hot="64KiB", warm="1MiB", block_tokens=BT) as st:
+        with TieredCache(st, model, commit_on_close=False, positions=pos) as c:  # uninterrupted
+            _run(c, model, ids[:, :-1], 1, 32)
+            full_seq, full_logits = _run(c, model, ids, 16, 32)
+        with TieredCache(st, model, "doc", positions=pos) as c:
+            _run(c, model, ids[:, :-1], 1, 32)
+        rec = st.session("doc")
+        assert rec.meta["positions"] == {"mode": "extend", "mapping": "group", "window": 16, "group": None,
+                                         "trained": TRAINED}
+        with TieredCache.resume(st, model, "doc", commit_on_close=False) as c:
+            assert c.positions == Positions("extend", window=16, trained=TRAINED)
+            seq, logits = _run(c, model, ids, 16, 32)
+        assert torch.equal(seq, full_seq) and torch.equal(logits, full_logits)
+        with pytest.raises(PositionsError, match="session 'doc' was stored with positions"):
+            TieredCache.resume(st, model, "doc", positions="model")
+        with TieredCache.resume(st, model, "doc", positions="model", override_positions=True,
+                                commit_on_close=False) as c:
+            assert c.positions.mode == "model"
+    code = textwrap.dedent(f"""
+        import torch, sys
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+        from support import tiny
+        import tierstore
+        from tierstore.adapters.hf import TieredCache
+        model = tiny(max_position_embeddings={TRAINED})
+        with tierstore.open({str(tmp_path)!r}, hot="48KiB", warm="1MiB") as st, \\
+                TieredCache.resume(st, model, "doc", commit_on_close=False) as c:
+            ids = torch.tensor([{ids[0].tolist()}])
+            out = model.generate(ids, cache=c, max_new_tokens=16, do_sample=False, pad_token_id=0)
+            print(c.positions.mode, out[0].tolist())
+        """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    mode, toks = res.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert mode == "extend" and eval(toks) == full_seq[0].tolist()
+
+
+def test_extend_blocks_share_the_prefix_inside_the_trained_length_only():
+    """Content addresses: blocks before the trained length are the same KV in both modes (so
+    shared); blocks reaching past it carry the mode and its parameters."""
+    from tierstore.chain import chain_hashes
+    ids = list(range(1, 200))
+    pos = Positions("extend", window=16, trained=TRAINED).to_json()
+    model_chain = chain_hashes(b"r" * 16, ids, BT, marks=chain_marks({"positions": Positions().to_json()}))
+    ext_chain = chain_hashes(b"r" * 16, ids, BT, marks=chain_marks({"positions": pos}))
+    other = chain_hashes(b"r" * 16, ids, BT, marks=chain_marks({"positions": {**pos, "window": 8}}))
+    n = TRAINED // BT
+    assert model_chain[:n] == ext_chain[:n] == other[:n]
+    assert all(a != b != c for a, b, c in zip(model_chain[n:], ext_chain[n:], other[n:]))
+    assert model_chain == chain_hashes(b"r" * 16, ids, BT)
