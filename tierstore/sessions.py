@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import lmdb
@@ -117,6 +117,19 @@ class SessionStore:
 
     def names(self) -> list[str]:
         return [k.decode() for k, _ in self.cold.scan("sessions", keys_only=True)]
+
+    def committed_prefix(self, chains: Sequence[bytes]) -> int:
+        """How many leading positions of ``chains`` (``chain_hashes`` of some token ids) committed
+        records name: the longest stored prefix of those ids that a new record may name.
+
+        A position a record names has every layer's block (``commit`` checks it) and keeps them
+        while any record names it; blocks that no record names (orphans) do not count: ``gc``
+        may delete them at any time. One read transaction."""
+        with self.cold.read() as txn:
+            for i, c in enumerate(chains):
+                if self.cold.get("refs", c, txn=txn) is None:
+                    return i
+            return len(chains)
 
     def records(self) -> list[SessionRecord | TierstoreError]:
         """Every record in one snapshot; a damaged one is returned as its error."""

@@ -45,3 +45,36 @@ def greedy(model, ids, cache, **kw):
 def max_dlogit(a, b) -> float:
     """The largest difference of two greedy outputs' scores."""
     return max((x - y).abs().max().item() for x, y in zip(a.scores, b.scores))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer (100 ids: 3 special tokens, newline, printable ASCII)
+    with a ChatML-style chat template; built in memory, nothing is downloaded."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + ["\n"] + [chr(c) for c in range(32, 127)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_checkpoint(folder, seed: int = 0) -> str:
+    """``tiny(seed=seed)`` and ``tiny_tokenizer()`` saved as a local transformers checkpoint
+    (what ``from_pretrained(folder)`` loads); returns the folder."""
+    tok = tiny_tokenizer()
+    model = tiny(seed=seed)
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

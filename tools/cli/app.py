@@ -5,12 +5,14 @@
 Human tables go to stdout, logs and progress to stderr; ``--json`` prints one JSON document
 (sizes in bytes, times in Unix seconds); ``-q`` prints only names (``ls``) or nothing. Exit
 codes: 0 ok, 1 a tierstore error or (``verify``) damage, 2 usage errors and paths that are
-not a store. No command creates a store, except ``import``, which writes into one. Read-only
-commands open the store with ``readonly=True``; every write is one short transaction.
+not a store. No command creates a store, except ``import``, ``chat`` and ``serve``, which write
+into one. Read-only commands open the store with ``readonly=True``; every write is one short
+transaction.
 
 The group and its entry point are here; the commands live by kind in ``sessions`` (ls, show,
-export, import), ``maintenance`` (stat, verify, gc, rm, prune, compact) and ``chat``. Each is a
-small function that asks ``tierstore.maintenance`` for facts and hands them to ``render``.
+export, import), ``maintenance`` (stat, verify, gc, rm, prune, compact), ``chat`` and ``serve``
+(the server itself is ``tierstore.tools.serve``). Each is a small function that asks
+``tierstore.maintenance`` for facts and hands them to ``render``.
 Benchmarks register under the ``bench`` group: every module (or package) ``tools/bench/<name>``
 that defines a click command called ``<name>``, plus ``bench.add_command(cmd)``.
 """
@@ -25,7 +27,7 @@ import click
 
 from ... import __version__
 from .. import bench as bench_pkg
-from . import chat, maintenance, sessions
+from . import chat, maintenance, serve, sessions
 from .options import Opts, TierstoreGroup, configure_logging, output_options
 
 log = logging.getLogger("tierstore.cli")
@@ -83,7 +85,7 @@ def bench() -> None:
     """Benchmarks (print tables; --json where offered)."""
 
 
-for _cmd in (*sessions.COMMANDS, *maintenance.COMMANDS, chat.chat_cmd):
+for _cmd in (*sessions.COMMANDS, *maintenance.COMMANDS, chat.chat_cmd, serve.serve_cmd):
     cli.add_command(_cmd)
 
 
