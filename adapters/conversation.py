@@ -58,11 +58,14 @@ class Conversation:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
 
     def say(self, text: str, *, max_new_tokens: int = 256, on_text: Callable[[str], None] | None = None,
-            **generate_kw) -> str:
-        """Add a user turn, generate the assistant's reply, commit; returns the reply text."""
+            prefix: str = "", **generate_kw) -> str:
+        """Add a user turn, generate the assistant's reply, commit; returns the reply text.
+
+        prefix: the first words of the assistant's reply, given instead of generated (the reply
+        continues them; the returned text and the stored message start with them)."""
         before = self._render(self.messages, False) if self.messages else ""
         self.messages.append({"role": "user", "content": text})
-        after = self._render(self.messages, True)
+        after = self._render(self.messages, True) + prefix
         if not after.startswith(before):
             raise ValueError("the chat template does not render earlier turns as a stable prefix")
         new_ids = self.tok(after[len(before):], add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -75,7 +78,7 @@ class Conversation:
         reply_ids = out[0, full.shape[1]:].tolist()
         held = self.cache.get_seq_length()
         self.pending = out[0, held:].tolist()
-        reply = self.tok.decode(reply_ids, skip_special_tokens=True)
+        reply = prefix + self.tok.decode(reply_ids, skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": reply})
         self.cache.meta.update(messages=self.messages, pending=self.pending)
         self.cache.commit()

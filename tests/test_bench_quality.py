@@ -9,6 +9,7 @@ import pytest
 
 from tierstore.adapters.models import long_text
 from tierstore.tools.bench.quality import eval as bq
+from tierstore.tools.bench.quality.report import positions_rows
 
 from support import tiny
 
@@ -127,6 +128,30 @@ def test_runs_of_other_lengths_merge_into_one_table(tmp_path):
     c = bq.run(model, TOK, lengths=[200], store_dir=str(tmp_path / "c"), dense_layers=1, **kw)
     with pytest.raises(click.UsageError, match="dense_layers"):
         bq.merge([a, c])
+
+
+def test_position_settings_each_prefill_their_own_case_and_get_their_own_rows(tmp_path):
+    """--positions model,extend:t128,yarn: every case runs under each setting (its own prefill,
+    resumed with its mode); extend equals model inside the (here 128-token) trained length and
+    differs past it; yarn is another model; the positions table has one row per setting."""
+    model = tiny(**MODEL)
+    kw = dict(seed=3, cases=1, budgets=[("1/4", 0.25)], policies=["sketch"], ppl_tokens=8, block_tokens=16,
+              cov_every=0, text=TEXT)
+    res = bq.run(model, TOK, lengths=[100, 300], positions=("model", "extend:t128", "yarn"),
+                 store_dir=str(tmp_path / "kv"), **kw)
+    assert [r["positions"] for r in res["needle"]] == ["model", "extend:t128", "yarn"] * 2
+    by = {(r["length"], r["positions"]): r["results"] for r in res["ppl"]}
+    assert by[(100, "extend:t128")]["full"]["nll"] == by[(100, "model")]["full"]["nll"]   # bit for bit
+    assert by[(300, "extend:t128")]["full"]["nll"] != by[(300, "model")]["full"]["nll"]
+    assert by[(100, "yarn")]["full"]["nll"] != by[(100, "model")]["full"]["nll"]
+    assert {c["positions"] for c in res["cells"]} == {"model", "extend:t128", "yarn"}
+    rows = positions_rows(res)
+    assert [(r["length"], r["positions"]) for r in rows] == [(n, p) for n in (100, 300)
+                                                             for p in ("model", "extend:t128", "yarn")]
+    assert any("yarn: a static YaRN RoPE" in n for n in res["notes"])
+    bq.print_table(res)  # renders, with the positions table
+    with pytest.raises(Exception, match="position setting 'stretch'"):
+        bq.run(model, TOK, lengths=[100], positions=("stretch",), store_dir=str(tmp_path / "x"), **kw)
 
 
 def test_target_names_a_policy_that_meets_both_halves_over_one_that_keeps_more_needles():

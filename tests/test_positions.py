@@ -74,7 +74,7 @@ def test_models_without_a_static_rope_are_refused():
 
 
 def test_the_factor_is_the_smallest_that_keeps_every_distance_trained():
-    ext = Extension(Positions("extend").resolved(_model()), RoPE.from_model(_model()))
+    ext = Extension(Positions("extend", mapping="group").resolved(_model()), RoPE.from_model(_model()))
     L, W = ext.trained, ext.window
     for p in range(L, 40 * L, 7):
         g = ext.factor(p)
@@ -149,7 +149,7 @@ def _run(cache, model, ids, new, chunk):
 
 
 @pytest.mark.parametrize("mapping,policy", [("group", "exact"), ("scale", "exact"), ("far", "exact"),
-                                            ("group", "quest")])
+                                            ("group", "quest"), ("far", "sketch")])
 def test_extend_matches_the_dense_reference(tmp_path, mapping, policy):
     """Chunked prefill and decode past the trained length, through the tiers (a small hot
     budget, so far keys come from warm/cold too): the logits of the dense reference. The sparse
@@ -190,7 +190,7 @@ def test_the_mode_is_recorded_resumed_and_refused_on_mismatch(tmp_path):
     """A committed extend session resumes with its mode (in another process too) and continues
     bit-identically to the uninterrupted run; another mode is refused, unless overridden."""
     model = _model()
-    pos = Positions("extend", window=16)
+    pos = Positions("extend", mapping="group", window=16)
     ids = torch.randint(1, 128, (1, 150), generator=torch.Generator().manual_seed(5))
     with tierstore.open(tmp_path, hot="64KiB", warm="1MiB", block_tokens=BT) as st:
         with TieredCache(st, model, commit_on_close=False, positions=pos) as c:  # uninterrupted
@@ -202,7 +202,7 @@ def test_the_mode_is_recorded_resumed_and_refused_on_mismatch(tmp_path):
         assert rec.meta["positions"] == {"mode": "extend", "mapping": "group", "window": 16, "group": None,
                                          "trained": TRAINED}
         with TieredCache.resume(st, model, "doc", commit_on_close=False) as c:
-            assert c.positions == Positions("extend", window=16, trained=TRAINED)
+            assert c.positions == Positions("extend", mapping="group", window=16, trained=TRAINED)
             seq, logits = _run(c, model, ids, 16, 32)
         assert torch.equal(seq, full_seq) and torch.equal(logits, full_logits)
         with pytest.raises(PositionsError, match="session 'doc' was stored with positions"):

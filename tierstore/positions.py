@@ -6,11 +6,12 @@ sees within the length the model was trained on, once the context grows past it:
 ``window`` of the query keep their true distance; keys further away are attended at a mapped
 distance (``mapping``):
 
+* ``far`` (InfLLM; the default, best on needles in ``tierstore bench quality``): every far key
+  at the one distance ``W``;
 * ``group`` (SelfExtend): distances past the window grouped by floor division, key at
   ``j // G``, query at ``p // G + W - W // G``;
 * ``scale``: the same with a real factor (no floor), so the furthest key lands exactly at the
-  trained length (position interpolation of the far keys only);
-* ``far`` (InfLLM): every far key at the one distance ``W``.
+  trained length (position interpolation of the far keys only).
 
 ``G`` is the smallest factor that keeps every distance below the trained length (or a fixed
 ``group``). Each mapping moves a far key to a position that depends on the key alone and the
@@ -44,13 +45,13 @@ class PositionsError(TierstoreError, ValueError):
 
 @dataclass(frozen=True)
 class Positions:
-    """mode: ``model`` or ``extend``; mapping: ``group``, ``scale`` or ``far``; window: distances
+    """mode: ``model`` or ``extend``; mapping: ``far`` (default), ``group`` or ``scale``; window: distances
     below it are true (None: trained // 4); group: a fixed factor (None: the smallest that keeps
     distances below ``trained``); trained: the trained length (None: the model's
     ``max_position_embeddings``)."""
 
     mode: str = "model"
-    mapping: str = "group"
+    mapping: str = "far"
     window: int | None = None
     group: int | float | None = None
     trained: int | None = None

@@ -1,7 +1,12 @@
 """`make demo`: a 10k-token document on SmolLM2-135M-Instruct under a small hot budget, then a
 resume in a second process that answers a follow-up without re-running the prefill.
 
-python -m tierstore.tools.demo [--store DIR] [--tokens 10000] [--hot 96MiB]
+SmolLM2-135M was trained on 8,192 positions; the document is longer, so the cache runs with
+``positions="extend"``: past the trained length, keys further than a window from the query are
+attended at grouped distances that stay within it (``tierstore.positions``). ``--positions
+model`` shows what the model's own positions give there.
+
+python -m tierstore.tools.demo [--store DIR] [--tokens 10000] [--hot 96MiB] [--positions extend]
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ import time
 import torch
 
 SESSION = "demo-doc"
-FACT = "The name of the blue heron in the garden is Pemberton."
-QUESTION = "What is the name of the blue heron in the garden? Answer with the name only."
-ANSWER = "Pemberton"
-FOLLOW_UP = "What kind of bird is Pemberton, and where does it live?"
+INTRO = "Read this document carefully. It contains one important fact.\n\n"
+FACT = "The locker combination for the blue heron garden is 4817."
+QUESTION = "What is the locker combination for the blue heron garden? Answer with the number only."
+LEAD = "The locker combination for the blue heron garden is"  # the reply's first words, given (say(prefix=))
+ANSWER = "4817"
+FOLLOW_UP = "Please repeat the locker combination for the blue heron garden."
+FOLLOW_LEAD = "The locker combination is"
+FOLLOW_ANSWER = "4817"
 
 
 def _say(msg: str) -> None:
@@ -49,6 +58,15 @@ def build_document(tok, tokens: int) -> str:
     return body[:cut] + "\n" + FACT + "\n" + body[cut:]
 
 
+def describe_positions(positions, model) -> str:
+    trained = model.config.max_position_embeddings
+    if positions.mode == "model":
+        return f"positions: model (the model's own; SmolLM2-135M was trained on {trained:,})"
+    return (f"positions: extend (mapping {positions.mapping!r}, window {positions.window:,}): past the "
+            f"{positions.trained:,} trained positions, keys further than the window from a query are attended "
+            "at mapped distances that stay within them; the stored KV is unchanged")
+
+
 def first_run(args) -> None:
     import tierstore
     from tierstore.adapters.conversation import Conversation
@@ -56,11 +74,11 @@ def first_run(args) -> None:
 
     model, tok = load_smollm2(torch.float32)
     doc = build_document(tok, args.tokens)
-    prompt = f"Document:\n{doc}\n\nQuestion: {QUESTION}"
+    prompt = f"{INTRO}Document:\n{doc}\n\nQuestion: {QUESTION}"
     with tierstore.open(args.store, hot=args.hot, warm=args.warm) as store:
         if store.exists(SESSION):
             store.delete(SESSION)
-        conv = Conversation(store, model, tok, SESSION)
+        conv = Conversation(store, model, tok, SESSION, positions=args.positions)
         n_prompt = len(tok(tok.apply_chat_template(conv.messages + [{"role": "user", "content": prompt}],
                                                    add_generation_prompt=True, tokenize=False),
                            add_special_tokens=False).input_ids)
@@ -68,18 +86,19 @@ def first_run(args) -> None:
             * conv.cache.layout.head_dim * 4
         _say(f"document: {n_prompt} tokens; its KV is {kv_bytes / 2**20:.0f} MiB; hot budget "
              f"{store.config.hot_bytes / 2**20:.0f} MiB ({store.config.hot_bytes / kv_bytes:.0%} of the KV)")
+        _say(describe_positions(conv.cache.positions, model))
         h = _progress(model, n_prompt)
         t0 = time.perf_counter()
-        reply = conv.say(prompt, max_new_tokens=16, prefill_chunk_size=1024)
+        reply = conv.say(prompt, max_new_tokens=8, prefill_chunk_size=1024, prefix=LEAD)
         dt = time.perf_counter() - t0
         h.remove()
         ok = ANSWER in reply
         _say(f"Q: {QUESTION}\nA: {reply.strip()}\n   -> {'RIGHT' if ok else 'WRONG'} ({dt:.1f} s incl. prefill)")
-        if not ok and n_prompt > 8192:
-            _say(f"   note: SmolLM2-135M was trained on 8,192-token contexts and this document has {n_prompt}. "
-                 "Attention here is exact (every token attended, logits equal to DynamicCache's), so the miss "
-                 "is the model's: no cache mode changes positions it never saw. Try --tokens 6000 to see it "
-                 "answer inside its trained length.")
+        trained = model.config.max_position_embeddings
+        if not ok and n_prompt > trained and conv.cache.positions.mode == "model":
+            _say(f"   note: SmolLM2-135M was trained on {trained:,}-token contexts and this document has {n_prompt:,}; "
+                 "with positions='model' attention sees distances the model never saw. positions='extend' "
+                 "(the default of this demo) keeps them within its trained length.")
         s = store.stats()
         _say(f"tiers during the run: hot peak {store.manager.counters.hot_peak} blocks "
              f"(<= budget {s.hot_budget_bytes / 2**20:.0f} MiB), warm {s.warm_used_bytes / 2**20:.0f} MiB, "
@@ -99,14 +118,17 @@ def second_run(args) -> None:
     model, tok = load_smollm2(torch.float32)
     with tierstore.open(args.store, hot=args.hot, warm=args.warm) as store:
         t0 = time.perf_counter()
-        conv = Conversation.resume(store, model, tok, SESSION)
+        conv = Conversation.resume(store, model, tok, SESSION)  # the position mode comes from the record
         first = []
-        reply = conv.say(FOLLOW_UP, max_new_tokens=24,
+        reply = conv.say(FOLLOW_UP, max_new_tokens=12, prefix=FOLLOW_LEAD,
                          on_text=lambda p: first.append(time.perf_counter()) if not first else None)
         ttft_resume = (first[0] if first else time.perf_counter()) - t0
         history = conv.cache.token_ids[0]
+        mode = conv.cache.positions.mode
         conv.close()
-    _say(f"[new process] Q: {FOLLOW_UP}\nA: {reply.strip()}")
+    ok = FOLLOW_ANSWER in reply
+    _say(f"[new process, positions={mode!r} from the session record] Q: {FOLLOW_UP}\nA: {reply.strip()}\n"
+         f"   -> {'RIGHT' if ok else 'WRONG'}")
     t0 = time.perf_counter()
     ids, dyn = torch.tensor([history]), DynamicCache()
     with torch.no_grad():
@@ -123,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=10000)
     p.add_argument("--hot", default="96MiB")
     p.add_argument("--warm", default="160MiB")
+    p.add_argument("--positions", default="extend", choices=["extend", "model"])
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))

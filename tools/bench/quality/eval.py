@@ -214,8 +214,9 @@ class Evaluator:
     def __init__(self, model, tok, store, *, policies: list[str], budgets: list[tuple[str, int | float]],
                  sink_blocks: int = 1, window_blocks: int = 2, obs_window: int = 32, streaming_fill: bool = True,
                  cov_every: int = 16, max_new: int | None = None, dense_layers: int = 0, prefill_chunk: int = 1024,
-                 per_head: bool | None = None, log=None) -> None:
+                 per_head: bool | None = None, positions=None, tag: str = "", log=None) -> None:
         self.model, self.tok, self.store = model, tok, store
+        self.positions, self.tag = positions, tag  # the position mode its prefills run under (resumes keep it)
         self.policies, self.budgets = policies, budgets
         self.sink_blocks, self.window_blocks, self.obs_window = sink_blocks, window_blocks, obs_window
         self.streaming_fill, self.cov_every, self.max_new = streaming_fill, cov_every, max_new
@@ -236,10 +237,10 @@ class Evaluator:
         """Prefill all but the last token exactly (h2o mass from the observation window), commit."""
         from tierstore.adapters.hf import TieredCache
         self._n += 1
-        name = f"q{self._n}"
+        name = f"{self.tag}q{self._n}"
         t = time.perf_counter()
         cache = TieredCache(self.store, self.model, name, policy="h2o", obs_window=self.obs_window,
-                            commit_on_close=False)
+                            commit_on_close=False, positions=self.positions)
         try:
             with torch.no_grad():
                 body = ids[:-1]
@@ -356,8 +357,10 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
         ppl_tokens: int = 256, ppl_cases: int = 1, sink_blocks: int = 1, window_blocks: int = 2,
         obs_window: int = 32, block_tokens: int | None = None, cov_every: int = 16, streaming_fill: bool = True,
         dense_layers: int = 0, prefill_chunk: int = 1024, first_case: int = 0, text: str | None = None,
-        per_head: bool | None = None, store_dir: str | None = None, checkpoint=None, log=None) -> dict:
-    """Everything of (a), (b), (c); returns the JSON-able result."""
+        per_head: bool | None = None, store_dir: str | None = None, checkpoint=None, log=None,
+        positions: tuple[str, ...] = ("model",)) -> dict:
+    """Everything of (a), (b), (c); returns the JSON-able result. ``positions``: the position
+    settings (``position_settings``) every case runs under, each with its own prefill."""
     import tierstore
     from tierstore.adapters.fingerprint import kv_layout
     from tierstore.adapters.models import long_text
@@ -371,6 +374,7 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
     lay = kv_layout(model, bt)
     longest = max(max(lengths) + 64, max(lengths) + ppl_tokens + 2 * bt) + 2 * bt
     hot = int(longest * lay.token_bytes * 1.25) + (32 << 20)
+    settings = position_settings(model, positions, lengths)
     needle_rows: list[dict] = []
     ppl_rows: list[dict] = []
     timing = {"prefill_s": 0.0, "needle_decode_s": 0.0, "ppl_decode_s": 0.0, "total_s": 0.0}
@@ -386,7 +390,7 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
         return {"bench": "quality", "model": getattr(model.config, "_name_or_path", "") or "model",
                 "seed": seed, "cases": cases, "complete": done, "lengths": list(lengths),
                 "budgets": [lab for lab, _ in budgets],
-                "policies": list(policies), "ppl_tokens": ppl_tokens, "ppl_cases": ppl_cases, "block_tokens": bt,
+                "policies": list(policies), "positions": list(positions), "ppl_tokens": ppl_tokens, "ppl_cases": ppl_cases, "block_tokens": bt,
                 "sink_blocks": sink_blocks, "window_blocks": window_blocks, "obs_window": obs_window,
                 "dense_layers": dense_layers, "per_head": per_head, "prefill_chunk": prefill_chunk,
                 "first_case": first_case,
@@ -399,55 +403,95 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                           "scored ppl token comes from the policy's sparse step",
                           "streaming's recent window is widened to fill the budget" if streaming_fill else
                           "streaming attends sinks + window only (below the budget)"] + floor_notes(
-                              lengths, budgets, bt, sink_blocks, window_blocks),
+                              lengths, budgets, bt, sink_blocks, window_blocks) + [n for _, _, _, n in settings if n],
                 "needle": needle_rows, "ppl": ppl_rows}
 
     try:
         with tierstore.open(tmp, hot=hot, warm="64MiB", block_tokens=bt) as store:
             store.manager.prepare(lay, "cpu")
-            ev = Evaluator(model, tok, store, policies=list(policies), budgets=budgets, sink_blocks=sink_blocks,
-                           window_blocks=window_blocks, obs_window=obs_window, streaming_fill=streaming_fill,
-                           cov_every=cov_every, dense_layers=dense_layers, prefill_chunk=prefill_chunk,
-                           per_head=per_head, log=log)
-            configs = ev.configs()
+            evs = {label: Evaluator(m, tok, store, policies=list(policies), budgets=budgets, sink_blocks=sink_blocks,
+                                    window_blocks=window_blocks, obs_window=obs_window, streaming_fill=streaming_fill,
+                                    cov_every=cov_every, dense_layers=dense_layers, prefill_chunk=prefill_chunk,
+                                    per_head=per_head, positions=pos, tag=f"p{j}", log=log)
+                   for j, (label, m, pos, _) in enumerate(settings)}
             for length in lengths:
                 for i in range(first_case, first_case + cases):
                     case = make_case(tok, text, seed, length, i)
-                    name, tp = ev.prefill(case.ids)
-                    mass_check = ev.mass_check
-                    timing["prefill_s"] += tp
-                    t = time.perf_counter()
-                    res = {_label(p, lab): ev.answer(name, case, p, b) for p, lab, b in configs}
-                    td = time.perf_counter() - t
-                    timing["needle_decode_s"] += td
-                    store.delete(name)
-                    needle_rows.append({**case.summary(), "results": res})
-                    marks = " ".join(f"{k}:{'+' if v['correct'] else '-'}" for k, v in res.items())
-                    if checkpoint is not None:
-                        checkpoint(result())
-                    log(f"[needle {length} {i + 1}/{first_case + cases}] {len(case.ids)} tok depth {case.depth:.0%} "
-                        f"prefill {tp:.1f}s decode {td:.1f}s full={res['full']['answer']!r} | {marks}")
+                    for label, ev in evs.items():
+                        name, tp = ev.prefill(case.ids)
+                        mass_check = mass_check or ev.mass_check
+                        timing["prefill_s"] += tp
+                        t = time.perf_counter()
+                        res = {_label(p, lab): ev.answer(name, case, p, b) for p, lab, b in ev.configs()}
+                        td = time.perf_counter() - t
+                        timing["needle_decode_s"] += td
+                        store.delete(name)
+                        needle_rows.append({**case.summary(), "positions": label, "results": res})
+                        marks = " ".join(f"{k}:{'+' if v['correct'] else '-'}" for k, v in res.items())
+                        if checkpoint is not None:
+                            checkpoint(result())
+                        tag = "" if len(evs) == 1 else f" {label}"
+                        log(f"[needle {length} {i + 1}/{first_case + cases}{tag}] {len(case.ids)} tok depth "
+                            f"{case.depth:.0%} prefill {tp:.1f}s decode {td:.1f}s full={res['full']['answer']!r} | {marks}")
                 for j in range(ppl_cases if ppl_tokens > 0 else 0):
                     ctx, cont = make_ppl_text(tok, text, seed, length, ppl_tokens, j)
-                    name, tp = ev.prefill(ctx)
-                    mass_check = ev.mass_check
-                    timing["prefill_s"] += tp
-                    t = time.perf_counter()
-                    res = {}
-                    for p, lab, b in configs:
-                        res[_label(p, lab)] = ev.score_ppl(name, ctx, cont, p, b)
-                        log(f"[ppl {length} {j + 1}/{ppl_cases}] {_label(p, lab)}: "
-                            f"ppl {res[_label(p, lab)]['ppl']:.3f}")
-                    timing["ppl_decode_s"] += time.perf_counter() - t
-                    store.delete(name)
-                    ppl_rows.append({"length": length, "index": j, "context": len(ctx), "tokens": len(cont),
-                                     "results": res})
-                    if checkpoint is not None:
-                        checkpoint(result())
+                    for label, ev in evs.items():
+                        name, tp = ev.prefill(ctx)
+                        mass_check = mass_check or ev.mass_check
+                        timing["prefill_s"] += tp
+                        t = time.perf_counter()
+                        res = {}
+                        for p, lab, b in ev.configs():
+                            res[_label(p, lab)] = ev.score_ppl(name, ctx, cont, p, b)
+                            log(f"[ppl {length} {j + 1}/{ppl_cases}{'' if len(evs) == 1 else ' ' + label}] {_label(p, lab)}: "
+                                f"ppl {res[_label(p, lab)]['ppl']:.3f}")
+                        timing["ppl_decode_s"] += time.perf_counter() - t
+                        store.delete(name)
+                        ppl_rows.append({"length": length, "index": j, "context": len(ctx), "tokens": len(cont),
+                                         "positions": label, "results": res})
+                        if checkpoint is not None:
+                            checkpoint(result())
     finally:
         if store_dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     return result(done=True)
+
+
+def position_settings(model, labels, lengths) -> list[tuple[str, object, object, str | None]]:
+    """``(label, model, Positions | None, note)`` per position setting: ``model`` (the model's
+    own positions), ``extend`` / ``extend:scale`` / ``extend:far`` (``positions="extend"`` with
+    that mapping; ``:w1024`` sets the window, ``:t4096`` the trained length), ``yarn`` (the baseline: a static YaRN RoPE config
+    of the model, scaled to the longest length, with its own positions)."""
+    import copy
+    import math
+
+    from tierstore.positions import Positions
+    trained = int(model.config.max_position_embeddings)
+    out = []
+    for label in labels:
+        head, *opts = label.split(":")
+        if head == "model":
+            out.append((label, model, None, None))
+        elif head == "extend":
+            kw = {"mapping": o for o in opts if o[0] not in "wt"}
+            kw.update({"window": int(o[1:]) for o in opts if o.startswith("w")})
+            kw.update({"trained": int(o[1:]) for o in opts if o.startswith("t")})
+            out.append((label, model, Positions("extend", **kw), None))
+        elif head == "yarn":
+            factor = float(max(2, math.ceil(max(lengths) / trained)))
+            m = copy.deepcopy(model)
+            rp = dict(m.config.rope_parameters or {})
+            rp.update(rope_type="yarn", factor=factor, original_max_position_embeddings=trained)
+            m.config.rope_parameters = rp
+            m.config.max_position_embeddings = int(trained * factor)
+            emb = m.model.rotary_emb
+            m.model.rotary_emb = type(emb)(m.config).to(emb.inv_freq.device)
+            out.append((label, m, None, f"yarn: a static YaRN RoPE (factor {factor:g}, original "
+                                        f"{trained} positions) on the model's weights, model positions"))
+        else:
+            raise click.BadParameter(f"position setting {label!r}: expected model, extend[:group|scale|far][:wN][:tN] "
+                                     "or yarn")
+    return out
 
 
 def floor_notes(lengths, budgets, bt: int, sink_blocks: int, window_blocks: int) -> list[str]:
@@ -501,13 +545,16 @@ def _writer(path: str):
 @click.option("--prefill-chunk", default=1024, show_default=True, help="prefill chunk (tokens)")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="rewrite this JSON file after every case (a long run that is stopped keeps its cases)")
+@click.option("--positions", "positions", default="model", show_default=True,
+              help="position settings, each with its own prefill per case: model, extend[:group|scale|far][:wN][:tN], "
+                   "yarn (a static YaRN RoPE baseline)")
 @click.option("--quick", is_flag=True, help="smoke run: 2 cases, 1024 tokens, budgets 1/4,1/8, ppl 32 tokens")
 @click.option("--merge", "merge_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="print the table of these --json results (same settings, other lengths) instead of running")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_every, block_tokens, sink_blocks,
             window_blocks, obs_window, dense_layers, per_head, streaming_fill, threads, first_case, prefill_chunk, checkpoint,
-            quick, merge_files, as_json) -> None:
+            positions, quick, merge_files, as_json) -> None:
     """Needle accuracy, perplexity and attention-mass coverage of the sparse policies vs the full cache."""
     if merge_files:
         res = merge([json.loads(open(f).read()) for f in merge_files])
@@ -538,7 +585,8 @@ def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_
               sink_blocks=sink_blocks, window_blocks=window_blocks, obs_window=obs_window,
               block_tokens=block_tokens, cov_every=cov_every, streaming_fill=streaming_fill,
               dense_layers=dense_layers, prefill_chunk=prefill_chunk, first_case=first_case, per_head=per_head,
-              checkpoint=_writer(checkpoint) if checkpoint else None, log=log)
+              checkpoint=_writer(checkpoint) if checkpoint else None, log=log,
+              positions=tuple(p.strip() for p in positions.split(",") if p.strip()))
     if as_json:
         click.echo(json.dumps(res, indent=1, default=float))
         return

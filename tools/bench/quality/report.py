@@ -36,8 +36,19 @@ def _label(policy: str, blabel: str) -> str:
     return "full" if policy == "exact" else f"{policy}@{blabel}"
 
 
+def _setting(row: dict) -> str:
+    return row.get("positions", "model")
+
+
 def summarize(needle_rows, ppl_rows, policies, budgets, lengths) -> list[dict]:
-    """One row per (length or 'all', budget, policy)."""
+    """One row per (position setting, length or 'all', budget, policy)."""
+    labels = list(dict.fromkeys(_setting(r) for r in needle_rows + ppl_rows)) or ["model"]
+    return [{"positions": lab, **c} for lab in labels for c in _summarize(
+        [r for r in needle_rows if _setting(r) == lab], [r for r in ppl_rows if _setting(r) == lab],
+        policies, budgets, lengths)]
+
+
+def _summarize(needle_rows, ppl_rows, policies, budgets, lengths) -> list[dict]:
     cells = []
     for length in list(lengths) + ["all"]:
         nr = [r for r in needle_rows if length == "all" or r["length"] == length]
@@ -87,7 +98,10 @@ def target(needle_rows, ppl_rows, policies, budgets) -> dict | None:
     lab = next((lab for lab, b in budgets if isinstance(b, float) and abs(b - 0.125) < 1e-9), None)
     if lab is None:
         return None
-    cells = [c for c in summarize(needle_rows, ppl_rows, policies, budgets, ["all"]) if c["budget"] == lab]
+    model_rows = [r for r in needle_rows if _setting(r) == "model"], [r for r in ppl_rows if _setting(r) == "model"]
+    cells = [c for c in _summarize(*model_rows, policies, budgets, ["all"]) if c["budget"] == lab]
+    if not cells or all(c["n"] == 0 for c in cells):
+        return None
 
     def meets(c) -> bool:
         return c["kept"] is not None and c["kept"] >= 0.95 and (c["ppl_rel"] is None or c["ppl_rel"] <= 0.02)
@@ -118,16 +132,21 @@ def print_table(res: dict) -> None:
     for c in ("length", "budget", "policy", "needle acc", "full acc", "kept", "needle sel", "mass cov (needle)",
               "ppl", "full ppl", "Δppl", "mass cov (ppl)", "attended tok"):
         t.add_column(c, justify="right")
+    many = len(res.get("positions", ["model"])) > 1
+    if many:
+        t.add_column("positions")
     prev = None
     for c in res["cells"]:
-        if prev is not None and (c["length"], c["budget"]) != prev:
+        if prev is not None and (c.get("positions"), c["length"], c["budget"]) != prev:
             t.add_section()
-        prev = (c["length"], c["budget"])
+        prev = (c.get("positions"), c["length"], c["budget"])
         t.add_row(str(c["length"]), c["budget"], c["policy"], _pct(c["acc"]), _pct(c["full_acc"]), _pct(c["kept"]),
                   _pct(c["needle_selected"]), _pct(c["cover_needle"]), _f(c["ppl"], ".3f"), _f(c["full_ppl"], ".3f"),
                   "-" if c["ppl_rel"] is None else f"{c['ppl_rel']:+.1%}", _pct(c["cover_ppl"]),
-                  _f(c["attended"], ".0f"))
+                  _f(c["attended"], ".0f"), *([c.get("positions", "model")] if many else []))
     con.print(t)
+    if many:
+        print_positions(res, con)
     tg = res.get("target")
     if tg:
         con.print(f"target at {tg['budget']}: best policy {tg['policy']} keeps {_pct(tg['kept'])} of the full cache's "
@@ -145,7 +164,51 @@ def print_table(res: dict) -> None:
         con.print(f"note: {n}")
 
 
-SAME = ("seed", "budgets", "policies", "ppl_tokens", "block_tokens", "sink_blocks", "window_blocks", "obs_window",
+def positions_rows(res: dict) -> list[dict]:
+    """Per (length, position setting): the full cache's needle accuracy and ppl, the same for the
+    first sparse configuration, and the full accuracy as a share of ``model`` at the shortest length."""
+    cells = [c for c in res["cells"] if c["length"] != "all"]
+    if not cells:
+        return []
+    shortest = min(c["length"] for c in cells)
+    ref = next((c["full_acc"] for c in cells if c["length"] == shortest and c.get("positions") == "model"), None)
+    out, seen = [], set()
+    for c in cells:
+        key = (c["length"], c.get("positions", "model"))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({"length": key[0], "positions": key[1], "n": c["n"], "full_acc": c["full_acc"],
+                    "full_vs_ref": c["full_acc"] / ref if c["full_acc"] is not None and ref else None,
+                    "sparse": f"{c['policy']}@{c['budget']}", "sparse_acc": c["acc"],
+                    "sparse_vs_ref": c["acc"] / ref if c["acc"] is not None and ref else None,
+                    "full_ppl": c["full_ppl"], "sparse_ppl": c["ppl"], "ref_length": shortest})
+    return sorted(out, key=lambda r: (r["length"], res["positions"].index(r["positions"])
+                                      if r["positions"] in res["positions"] else 99))
+
+
+def print_positions(res: dict, con) -> None:
+    from rich.table import Table
+    rows = positions_rows(res)
+    if not rows:
+        return
+    t = Table(title=f"beyond the trained length: accuracy as a share of the full cache's with model positions at "
+                    f"{rows[0]['ref_length']} tokens")
+    for c in ("length", "positions", "cases", "full acc", "vs ref", "sparse", "sparse acc", "vs ref ",
+              "full ppl", "sparse ppl"):
+        t.add_column(c, justify="right")
+    prev = None
+    for r in rows:
+        if prev is not None and r["length"] != prev:
+            t.add_section()
+        prev = r["length"]
+        t.add_row(str(r["length"]), r["positions"], str(r["n"]), _pct(r["full_acc"]), _pct(r["full_vs_ref"]),
+                  r["sparse"], _pct(r["sparse_acc"]), _pct(r["sparse_vs_ref"]), _f(r["full_ppl"], ".3f"),
+                  _f(r["sparse_ppl"], ".3f"))
+    con.print(t)
+
+
+SAME = ("seed", "budgets", "policies", "positions", "ppl_tokens", "block_tokens", "sink_blocks", "window_blocks", "obs_window",
         "dense_layers", "per_head", "streaming_fill", "prefill_chunk")
 
 
