@@ -32,7 +32,7 @@ from .row import Row
 from .fingerprint import kv_layout, model_fingerprint
 from tierstore.attention import WindowMass, attend_exact
 from tierstore.policies import get_policy
-from tierstore.positions import Extension, Positions, PositionsError
+from tierstore.positions import Extension, Positions
 from tierstore.sparse import SparseConfig, attend_selected, select
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class TieredCache(Cache):
         self.obs_window = obs_window
         self.force_exact = False
         self.approx_from: int | None = _resume.meta.get("approx_from") if _resume is not None else None
-        self.positions = self._positions(model, positions, override_positions, _resume)
+        self.positions = Positions.for_session(model, positions, override_positions, _resume)
         self.extension = Extension.of(self.positions, model)
         self.hot_bytes, self.warm_bytes = parse_size(hot, what="hot"), parse_size(warm, what="warm")
         self.auto_commit_blocks, self.commit_on_close = auto_commit_blocks, commit_on_close
@@ -167,20 +167,6 @@ class TieredCache(Cache):
             self.commit_on_close = False
             self.close()
             raise
-
-    @staticmethod
-    def _positions(model, positions, override: bool, rec: SessionRecord | None) -> Positions:
-        """The position mode: as given (resolved against the model), else the resumed record's;
-        a resume asking for another mode than its record's is refused unless ``override``."""
-        stored = Positions.parse(rec.meta["positions"]) if rec is not None and "positions" in rec.meta else None
-        if positions is None:
-            return stored or Positions()
-        want = Positions.parse(positions).resolved(model)
-        if stored is not None and want != stored and not override:
-            raise PositionsError(f"session {rec.name!r} was stored with positions {stored.to_json()}; resuming with "
-                                 f"{want.to_json()} would attend its KV differently: resume without positions= "
-                                 "(takes the stored mode) or pass override_positions=True")
-        return want
 
     def chain_marks(self) -> tuple:
         """What KV past a position depends on besides the tokens (see ``chain.chain_marks``)."""

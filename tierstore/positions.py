@@ -78,12 +78,27 @@ class Positions:
             return cls(mode=spec)
         raise PositionsError(f"positions must be 'model', 'extend' or a Positions, got {spec!r}")
 
+    @classmethod
+    def for_session(cls, model, positions, override: bool, rec) -> "Positions":
+        """The mode of a cache: ``positions`` as given (resolved against the model), else the
+        resumed record's (``rec``, a ``SessionRecord`` or None); a resume asking for another mode
+        than its record's is refused unless ``override``."""
+        stored = cls.parse(rec.meta["positions"]) if rec is not None and "positions" in rec.meta else None
+        if positions is None:
+            return stored or cls()
+        want = cls.parse(positions).resolved(model)
+        if stored is not None and want != stored and not override:
+            raise PositionsError(f"session {rec.name!r} was stored with positions {stored.to_json()}; resuming with "
+                                 f"{want.to_json()} would attend its KV differently: resume without positions= "
+                                 "(takes the stored mode) or pass override_positions=True")
+        return want
+
     def resolved(self, model) -> "Positions":
         """This mode with ``trained`` and ``window`` filled in from ``model`` (checked: RoPE)."""
         if self.mode == "model":
             return Positions()
         cfg = model.config
-        rope = RoPE.from_model(model)  # refuses models without a static RoPE
+        RoPE.from_model(model)  # refuses models without a static RoPE
         trained = self.trained or int(getattr(cfg, "max_position_embeddings", 0) or 0)
         if trained < 2:
             raise PositionsError(f"model {type(model).__name__}: no max_position_embeddings in its config; "
@@ -91,7 +106,6 @@ class Positions:
         window = self.window or max(1, trained // WINDOW_FRACTION)
         if window >= trained:
             raise PositionsError(f"positions window {window} must be below the trained length {trained}")
-        del rope
         return replace(self, trained=trained, window=window)
 
     def to_json(self) -> dict:
