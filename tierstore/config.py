@@ -29,12 +29,14 @@ class StoreConfig:
     block_tokens: int
     readonly: bool
     sketch_dims: int = DEFAULT_SKETCH_DIMS  # key sketch dimensions per token (0: no sketches)
+    remote: object = None                  # remote tier URL(s) or a RemoteTier (None: LMDB only)
+    host: str | None = None                # this host's name on the remote tier
 
     @classmethod
     def build(cls, path: str | os.PathLike, *, hot: int | str | None = None, warm: int | str | None = None,
               cold: int | str | None = None, codec: str | CodecConfig | None = None,
               block_tokens: int | None = None, readonly: bool = False,
-              sketch_dims: int | None = None) -> "StoreConfig":
+              sketch_dims: int | None = None, remote=None, host: str | None = None) -> "StoreConfig":
         env = os.environ
         hot_b = parse_size(hot if hot is not None else env.get("TIERSTORE_HOT", DEFAULT_HOT), what="hot")
         warm_b = parse_size(warm if warm is not None else env.get("TIERSTORE_WARM", DEFAULT_WARM), what="warm")
@@ -47,7 +49,9 @@ class StoreConfig:
         if dims < 0:
             raise ValueError(f"sketch_dims must be >= 0, got {dims}")
         return cls(path=os.fspath(path), hot_bytes=hot_b or 0, warm_bytes=warm_b or 0, cold_bytes=cold_b,
-                   codec=cfg, block_tokens=bt, readonly=readonly, sketch_dims=dims)
+                   codec=cfg, block_tokens=bt, readonly=readonly, sketch_dims=dims,
+                   remote=remote if remote is not None else (env.get("TIERSTORE_REMOTE") or None),
+                   host=host or env.get("TIERSTORE_HOST_ID") or None)
 
 
 def default_store_path() -> str:

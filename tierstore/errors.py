@@ -111,3 +111,23 @@ class BudgetError(TierstoreError, ValueError):
 
 class ImportFormatError(TierstoreError, ValueError):
     """An export file is malformed, truncated, or does not match its own metadata."""
+
+
+class RemoteUnavailableError(TierstoreError):
+    """The remote (shared) tier could not be reached or refused writes (down, paused, failing
+    over, out of memory). Local LMDB keeps working; what was not published waits in the outbox.
+    ``url`` names the remote."""
+
+    def __init__(self, reason: str, *, url: str) -> None:
+        self.reason, self.url = reason, url
+        super().__init__(f"remote {url}: {reason}")
+
+
+class LeaseLostError(LocatedError):
+    """This writer's lease on the session was taken over by another host (it expired while this
+    writer was paused, or the remote was partitioned away): the commit was not made the session's
+    state. ``fork`` names the session under which this writer's state was kept instead."""
+
+    def __init__(self, reason: str, *, session: str, fork: str | None = None) -> None:
+        self.fork = fork
+        super().__init__(reason, session=session)

@@ -98,20 +98,39 @@ class GcReport:
 class SessionStore:
     """Persistent sessions over one ``ColdStore``."""
 
-    def __init__(self, cold: ColdStore) -> None:
+    def __init__(self, cold: ColdStore, remote=None, host: str | None = None) -> None:
+        """remote: a ``tierstore.remote.RemoteTier`` shared by every host (None: this LMDB only);
+        host: this host's name on it (default: the hostname)."""
         self.cold = cold
         self._mine: dict[str, Lease] = {}  # leases this object handed out and not released (token -> lease)
+        self.replica = None
+        if remote is not None:
+            from .remote import Replica
+            self.replica = Replica(self, remote, host or socket.gethostname())
+
+    def close_remote(self) -> None:
+        """Stop the remote heartbeat and close its connection (the store closes)."""
+        if self.replica is not None:
+            self.replica.close()
 
     # -- reading ---------------------------------------------------------------------------
 
     def read(self, name: str, txn: lmdb.Transaction | None = None) -> SessionRecord:
+        """The committed record; with a remote tier, a newer remote version is pulled first
+        (outside a caller's transaction)."""
         check_session_name(name)
+        if self.replica is not None and txn is None:
+            self.replica.refresh(name)
         data = self.cold.get("sessions", name_key(name), txn=txn)
         if data is None:
             raise SessionNotFoundError("no such session", session=name)
         return SessionRecord.unseal(name, bytes(data))
 
     def exists(self, name: str) -> bool:
+        """Committed here or (with a remote tier) on the remote."""
+        return self.exists_local(name) or (self.replica is not None and self.replica.exists(name))
+
+    def exists_local(self, name: str) -> bool:
         check_session_name(name)
         return self.cold.get("sessions", name_key(name)) is not None
 
@@ -166,12 +185,17 @@ class SessionStore:
         return self.cold.write(fn)  # type: ignore[return-value]
 
     def commit(self, record: SessionRecord, *, expect_new: bool = False,
-               summaries: Iterable[tuple[bytes, bytes]] = ()) -> SessionRecord:
+               summaries: Iterable[tuple[bytes, bytes]] = (), _synced: tuple[int, str] | None = None,
+               _publish: bool = True) -> SessionRecord:
         """Make ``record`` the session's visible state, atomically.
 
         Every block the record names must be stored (for all layers); ``MissingBlockError``
         otherwise, with nothing changed. ``summaries`` (key, sealed summary) are rewritten in
         the same transaction (accumulated attention mass).
+
+        With a remote tier the same transaction writes the outbox entry, and the commit is then
+        published (``Replica.published``; ``LeaseLostError`` when another host took the lease).
+        ``_synced=(version, digest)``: the record was pulled from the remote at that version.
         """
         check_session_name(record.name)
         new_chains = record.chains()
@@ -197,9 +221,17 @@ class SessionStore:
                 txn.put(key, summ, db=sums)
             txn.put(name_key(record.name), record.seal(), db=sessions)
             self.cold.check_quota(txn)
+            if self.replica is not None:
+                if _synced is not None:
+                    self.replica.set_known(txn, record.name, *_synced)
+                else:
+                    self.replica.stage(txn, record.name, "commit")
             return record
 
-        return self.cold.write(fn)  # type: ignore[return-value]
+        out = self.cold.write(fn)
+        if self.replica is not None and _synced is None and _publish:
+            self.replica.published(record.name)
+        return out  # type: ignore[return-value]
 
     def _adjust_refs(self, txn: lmdb.Transaction, *, gained: set[bytes], lost: set[bytes],
                      layers: int) -> int:
@@ -274,9 +306,15 @@ class SessionStore:
                 txn.delete(name_key(name), db=leases)
                 freed += self._adjust_refs(txn, gained=set(), lost=set(rec.chains()),
                                            layers=rec.layout.num_layers)
+                if self.replica is not None:
+                    self.replica.stage(txn, name, "delete")
             return freed
 
-        return self.cold.write(fn)  # type: ignore[return-value]
+        out = self.cold.write(fn)
+        if self.replica is not None:
+            for name in names:
+                self.replica.published(name)
+        return out  # type: ignore[return-value]
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -303,10 +341,18 @@ class SessionStore:
 
         lease = self.cold.write(fn)
         self._mine[lease.token] = lease  # type: ignore[union-attr]
+        if self.replica is not None:
+            try:
+                self.replica.acquire(lease)
+            except BaseException:
+                self.release(lease)
+                raise
         return lease  # type: ignore[return-value]
 
     def release(self, lease: Lease) -> None:
         self._mine.pop(lease.token, None)
+        if self.replica is not None:
+            self.replica.release(lease)
         if self.cold.closed or self.cold.readonly:
             return
 

@@ -10,6 +10,10 @@ Sub-databases (``DB_NAMES``; all keys and values are bytes):
 * ``refs``      chain hash -> u32 LE count of the session records that name that position
 * ``leases``    session name (UTF-8) -> JSON writer lease
 
+With a remote tier (``tierstore.remote``) ``meta`` also holds, per session, ``OUTBOX_PREFIX`` +
+name -> JSON of a local change not yet published (written in the commit's own transaction: the
+durable outbox) and ``KNOWN_PREFIX`` + name -> JSON of the remote version this host last saw.
+
 A chain position's blocks and summaries share the chain hash as key prefix, so one cursor
 ``set_range(chain)`` reaches every layer of a position in layer order. Refs carry no checksum:
 ``decode_refs`` returns None for a value of the wrong length, and the caller decides whether
@@ -29,11 +33,14 @@ KEY_BYTES = CHAIN_BYTES + 2          # block / summary key: chain hash || layer 
 REFS_BYTES = 4                       # refs value: u32 LE
 META_STORE = b"store"                # meta key of the store's JSON facts
 SKETCH_PREFIX = b"sketch:"           # meta keys of key-sketch bases
+OUTBOX_PREFIX = b"outbox:"           # meta keys of changes the remote tier has not got yet
+KNOWN_PREFIX = b"remote:"            # meta keys of the remote version a session was last synced at
 
 _LAYER = struct.Struct(">H")
 _REFS = struct.Struct("<I")
 
-__all__ = ["CHAIN_BYTES", "DB_NAMES", "KEY_BYTES", "META_STORE", "REFS_BYTES", "SKETCH_PREFIX",
+__all__ = ["CHAIN_BYTES", "DB_NAMES", "KEY_BYTES", "KNOWN_PREFIX", "META_STORE", "OUTBOX_PREFIX", "REFS_BYTES",
+           "SKETCH_PREFIX",
            "block_key", "chain_of", "decode_refs", "encode_refs", "name_key", "sketch_key", "split_key"]
 
 

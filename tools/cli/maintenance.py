@@ -15,6 +15,7 @@ from ...maintenance.scan import scan_store, snapshot, store_stat
 from ...maintenance.verify import verify_store
 from . import render
 from .options import emit_json, fmt, opened, output_options
+from .remote import gc_remote_cmd, remote_option, verify_remote_cmd
 
 
 # -- verify --------------------------------------------------------------------------------
@@ -22,14 +23,18 @@ from .options import emit_json, fmt, opened, output_options
 
 @click.command("verify")
 @click.argument("sessions", nargs=-1, metavar="[SESSION]...")
+@remote_option
 @output_options
-def verify_cmd(sessions: tuple[str, ...]) -> None:
+def verify_cmd(sessions: tuple[str, ...], remote: str | None) -> None:
     """Decode every block of SESSIONs (default: all) and check checksums, summaries,
     record/block consistency, reference counts and format versions.
 
     Exit 0 when clean, 1 when damage is found, 2 when the path is not a store. Orphans are
-    reported as reclaimable (``tierstore gc``), not as damage.
+    reported as reclaimable (``tierstore gc``), not as damage. With --remote: fetch and check
+    every block the remote records name.
     """
+    if remote:
+        return verify_remote_cmd(remote, sessions)
     out = fmt()
     with opened() as store:
         report = verify_store(store, sessions, progress=_progress() if out == "human" else None)
@@ -81,9 +86,14 @@ def _progress():
 @click.option("--dry-run", is_flag=True, help="Only report what would be reclaimed.")
 @click.option("--force", is_flag=True, help="Reclaim even while live writers hold leases (their "
               "uncommitted blocks are orphans too).")
+@remote_option
 @output_options
-def gc_cmd(dry_run: bool, force: bool) -> None:
-    """Reclaim orphan blocks and summaries (written but never committed, or left behind)."""
+def gc_cmd(dry_run: bool, force: bool, remote: str | None) -> None:
+    """Reclaim orphan blocks and summaries (written but never committed, or left behind).
+    With --remote: the remote tier's janitor (unfinished publishes, stale references, the
+    index, unreferenced blocks)."""
+    if remote:
+        return gc_remote_cmd(remote, dry_run, force)
     with (opened() if dry_run else opened(write=True)) as store:
         report = store.gc(dry_run=dry_run, force=force)
     out = fmt()

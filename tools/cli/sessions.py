@@ -19,6 +19,7 @@ from ...maintenance.exchange import export_session, put_export, read_export
 from ...maintenance.scan import scan_store, session_detail, session_info, snapshot
 from . import render
 from .options import emit_json, fail, fmt, opened, output_options
+from .remote import ls_remote, remote_option, show_remote
 
 log = logging.getLogger("tierstore.cli")
 
@@ -31,10 +32,14 @@ log = logging.getLogger("tierstore.cli")
               show_default=True, help="Order (tokens, size, times: largest / newest first).")
 @click.option("--filter", "pattern", metavar="GLOB", help="Only sessions whose name matches GLOB.")
 @click.option("--limit", type=click.IntRange(min=0), help="At most N sessions.")
+@remote_option
 @output_options
-def ls_cmd(sort: str, pattern: str | None, limit: int | None) -> None:
+def ls_cmd(sort: str, pattern: str | None, limit: int | None, remote: str | None) -> None:
     """One row per session: model, tokens, layers, blocks, stored size (own / shared with
-    other sessions), compression ratio, created, last updated."""
+    other sessions), compression ratio, created, last updated. With --remote: the remote
+    tier's sessions, where each lives (local, remote, both), version, host, forks."""
+    if remote:
+        return ls_remote(remote, pattern, limit)
     with opened() as store, snapshot(store.cold) as txn:
         snap = scan_store(store.cold, txn)
         infos = [session_info(snap, r) for r in snap.records
@@ -67,9 +72,13 @@ def ls_cmd(sort: str, pattern: str | None, limit: int | None) -> None:
 @click.option("--text", is_flag=True, help="Decode the token ids with the session's tokenizer (offline).")
 @click.option("--png", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also write the block maps as an image (needs matplotlib).")
+@remote_option
 @output_options
-def show_cmd(session: str, text: bool, png: str | None) -> None:
-    """Record, layout, fingerprint, tokens, per-layer sizes, sharing and block maps of SESSION."""
+def show_cmd(session: str, text: bool, png: str | None, remote: str | None) -> None:
+    """Record, layout, fingerprint, tokens, per-layer sizes, sharing and block maps of SESSION.
+    With --remote: its remote record (version, host, lease, fence, referenced positions)."""
+    if remote:
+        return show_remote(remote, session)
     if png and not render.matplotlib_available():
         fail("--png needs matplotlib, which is not installed (pip install 'tierstore[plot]')", 2)
     check_session_name(session)
