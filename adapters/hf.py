@@ -29,9 +29,10 @@ from . import attention as attn
 from . import persist
 from .held import Held, cache_dropped, hold_attention, weak_hook
 from .row import Row
-from .fingerprint import kv_layout, model_fingerprint
+from .fingerprint import kv_layout, model_fingerprint, shard_meta
 from tierstore.attention import WindowMass, attend_exact
 from tierstore.policies import get_policy
+from tierstore.shards import gather, shard_name, shard_names, slice_shard
 from tierstore.positions import Extension, Positions
 from tierstore.sparse import SparseConfig, attend_selected, select
 
@@ -118,6 +119,10 @@ class TieredCache(Cache):
         self.names = list(session) if isinstance(session, (list, tuple)) else [] if session is None else [session]
         for n in self.names:
             check_session_name(n)
+        # a tensor-parallel rank keeps its share of the heads as its own session (tierstore.shards)
+        self.shard = shard_meta(model)
+        if self.shard is not None and _resume is None:
+            self.names = [shard_name(n, self.shard["rank"], self.shard["size"]) for n in self.names]
         self.fingerprint, self.fingerprint_fields = model_fingerprint(model)
         self.codec = CodecConfig.parse(codec) if codec is not None else store.config.codec
         self.policy = policy
@@ -147,6 +152,9 @@ class TieredCache(Cache):
         self.created = time.time()
         self.meta: dict = dict(_resume.meta) if _resume is not None else {}  # kept in the record
         self.meta["positions"] = self.positions.to_json()
+        self.meta.pop("tp", None)
+        if self.shard is not None:
+            self.meta["tp"] = self.shard
         if _resume is None and self.names and not overwrite:
             for n in self.names:
                 if store.exists(n):
@@ -170,7 +178,8 @@ class TieredCache(Cache):
 
     def chain_marks(self) -> tuple:
         """What KV past a position depends on besides the tokens (see ``chain.chain_marks``)."""
-        return chain_marks({"approx_from": self.approx_from, "positions": self.positions.to_json()})
+        return chain_marks({"approx_from": self.approx_from, "positions": self.positions.to_json(),
+                            "tp": self.shard})
 
     def _sparse_config(self, policy, sparse, budget_tokens, sink_blocks, window_blocks, sparse_prefill,
                        dense_layers, per_head) -> SparseConfig | None:
@@ -463,6 +472,7 @@ class TieredCache(Cache):
         this process writes it); such a cache never commits (``ReadOnlyCacheError``).
         positions (keyword): None takes the session's stored mode; another one is refused
         (``PositionsError``) unless ``override_positions=True``."""
+        session = _stored_as(store, model, session)
         rec = persist.check_record(store, model, session)
         return cls(store, model, session, policy=policy, budget_tokens=budget_tokens, hot=hot, warm=warm,
                    codec=rec.codec, model_name=rec.model_name, tokenizer_name=rec.tokenizer_name, readonly=readonly,
@@ -514,3 +524,18 @@ class TieredCache(Cache):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _stored_as(store, model, session: str) -> str:
+    """The stored session a ``resume`` of ``session`` reads: a tensor-parallel rank its shard
+    (sliced from the whole session when only that is stored); a whole model the session itself
+    (gathered from its shards when only those are stored)."""
+    shard = shard_meta(model)
+    if shard is not None:
+        name = shard_name(session, shard["rank"], shard["size"])
+        if not store.exists(name) and store.exists(session):
+            slice_shard(store, session, shard["rank"], shard["size"])
+        return name
+    if not store.exists(session) and shard_names(store, session):
+        gather(store, session)
+    return session

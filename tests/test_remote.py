@@ -474,3 +474,70 @@ def test_cli_ls_show_verify_gc_against_the_remote(tmp_path, node):
 def _root(tmp_path):
     with tierstore.open(tmp_path / "host-A", readonly=True, remote=False) as st:
         return st.session("doc").root
+
+
+# -- tensor parallel ---------------------------------------------------------------------------
+
+TP_SCRIPT = os.path.join(os.path.dirname(__file__), "support", "tp_host.py")
+
+
+def run_tp(args: dict, ranks: int = 2, timeout: float = 300) -> dict:
+    """``ranks`` processes of ``tp_host.py`` (gloo on 127.0.0.1); rank 0's JSON line."""
+    from support.redis_servers import free_port
+    port = free_port()
+    env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, TP_SCRIPT, json.dumps(args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(ranks)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tp_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tp-model")
+    tiny().save_pretrained(d)
+    return str(d)
+
+
+def test_tensor_parallel_shards_resume_at_tp2_on_another_host_and_at_tp1(tmp_path, node, tp_model_dir):
+    prompt = torch.randint(1, 128, (29,), generator=torch.Generator().manual_seed(8)).tolist()
+    ref = run_tp({"op": "dynamic", "model": tp_model_dir, "ids": prompt, "new_tokens": 16})["ids"]
+    a = run_tp({"op": "commit", "model": tp_model_dir, "store": str(tmp_path / "A"), "remote": node.url,
+                "host": "A", "session": "tp", "ids": prompt, "new_tokens": 8})
+    assert a["ids"] == ref[:len(prompt) + 8]
+    # one shard per rank, each saying which heads it holds; blocks never shared between ranks
+    with host(tmp_path, "C", node.url) as c:
+        r0, r1 = c.session("tp.tp0of2"), c.session("tp.tp1of2")
+        assert (r0.meta["tp"]["heads"], r1.meta["tp"]["heads"]) == ([0, 1], [1, 2])
+        assert r0.layout.kv_heads == 1 and not set(r0.chains()) & set(r1.chains())
+    # TP=2 on host B (its own empty LMDB): continues exactly as the uninterrupted TP=2 run
+    b = run_tp({"op": "resume", "model": tp_model_dir, "store": str(tmp_path / "B"), "remote": node.url,
+                "host": "B", "session": "tp", "ids": a["ids"], "new_tokens": 8})
+    assert b["ids"] == ref
+    # TP=1 here: B's shards (it committed on close) gathered by heads, bit for bit
+    model = tiny()
+    with host(tmp_path, "D", node.url) as d:
+        with TieredCache.resume(d, model, "tp", commit_on_close=False) as cache:
+            out = gen(model, b["ids"], cache, 4)
+        whole, kv = d.load_session("tp")
+        _, s0 = d.load_session("tp.tp0of2")
+        _, s1 = d.load_session("tp.tp1of2")
+    assert whole.length == len(b["ids"]) - 1 and whole.layout.kv_heads == 2
+    assert whole.meta["gathered_from"] == ["tp.tp0of2", "tp.tp1of2"] and "tp" not in whole.meta
+    assert_kv_equal(kv, [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(s0, s1)])
+    # the TP=1 continuation equals DynamicCache filled with those same (TP=2-computed) KV
+    dyn = DynamicCache()
+    for layer, (k, v) in enumerate(kv):
+        dyn.update(k.unsqueeze(0), v.unsqueeze(0), layer)
+    assert out == gen(model, b["ids"], dyn, 4)

@@ -35,8 +35,12 @@ def chain_marks(meta: dict) -> tuple[tuple[int, bytes], ...]:
     """``(position, tag)`` pairs of a session's record meta (or a cache's): the KV of tokens from
     ``position`` on depends on ``tag`` besides the tokens. ``approx_from``: the first token
     computed under sparse attention (policy and budget); ``positions`` in mode ``extend``: tokens
-    past the trained length were attended at mapped distances (the mode and its parameters)."""
+    past the trained length were attended at mapped distances (the mode and its parameters);
+    ``tp``: the KV is one tensor-parallel rank's share of the heads (from position 0: shards of
+    one session never share, or collide on, a block)."""
     marks = []
+    if meta.get("tp"):
+        marks.append((0, b"tp:" + json.dumps(meta["tp"], sort_keys=True).encode()))
     if meta.get("approx_from") is not None:
         marks.append((int(meta["approx_from"]), b"approx"))
     pos = meta.get("positions")
