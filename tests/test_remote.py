@@ -171,6 +171,12 @@ def test_delete_drops_references_and_orphans_expire(tmp_path, node):
         ttl = r.ttl_ms([r.keys.block(c, la) for c in chains for la in range(2)])
         assert all(0 < t <= 60_000 for t in ttl)
         assert not b.exists("x")
+        a.put_session("y", layout=LAYOUT, kv=kv, token_ids=range(24), fingerprint="fp")
+        assert r.names() == ["y"] and not b.sessions.exists_local("y")
+        b.delete("y")                                     # a session only the remote held
+        assert r.names() == []
+        assert a.sessions.exists_local("y") and not a.exists("y")   # A's copy follows the deletion
+        assert not a.sessions.exists_local("y")
 
 
 # -- leases and fencing ----------------------------------------------------------------------
@@ -541,3 +547,43 @@ def test_tensor_parallel_shards_resume_at_tp2_on_another_host_and_at_tp1(tmp_pat
     for layer, (k, v) in enumerate(kv):
         dyn.update(k.unsqueeze(0), v.unsqueeze(0), layer)
     assert out == gen(model, b["ids"], dyn, 4)
+
+
+# -- naming the remote -------------------------------------------------------------------------
+
+
+def test_remote_urls_parse_and_bad_ones_say_why():
+    from tierstore.errors import TierstoreError
+    from tierstore.remote import parse_remote
+
+    s = parse_remote("redis://:pw@127.0.0.1:7001/3?prefix=fleet")
+    assert s.nodes == (("127.0.0.1", 7001),) and s.db == 3 and s.prefix == "fleet" and s.password == "pw"
+    assert "pw" not in s.url and s.cluster is None
+    c = parse_remote("redis://127.0.0.1:7001,127.0.0.1:7002")
+    assert c.cluster and c.nodes == (("127.0.0.1", 7001), ("127.0.0.1", 7002))
+    assert parse_remote(["rediss://127.0.0.1:7001", "127.0.0.1:7002"]).tls
+    assert parse_remote("redis://127.0.0.1:7001/0?cluster=1").cluster
+    for bad, why in (("http://127.0.0.1", "scheme"), ("redis://127.0.0.1:7001/x", "database must be a number"),
+                     ("redis://127.0.0.1/0?prefix=a:b", "prefix"), ("", "no URL")):
+        with pytest.raises(TierstoreError, match=why):
+            parse_remote(bad)
+
+
+def test_the_remote_and_host_come_from_the_environment(tmp_path, node, monkeypatch):
+    monkeypatch.setenv("TIERSTORE_REMOTE", node.url)
+    monkeypatch.setenv("TIERSTORE_HOST_ID", "rack7")
+    with tierstore.open(tmp_path / "kv", block_tokens=BT) as st:
+        assert st.sessions.replica.host == "rack7" and st.sessions.replica.remote.url == node.url
+        st.put_session("e", layout=LAYOUT, kv=random_kv(LAYOUT, 8, 1), token_ids=range(8), fingerprint="fp")
+        assert st.sessions.replica.remote.info("e")["host"] == "rack7"
+    with tierstore.open(tmp_path / "kv2", remote=False) as st:
+        assert st.sessions.replica is None
+
+
+def test_a_remote_that_is_down_at_open_is_not_an_error(tmp_path):
+    from support.redis_servers import free_port
+    url = f"redis://127.0.0.1:{free_port()}/0"            # nothing listens there
+    with tierstore.open(tmp_path / "kv", remote=url, block_tokens=BT) as st:
+        st.put_session("x", layout=LAYOUT, kv=random_kv(LAYOUT, 8, 2), token_ids=range(8), fingerprint="fp")
+        assert list(st.sessions.replica.outbox()) == ["x"] and st.exists("x")
+        assert "cannot connect" in st.sessions.replica.last_error

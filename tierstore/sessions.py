@@ -127,8 +127,12 @@ class SessionStore:
         return SessionRecord.unseal(name, bytes(data))
 
     def exists(self, name: str) -> bool:
-        """Committed here or (with a remote tier) on the remote."""
-        return self.exists_local(name) or (self.replica is not None and self.replica.exists(name))
+        """Committed here or (with a remote tier, whose newer state is synced first) on the remote."""
+        if self.replica is not None:
+            check_session_name(name)
+            self.replica.refresh(name)
+            return self.exists_local(name) or self.replica.exists(name)
+        return self.exists_local(name)
 
     def exists_local(self, name: str) -> bool:
         check_session_name(name)
@@ -172,21 +176,25 @@ class SessionStore:
         items = list(items)
 
         def fn(txn: lmdb.Transaction) -> int:
-            blocks, sums = self.cold.db("blocks"), self.cold.db("summaries")
-            n = 0
-            for key, rec, summ in items:
-                if txn.put(key, rec, db=blocks, overwrite=False):
-                    n += len(key) + len(rec)
-                if summ is not None:
-                    txn.put(key, summ, db=sums)
+            n = self._put_blocks(txn, items)
             self.cold.check_quota(txn)
             return n
 
         return self.cold.write(fn)  # type: ignore[return-value]
 
+    def _put_blocks(self, txn: lmdb.Transaction, items) -> int:
+        blocks, sums = self.cold.db("blocks"), self.cold.db("summaries")
+        n = 0
+        for key, rec, summ in items:
+            if txn.put(key, rec, db=blocks, overwrite=False):
+                n += len(key) + len(rec)
+            if summ is not None:
+                txn.put(key, summ, db=sums)
+        return n
+
     def commit(self, record: SessionRecord, *, expect_new: bool = False,
                summaries: Iterable[tuple[bytes, bytes]] = (), _synced: tuple[int, str] | None = None,
-               _publish: bool = True) -> SessionRecord:
+               _publish: bool = True, blocks: Iterable[tuple[bytes, bytes, bytes | None]] = ()) -> SessionRecord:
         """Make ``record`` the session's visible state, atomically.
 
         Every block the record names must be stored (for all layers); ``MissingBlockError``
@@ -196,14 +204,18 @@ class SessionStore:
         With a remote tier the same transaction writes the outbox entry, and the commit is then
         published (``Replica.published``; ``LeaseLostError`` when another host took the lease).
         ``_synced=(version, digest)``: the record was pulled from the remote at that version.
+        ``blocks``: ``put_blocks`` items written in the same transaction (one fsync, not two).
         """
         check_session_name(record.name)
         new_chains = record.chains()
         layers = record.layout.num_layers
         summaries = list(summaries)
+        blocks = list(blocks)
 
         def fn(txn: lmdb.Transaction) -> SessionRecord:
             sessions = self.cold.db("sessions")
+            if blocks:
+                self._put_blocks(txn, blocks)
             old_raw = txn.get(name_key(record.name), db=sessions)
             if old_raw is not None and expect_new:
                 raise SessionExistsError("session already exists", session=record.name)
@@ -289,9 +301,16 @@ class SessionStore:
                                meta={**rec.meta, "forked_from": src})
         return self.commit(new, expect_new=not overwrite)
 
-    def delete(self, names: Iterable[str]) -> int:
-        """Delete sessions and every block only they referenced, in one transaction."""
+    def delete(self, names: Iterable[str], *, _synced: int | None = None) -> int:
+        """Delete sessions and every block only they referenced, in one transaction. With a
+        remote tier the deletion is published too (``_synced``: the remote deleted them at that
+        version; only this host's copy goes)."""
         names = [check_session_name(n) for n in names]
+        replica = self.replica if _synced is None else None
+        if replica is not None:  # a session only the remote holds: pulled, then deleted as any other
+            for n in names:
+                if not self.exists_local(n):
+                    self.replica.refresh(n)
 
         def fn(txn: lmdb.Transaction) -> int:
             sessions, leases = self.cold.db("sessions"), self.cold.db("leases")
@@ -306,12 +325,14 @@ class SessionStore:
                 txn.delete(name_key(name), db=leases)
                 freed += self._adjust_refs(txn, gained=set(), lost=set(rec.chains()),
                                            layers=rec.layout.num_layers)
-                if self.replica is not None:
-                    self.replica.stage(txn, name, "delete")
+                if replica is not None:
+                    replica.stage(txn, name, "delete")
+                elif self.replica is not None:
+                    self.replica.set_known(txn, name, _synced, None)
             return freed
 
         out = self.cold.write(fn)
-        if self.replica is not None:
+        if replica is not None:
             for name in names:
                 self.replica.published(name)
         return out  # type: ignore[return-value]

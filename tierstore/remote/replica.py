@@ -152,11 +152,14 @@ class Replica:
         remote is unreachable: the writer works locally and its commits are checked on publish)."""
         holder = f"{lease.token} {self.host} {lease.pid}"
         try:
-            if not self._up():
-                raise RemoteUnavailableError("down a moment ago", url=self.remote.url)
-            fence, cur, left = self.remote.acquire(lease.session, holder)
+            if not self._up():  # the breaker is open: work locally, publish later
+                fence, cur, left = 0, None, 0
+            else:
+                fence, cur, left = self.remote.acquire(lease.session, holder)
         except RemoteUnavailableError as e:
             self._down(e)
+            fence, cur, left = 0, None, 0
+        if not fence and cur is None:
             # the request may still reach Redis (a paused node runs it when it wakes): this writer
             # may hold the lease without its fence; commits name the holder, release removes it
             with self._lock:
@@ -179,13 +182,13 @@ class Replica:
 
     def _release(self, name: str, holder: str) -> None:
         try:
-            if not self._up():
-                raise RemoteUnavailableError("down a moment ago", url=self.remote.url)
-            self.remote.release(name, holder)
+            if self._up():
+                self.remote.release(name, holder)
+                return
         except RemoteUnavailableError as e:
             self._down(e)
-            with self._lock:
-                self._unreleased.append((name, holder))  # tried again by the heartbeat
+        with self._lock:
+            self._unreleased.append((name, holder))  # tried again by the heartbeat
 
     def renew(self) -> None:
         with self._lock:
@@ -216,10 +219,15 @@ class Replica:
             self._down(e)
             return
         self._ok()
-        if not ver or dig is None:
+        if not ver:
             return
         known = self.known(name) or {}
         if known.get("ver") == ver:
+            return
+        if dig is None:  # deleted on the remote after the version this host has: so is its copy here
+            if self.sessions.exists_local(name) and int(known.get("ver", 0)) < ver:
+                log.info("session %r: deleted on the remote tier (version %d); deleting this host's copy", name, ver)
+                self.sessions.delete([name], _synced=ver)
             return
         local = self.cold.get("sessions", name_key(name))
         if local is not None and digest(bytes(local)) == dig:
@@ -272,9 +280,7 @@ class Replica:
                                     "dropped (it is recomputed from the block)", name, layer, i)
                         summ = None
                 items.append((key, data, summ))
-        if items:
-            self.sessions.put_blocks(items)
-        out = self.sessions.commit(rec, _synced=(ver, digest(raw)))
+        out = self.sessions.commit(rec, _synced=(ver, digest(raw)), blocks=items)
         log.info("session %r: pulled version %d from %s (%d of %d positions fetched)", name, ver,
                  self.remote.url, len(need), len(chains))
         return out

@@ -319,9 +319,9 @@ class RemoteTier:
     def fetch(self, keys: Sequence[str]) -> list[bytes | None]:
         def fn(c):
             out = []
-            for i in range(0, len(keys), self.batch):
+            for i in range(0, len(keys), 8 * self.batch):
                 pipe = c.pipeline(transaction=False)
-                for k in keys[i:i + self.batch]:
+                for k in keys[i:i + 8 * self.batch]:
                     pipe.get(k)
                 out.extend(pipe.execute())
             return out
