@@ -17,8 +17,8 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierstore.codec import (CODEC_IDS, HEADER_SIZE, MAX_RAW_LEN, CodecConfig, RawBlockReader, decode_block,
-                             encode_block, open_envelope, read_header, seal_envelope, verify_record)
+from tierstore.codec import (CODEC_IDS, HEADER_SIZE, MAX_RAW_LEN, CodecConfig, RawBlockReader, SlotReader,
+                             ZstdBlockReader, decode_block, encode_block, open_envelope, read_header, seal_envelope, verify_record)
 from tierstore.errors import CorruptBlockError, CorruptRecordError, FormatVersionError
 from tierstore.layout import DTYPE_NAMES
 
@@ -448,24 +448,127 @@ def test_raw_block_reader_matches_decode_block(dtype):
     assert torch.equal(bits(got[0]), bits(dk)) and torch.equal(bits(got[1]), bits(dv))  # bit-exact, NaN included
 
 
-def test_raw_block_reader_declines_what_it_cannot_vouch_for():
-    """Anything but an intact raw full block of the reader's shape and dtype is declined, so the
-    caller's ``decode_block`` names the problem; nothing declined is ever trusted."""
+def _reader_case(reader_cls, codec: str):
+    """A reader of shape (2, 8, 4) fp32, an intact record of ``codec`` it accepts, and its inputs."""
     shape = (2, 8, 4)
     k, v = torch.randn(shape), torch.randn(shape)
     key = b"a" * 18
-    reader = RawBlockReader(shape, torch.float32)
+    reader = reader_cls(shape, torch.float32)
     dst = np.zeros((2, *shape), dtype=np.int32)
-    rec = encode_block(key, k, v, "raw")
+    rec = encode_block(key, k, v, codec)
     assert reader.read(key, rec, dst)
-    for i in (0, 5, HEADER_SIZE - 1, HEADER_SIZE, len(rec) - 1):
+    return shape, k, v, key, reader, dst, rec
+
+
+def _assert_flips_declined(reader, key: bytes, rec: bytes, dst, offsets) -> None:
+    """A bit flipped at any of ``offsets``: declined, and ``decode_block`` names the damage."""
+    for i in offsets:
         bad = bytearray(rec)
         bad[i] ^= 0x10
         assert not reader.read(key, bytes(bad), dst), i
-        with pytest.raises(CorruptBlockError):
-            decode_block(key, bytes(bad))
+        with pytest.raises(CorruptBlockError, match="layer 1, block 2"):
+            decode_block(key, bytes(bad), session="s", layer=1, block=2)
+
+
+def test_raw_block_reader_declines_what_it_cannot_vouch_for():
+    """Anything but an intact raw full block of the reader's shape and dtype is declined, so the
+    caller's ``decode_block`` names the problem; nothing declined is ever trusted."""
+    shape, k, v, key, reader, dst, rec = _reader_case(RawBlockReader, "raw")
+    _assert_flips_declined(reader, key, rec, dst, (0, 5, HEADER_SIZE - 1, HEADER_SIZE, len(rec) - 1))
     assert not reader.read(b"b" * 18, rec, dst)                               # stored under another key
     assert not reader.read(key, rec[:-1], dst)                                 # truncated
     assert not reader.read(key, encode_block(key, k, v, "zstd"), dst)         # another codec
     assert not reader.read(key, encode_block(key, k[:, :5], v[:, :5], "raw"), dst)   # partial block
     assert not reader.read(key, encode_block(key, k.half(), v.half(), "raw"), dst)   # another dtype
+
+
+# ------------------------------------------------------------------ ZstdBlockReader, SlotReader
+
+def _special_kv(shape, dtype, gen):
+    """Arbitrary bit patterns, plus a NaN, a -0.0 and an inf at fixed places."""
+    k, v = random_bits(shape, dtype, gen), random_bits(shape, dtype, gen)
+    k[0, 0, 0], v[1, 2, 3], k[2, 1, 0] = float("nan"), -0.0, float("-inf")
+    return k, v
+
+
+@pytest.mark.parametrize("codec", ["zstd", "zstd:5", "zstd:-3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zstd_block_reader_matches_decode_block_bit_for_bit(dtype, codec):
+    shape = (3, 16, 8)
+    k, v = _special_kv(shape, dtype, torch.Generator().manual_seed(31))
+    key = b"z" * 18
+    rec = encode_block(key, k, v, codec)
+    same = {4: np.int32, 2: np.int16}[k.element_size()]
+    for reader in (ZstdBlockReader(shape, dtype), SlotReader(shape, dtype)):
+        dst = np.zeros((2, *shape), dtype=same)
+        assert reader.read(key, rec, dst)
+        got = torch.from_numpy(dst).view(dtype)
+        dk, dv = decode_block(key, rec)
+        assert torch.equal(bits(got[0]), bits(dk)) and torch.equal(bits(got[1]), bits(dv))
+        assert torch.equal(bits(got[0]), bits(k)) and torch.equal(bits(got[1]), bits(v))
+
+
+def test_zstd_block_reader_writes_into_strided_slots():
+    """The destination is a slot of a pool ``[2, kv_heads, slots, tokens, dim]``: K and V of one
+    slot are not contiguous; nothing outside the slot is touched."""
+    shape = (2, 8, 4)
+    k, v = _special_kv((3, 8, 4), torch.float32, torch.Generator().manual_seed(32))
+    k, v = k[:2], v[:2]
+    key = b"s" * 18
+    pool = torch.zeros(2, 2, 5, 8, 4)
+    slots = pool.view(torch.int32).numpy().transpose(2, 0, 1, 3, 4)
+    assert ZstdBlockReader(shape, torch.float32).read(key, encode_block(key, k, v, "zstd"), slots[3])
+    assert torch.equal(bits(pool[0, :, 3]), bits(k)) and torch.equal(bits(pool[1, :, 3]), bits(v))
+    assert not pool[:, :, [0, 1, 2, 4]].view(torch.int32).any()
+
+
+def test_zstd_block_reader_declines_what_it_cannot_vouch_for():
+    """Damage anywhere (header, frame table, frames), another key, a length off by one, a
+    hostile but checksummed header or frame: declined, and ``decode_block`` raises the located
+    error for each damaged record. Other codecs, shapes, dtypes and partial blocks: declined."""
+    import zstandard
+    shape, k, v, key, reader, dst, rec = _reader_case(ZstdBlockReader, "zstd")
+    _assert_flips_declined(reader, key, rec, dst, (0, 6, 7, 10, 12, 33, HEADER_SIZE - 1, HEADER_SIZE,
+                                                   HEADER_SIZE + 17, HEADER_SIZE + 40, len(rec) - 1))
+    hostile = []
+    lvl = bytearray(rec)
+    lvl[7] = 50                                                                 # no zstd level, checksum valid
+    hostile.append(reseal(key, lvl))
+    table = bytearray(rec)
+    struct.pack_into("<I", table, HEADER_SIZE, struct.unpack_from("<I", table, HEADER_SIZE)[0] + 1)
+    hostile.append(reseal(key, table))                                          # frame table does not fill the payload
+    frames = bytearray(rec)                                                     # a frame declaring another size
+    lens = struct.unpack_from("<4I", frames, HEADER_SIZE)
+    other = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(2 * 64 + 1))   # 129 bytes, not 128
+    first = HEADER_SIZE + 16
+    body = bytes(frames[:first]) + other + bytes(frames[first + lens[0]:])
+    frames = bytearray(body)
+    struct.pack_into("<QI", frames, 32, len(frames) - HEADER_SIZE, len(other))
+    hostile.append(reseal(key, frames))
+    for h in hostile:
+        assert not reader.read(key, h, dst)
+        with pytest.raises(CorruptBlockError, match="layer 1, block 2"):
+            decode_block(key, h, session="s", layer=1, block=2)
+    assert not reader.read(b"b" * 18, rec, dst)                                 # stored under another key
+    assert not reader.read(key, rec[:-1], dst)                                  # truncated
+    assert not reader.read(key, rec + b"\0", dst)                               # trailing byte
+    assert not reader.read(key, encode_block(key, k, v, "raw"), dst)            # another codec
+    assert not reader.read(key, encode_block(key, k, v, "int8+zstd"), dst)
+    assert not reader.read(key, encode_block(key, k[:, :5], v[:, :5], "zstd"), dst)   # partial block
+    assert not reader.read(key, encode_block(key, k.half(), v.half(), "zstd"), dst)   # another dtype
+    assert not reader.read(key, rec[:HEADER_SIZE + 3], dst)                     # shorter than its frame table
+    assert not reader.read(key, b"", dst)
+
+
+def test_slot_reader_takes_raw_and_zstd_full_blocks_and_declines_the_rest():
+    shape = (2, 8, 4)
+    k, v = torch.randn(shape), torch.randn(shape)
+    key = b"c" * 18
+    reader = SlotReader(shape, torch.float32)
+    for codec in ("raw", "zstd", "zstd:9"):
+        dst = np.zeros((2, *shape), dtype=np.int32)
+        assert reader.read(key, encode_block(key, k, v, codec), dst), codec
+        assert torch.equal(bits(torch.from_numpy(dst).view(torch.float32)), bits(torch.stack([k, v])))
+    for codec in ("int8", "int4", "int4+zstd"):
+        assert not reader.read(key, encode_block(key, k, v, codec), np.zeros((2, *shape), dtype=np.int32)), codec
+    assert not reader.read(key, b"TSK", np.zeros((2, *shape), dtype=np.int32))

@@ -158,3 +158,109 @@ def test_exact_attention_right_after_a_resume_reads_filled_blocks_in_place(tmp_p
         assert fut.done()
         assert m.counters.promotions.get("warm", 0) == 0 and all(blk.hot is None for blk in late)
         check_bookkeeping(st_)
+
+
+# -- parallel restore of compressed sessions ------------------------------------------------------
+
+def _zstd_resumable(tmp_path, monkeypatch, dtype, nblocks, threads=3):
+    """A zstd session of 2 layers x ``nblocks`` blocks (arbitrary bits: NaN, inf, -0.0) in cold
+    only, and a reader sequence adopting it, in a store whose loader decodes on ``threads``
+    threads (the caller's and ``threads - 1`` decoders), whatever this machine's core count."""
+    import tierstore.loader
+    from support.kv import random_layer_kv
+    monkeypatch.setattr(tierstore.loader, "_cores", lambda: threads)
+    lay = KVLayout(num_layers=2, kv_heads=2, head_dim=8, block_tokens=4, dtype=dtype)
+    gen = torch.Generator().manual_seed(40)
+    kv = [random_layer_kv(lay, nblocks * lay.block_tokens, gen, kind="bits") for _ in range(2)]
+    st_ = tierstore.open(tmp_path / "z", hot=(2 * nblocks + 16) * lay.block_bytes,
+                         warm=16 * lay.block_bytes, codec="zstd")
+    m = st_.manager
+    a = m.open_sequence("writer", lay, "cpu")
+    for layer in range(2):
+        m.append(a, layer, *kv[layer])
+    m.set_keys(a, {i: [key_of("z", i, layer) for layer in range(2)] for i in range(nblocks)})
+    m.flush(a)
+    m.close_sequence(a)
+    b = m.open_sequence("reader", lay, "cpu")
+    for layer in range(2):
+        for i in range(nblocks):
+            m.adopt(b, layer, i, lay.block_tokens, key_of("z", i, layer), None)
+    return st_, b, kv
+
+
+def _decoders() -> set:
+    return {t for t in threading.enumerate() if t.name.startswith("tierstore-decode")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_parallel_zstd_restore_is_bit_exact_vs_serial_decode(tmp_path, monkeypatch, dtype):
+    from tierstore.codec import decode_block
+    from tierstore.loader import RESTORE_CHUNK
+    nblocks = 3 * RESTORE_CHUNK + 5                   # 2 layers: 7 chunks for 3 threads
+    before = _decoders()
+    st_, b, kv = _zstd_resumable(tmp_path, monkeypatch, dtype, nblocks)
+    m = st_.manager
+    try:
+        assert m.restore(b) == 2 * nblocks
+        started = _decoders() - before
+        assert 1 <= len(started) <= 2                 # the helpers ran, never more than threads - 1
+        for layer in range(2):
+            K, V = kv[layer]
+            for i, blk in enumerate(b.layers[layer]):
+                assert blk.hot is not None and blk.pins == 0
+                k, v = m.view(blk)
+                sk, sv = decode_block(blk.key, st_.cold.get("blocks", blk.key))   # the serial decode
+                t = slice(i * 4, (i + 1) * 4)
+                assert same_bits(k, sk) and same_bits(v, sv), (layer, i)
+                assert same_bits(k, K[:, t]) and same_bits(v, V[:, t]), (layer, i)
+        m.close_sequence(b)
+        b2 = m.open_sequence("again", b.layout, "cpu")
+        for layer in range(2):
+            for i in range(nblocks):
+                m.adopt(b2, layer, i, 4, key_of("z", i, layer), None)
+        assert m.restore(b2) == 2 * nblocks
+        assert len(_decoders() - before) <= 2         # a second restore reuses the same threads
+        check_bookkeeping(st_)
+    finally:
+        st_.close()
+    assert not (_decoders() - before)                 # close() ended them
+
+
+def test_a_damaged_zstd_block_in_a_parallel_restore_names_it_and_gives_the_slots_back(tmp_path, monkeypatch):
+    """Two damaged blocks in different chunks: the restore raises the typed error of the first
+    in restore order (layer by layer, block by block), as a serial read would, after every
+    thread stopped; no slot stays taken and the intact blocks read back afterwards."""
+    from tierstore.codec import HEADER_SIZE
+    from tierstore.loader import RESTORE_CHUNK
+    nblocks = 2 * RESTORE_CHUNK + 8
+    st_, b, kv = _zstd_resumable(tmp_path, monkeypatch, torch.float32, nblocks)
+    m = st_.manager
+    try:
+        first, second = nblocks - 5, nblocks - 1      # layer 1: in the last chunks
+        corrupt(st_, key_of("z", first, 1), at=HEADER_SIZE + 30)      # a byte of a frame
+        corrupt(st_, key_of("z", second, 1), at=7)                    # the level byte
+        with pytest.raises(CorruptBlockError) as ei:
+            m.restore(b)
+        e = ei.value
+        assert (e.session, e.layer, e.block) == ("reader", 1, first)
+        assert f"session 'reader', layer 1, block {first}" in str(e) and "checksum" in str(e)
+        assert all(blk.hot is None and blk.pins == 0 and blk.loading is None for layer in b.layers for blk in layer)
+        check_bookkeeping(st_)
+        with m.acquire(b, 0, [3], in_place=True) as (x,):
+            assert same_bits(m.view(x)[0], kv[0][0][:, 12:16])
+        with pytest.raises(CorruptBlockError, match=f"layer 1, block {second}"):
+            with m.acquire(b, 1, [second], in_place=True):
+                pass
+    finally:
+        st_.close()
+
+
+def test_a_restore_on_one_core_decodes_on_the_callers_thread_only(tmp_path, monkeypatch):
+    before = _decoders()
+    st_, b, kv = _zstd_resumable(tmp_path, monkeypatch, torch.bfloat16, 40, threads=1)
+    try:
+        assert st_.manager.restore(b) == 80
+        assert not (_decoders() - before)
+        assert same_bits(st_.manager.view(b.layers[1][39])[1], kv[1][1][:, 156:160])
+    finally:
+        st_.close()

@@ -13,24 +13,36 @@ compute stream waits on (``Placement.acquire``).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
 from .blocks import Block, Seq
-from .codec import RawBlockReader, decode_block
+from .codec import SlotReader, decode_block
 from .errors import BudgetError, CorruptBlockError, MissingBlockError, TierstoreError
 from .placement import Placement
 from .shared import Shared
 
 log = logging.getLogger(__name__)
 
+RESTORE_CHUNK = 32       # blocks a decode thread takes at a time: ~3 ms of zstd work, few hand-offs
+MAX_DECODE_THREADS = 8   # the caller's thread included
+
+
+def _cores() -> int:
+    """Cores this process may run on (its affinity, where the OS tells), 1..MAX_DECODE_THREADS."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_DECODE_THREADS, n))
+
 
 class Loader:
-    """Transfers up the tiers; one per manager (threads: 2 loaders, 1 warm filler)."""
+    """Transfers up the tiers; one per manager (threads: 2 loaders, 1 warm filler, and for the
+    restore of compressed sessions one decoder per core beyond the first, started on first use)."""
 
     def __init__(self, shared: Shared, placement: Placement) -> None:
         self.shared, self.placement = shared, placement
@@ -40,6 +52,10 @@ class Loader:
         # background warm fills of resumed sessions: their own thread, so recalls never queue behind them
         self.fillers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-fill")
         self.fills: list[Future] = []
+        # restores of compressed sessions decode on the caller's thread and these (one per core)
+        self.decode_threads = _cores()
+        self.decoders = ThreadPoolExecutor(max_workers=max(1, self.decode_threads - 1),
+                                           thread_name_prefix="tierstore-decode")
 
     # -- one block ------------------------------------------------------------------------------------
 
@@ -240,26 +256,43 @@ class Loader:
     def _restore_into(self, seq: Seq, plan: list[tuple[Block, int]]) -> None:
         if not plan:
             return
-        if not seq.hot.is_cuda and seq.codec.name == "raw":
-            # memory-bound and GIL-bound (the checksum holds the GIL): a second thread measured
-            # slower, so a CPU pool is filled by the caller's thread (zstd releases the GIL)
-            parts = [plan]
-        else:
-            half = (len(plan) + 1) // 2
-            parts = [p for p in (plan[:half], plan[half:]) if p]
         try:
-            if len(parts) == 1:
-                self._read_into(seq, seq.hot, parts[0])
+            if not seq.hot.is_cuda and seq.codec.name == "raw":
+                # memory-bound and GIL-bound (the checksum holds the GIL): a second thread measured
+                # slower, so a CPU pool is filled by the caller's thread
+                self._read_into(seq, seq.hot, plan)
             else:
-                futs = [self.loaders.submit(self._read_into, seq, seq.hot, part) for part in parts]
-                failed = next((e for e in (f.exception() for f in futs) if e is not None), None)
-                if failed is not None:
-                    raise failed
+                self._read_parallel(seq, seq.hot, plan)
         except BaseException:
             with self.shared.lock:
                 for b, _ in plan:
                     self.placement.drop_hot(b)
             raise
+
+    def _read_parallel(self, seq: Seq, pool, plan: list[tuple[Block, int]]) -> None:
+        """``_read_into`` of ``plan`` by the caller's thread and the decode threads side by side
+        (zstd and the byte scatter release the GIL), each taking the next chunk of ``RESTORE_CHUNK``
+        blocks until none is left, so a thread slowed by a busy core takes fewer. After a failure
+        no thread starts another chunk; once all have stopped, the error of the first failed
+        chunk in plan order is raised (the one a serial read would raise)."""
+        chunks = [plan[i:i + RESTORE_CHUNK] for i in range(0, len(plan), RESTORE_CHUNK)]
+        taken, errors = itertools.count(), {}   # next(count) is atomic under the GIL
+
+        def work() -> None:
+            while not errors:
+                i = next(taken)
+                if i >= len(chunks):
+                    return
+                try:
+                    self._read_into(seq, pool, chunks[i])
+                except BaseException as e:  # noqa: BLE001 - raised below by the caller's thread
+                    errors[i] = e
+
+        helpers = [self.decoders.submit(work) for _ in range(min(self.decode_threads, len(chunks)) - 1)]
+        work()
+        wait(helpers)
+        if errors:
+            raise errors[min(errors)]
 
     def _read_into(self, seq: Seq, pool, part: list[tuple[Block, int]], bad: dict | None = None) -> None:
         """Read durable blocks from cold into ``pool``'s slots in one read transaction. ``bad``
@@ -267,8 +300,8 @@ class Loader:
         instead of failing the whole read."""
         lay = seq.layout
         fast, slots = None, None
-        if pool.kv.device.type != "cuda":  # full raw blocks: header compare + checksum + copies into the slot
-            fast = RawBlockReader((lay.kv_heads, lay.block_tokens, lay.head_dim), lay.dtype)
+        if pool.kv.device.type != "cuda":  # full raw and zstd blocks: header compares + checksum + decode into the slot
+            fast = SlotReader((lay.kv_heads, lay.block_tokens, lay.head_dim), lay.dtype)
             slots = pool.slot_major()
         moved = 0
         with self.cold.read(buffers=True) as txn:
@@ -285,7 +318,7 @@ class Loader:
             self.counters.bytes_moved += moved
 
     @staticmethod
-    def _read_one(b: Block, data, pool, slot: int, fast: RawBlockReader | None, dst) -> int:
+    def _read_one(b: Block, data, pool, slot: int, fast: SlotReader | None, dst) -> int:
         """Decode one cold record into ``pool``'s slot; returns its stored bytes."""
         if data is None:
             raise MissingBlockError("block missing from cold", **b.where())
@@ -304,4 +337,5 @@ class Loader:
 
     def close(self) -> None:
         self.loaders.shutdown(wait=True)
+        self.decoders.shutdown(wait=True)
         self.fillers.shutdown(wait=True, cancel_futures=True)

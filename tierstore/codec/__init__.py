@@ -7,8 +7,9 @@ head_dim]``) into a self-describing, checksummed record and back; ``seal_envelop
 
 from .config import CODEC_IDS, DEFAULT_GROUP, DEFAULT_LEVEL, CodecConfig
 from .envelope import open_envelope, seal_envelope
-from .record import HEADER_SIZE, MAX_RAW_LEN, RawBlockReader, RecordHeader, decode_block, encode_block, read_header, verify_record
+from .readers import RawBlockReader, SlotReader, ZstdBlockReader
+from .record import HEADER_SIZE, MAX_RAW_LEN, RecordHeader, decode_block, encode_block, read_header, verify_record
 
 __all__ = ["CODEC_IDS", "DEFAULT_GROUP", "DEFAULT_LEVEL", "HEADER_SIZE", "MAX_RAW_LEN", "CodecConfig",
-           "RawBlockReader", "RecordHeader", "decode_block", "encode_block", "open_envelope", "read_header", "seal_envelope",
+           "RawBlockReader", "RecordHeader", "SlotReader", "ZstdBlockReader", "decode_block", "encode_block", "open_envelope", "read_header", "seal_envelope",
            "verify_record"]

@@ -313,39 +313,3 @@ def decode_block(key: bytes, record, *, out_k: torch.Tensor | None = None, out_v
     except RecordProblem as e:
         raise _fail(str(e), where) from None
     return ok, ov
-
-
-class RawBlockReader:
-    """Verify and copy raw full-block records of one known shape into slot arrays, with the
-    per-record work cut to one header compare, one checksum and two copies (the resume path
-    reads thousands of blocks; ``decode_block`` costs ~25 us of Python per record).
-
-    ``read`` returns False for anything that is not a raw, full block of this shape and dtype
-    (a partial tail block, another codec, or damage): the caller then decodes the record with
-    ``decode_block``, which verifies it fully and raises the precise error. A record accepted
-    here has passed the same checks: its header equals the one ``encode_block`` writes for this
-    shape, dtype and codec, and its checksum matches."""
-
-    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
-        itemsize = _ITEMSIZE[dtype]
-        n = math.prod(shape)
-        raw_len = 2 * n * itemsize
-        self._prefix = _HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_IDS["raw"], 0, 0, DTYPE_CODES[dtype], 0,
-                                    *shape, raw_len, raw_len, _ZERO_SUM)[:_CHECKSUM_AT]
-        self._zeroed = self._prefix + _ZERO_SUM
-        self._len = HEADER_SIZE + raw_len
-        self._ndt = SAME_SIZE_INT[itemsize][1]
-        self._shape = (2, *shape)
-        self._count = 2 * n
-
-    def read(self, key: bytes, record, dst: np.ndarray) -> bool:
-        """``dst``: ``[2 (K, V), kv_heads, ntok, head_dim]`` numpy view (same-size unsigned ints)
-        of the destination slot. It is written before the checksum is compared (the record is
-        then verified from cache); on False its content is undefined."""
-        mv = memoryview(record)
-        if len(mv) != self._len or mv[:_CHECKSUM_AT] != self._prefix:
-            return False
-        np.copyto(dst, np.frombuffer(record, dtype=self._ndt, count=self._count, offset=HEADER_SIZE).reshape(self._shape))
-        h = xxhash.xxh3_128(key + self._zeroed)
-        h.update(mv[HEADER_SIZE:])
-        return h.digest() == mv[_CHECKSUM_AT:HEADER_SIZE]
