@@ -587,3 +587,40 @@ def test_a_remote_that_is_down_at_open_is_not_an_error(tmp_path):
         st.put_session("x", layout=LAYOUT, kv=random_kv(LAYOUT, 8, 2), token_ids=range(8), fingerprint="fp")
         assert list(st.sessions.replica.outbox()) == ["x"] and st.exists("x")
         assert "cannot connect" in st.sessions.replica.last_error
+
+
+# -- large pulls: readable at once, landing in LMDB in the background ----------------------------
+
+
+def test_a_large_pull_resumes_from_memory_and_lands_in_lmdb(tmp_path, node):
+    model = tiny()
+    prompt = torch.randint(1, 128, (45,), generator=torch.Generator().manual_seed(9)).tolist()
+    ref = gen(model, prompt, DynamicCache(), 14)
+    with host(tmp_path, "A", node.url) as a:
+        with TieredCache(a, model, session="big") as cache:
+            first = gen(model, prompt, cache, 6)
+    with host(tmp_path, "B", node.url) as b:
+        rep = b.sessions.replica
+        rep.stream_bytes = 0                                  # every pull lands in the background
+        with TieredCache.resume(b, model, "big") as cache:    # (a commit of the cache waits for it)
+            assert gen(model, first, cache, 8) == ref
+        rep.wait_pulls()
+        assert rep.pending("big") is None and b.cold.get("sessions", b"big") is not None
+        assert b.session("big").length == len(ref) - 1
+    assert b.cold._staged == {}                               # given back at close
+
+
+def test_a_damaged_block_of_a_large_pull_is_caught_when_read_and_never_lands(tmp_path, node):
+    kv = random_kv(LAYOUT, 24, 16)
+    with host(tmp_path, "A", node.url) as a, host(tmp_path, "B", node.url) as b:
+        a.put_session("s", layout=LAYOUT, kv=kv, token_ids=range(24), fingerprint="fp")
+        r = a.sessions.replica.remote
+        key = r.keys.block(a.session("s").chains()[2], 0)
+        bad = bytearray(r.fetch([key])[0])
+        bad[-3] ^= 0x10
+        r._do(lambda c: c.set(key, bytes(bad)))
+        b.sessions.replica.stream_bytes = 0
+        with pytest.raises(CorruptBlockError, match=r"session 's', layer 0, block 2"):
+            b.load_session("s")
+        b.sessions.replica.wait_pulls()
+        assert b.cold.get("sessions", b"s") is None and b.sessions.replica.pending("s") is None

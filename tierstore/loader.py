@@ -308,8 +308,10 @@ class Loader:
             db = self.cold.db("blocks")
             for b, slot in part:
                 try:
-                    moved += self._read_one(b, txn.get(b.key, db=db), pool, slot, fast,
-                                            None if slots is None else slots[slot])
+                    data = txn.get(b.key, db=db)
+                    if data is None:
+                        data = self.cold.staged("blocks", b.key)
+                    moved += self._read_one(b, data, pool, slot, fast, None if slots is None else slots[slot])
                 except (MissingBlockError, CorruptBlockError) as e:
                     if bad is None:
                         raise

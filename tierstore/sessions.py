@@ -123,6 +123,13 @@ class SessionStore:
             self.replica.refresh(name)
         data = self.cold.get("sessions", name_key(name), txn=txn)
         if data is None:
+            if self.replica is not None:
+                pending = self.replica.pending(name)
+                if pending is not None:
+                    return pending
+                failed = self.replica._failed.get(name)
+                if failed is not None:
+                    raise failed[1]  # pulled, but damaged: not "not found"
             raise SessionNotFoundError("no such session", session=name)
         return SessionRecord.unseal(name, bytes(data))
 
@@ -136,6 +143,8 @@ class SessionStore:
 
     def exists_local(self, name: str) -> bool:
         check_session_name(name)
+        if self.replica is not None and self.replica.pending(name) is not None:
+            return True
         return self.cold.get("sessions", name_key(name)) is not None
 
     def names(self) -> list[str]:
@@ -207,6 +216,8 @@ class SessionStore:
         ``blocks``: ``put_blocks`` items written in the same transaction (one fsync, not two).
         """
         check_session_name(record.name)
+        if self.replica is not None and _synced is None:
+            self.replica.wait_pulls()  # a record may name blocks a pull has not written yet
         new_chains = record.chains()
         layers = record.layout.num_layers
         summaries = list(summaries)
@@ -307,6 +318,8 @@ class SessionStore:
         version; only this host's copy goes)."""
         names = [check_session_name(n) for n in names]
         replica = self.replica if _synced is None else None
+        if replica is not None:
+            replica.wait_pulls()
         if replica is not None:  # a session only the remote holds: pulled, then deleted as any other
             for n in names:
                 if not self.exists_local(n):

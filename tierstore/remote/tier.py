@@ -331,6 +331,21 @@ class RemoteTier:
         self.counters["fetched_bytes"] += sum(len(v) for v in out if v)
         return out
 
+    def fetch_positions(self, chains: Sequence[bytes], layers: int) -> list[list[bytes | None]]:
+        """Every layer's block then every layer's summary of each position: one ``MGET`` per
+        position (its keys share a slot), pipelined."""
+        def fn(c):
+            pipe = c.pipeline(transaction=False)
+            for ch in chains:
+                pipe.execute_command("MGET", *[self.keys.block(ch, la) for la in range(layers)],
+                                     *[self.keys.summary(ch, la) for la in range(layers)])
+            return pipe.execute()
+
+        out = [[bytes(v) if v is not None else None for v in row] for row in self._do(fn)] if chains else []
+        self.counters["fetched_blocks"] += sum(len(r) for r in out)
+        self.counters["fetched_bytes"] += sum(len(v) for r in out for v in r if v)
+        return out
+
     def ttl_ms(self, keys: Sequence[str]) -> list[int]:
         def fn(c):
             pipe = c.pipeline(transaction=False)

@@ -103,6 +103,9 @@ class ColdStore:
         self._pid = os.getpid()
         self._gate = _Gate()
         self._wlock = threading.Lock()
+        # blocks and summaries pulled from the remote tier, readable before their LMDB write lands
+        # (``stage``): consulted only for keys LMDB lacks; dropped a while after they land
+        self._staged: dict[tuple[str, bytes], bytes] = {}
         data = os.path.join(self.path, "data.mdb")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise NotAStoreError(f"{self.path}: is a file, not a store directory")
@@ -295,7 +298,10 @@ class ColdStore:
         Copies, except in a ``buffers=True`` transaction (views valid inside it only)."""
         with self._in(txn) as t:
             d = self.db(db)
-            return [t.get(k, db=d) for k in keys]
+            out = [t.get(k, db=d) for k in keys]
+        if self._staged:
+            out = [self._staged.get((db, bytes(k))) if v is None else v for k, v in zip(keys, out)]
+        return out
 
     def get(self, db: str, key: bytes, *, txn: lmdb.Transaction | None = None) -> bytes | None:
         return self.get_many(db, [key], txn=txn)[0]
@@ -349,6 +355,19 @@ class ColdStore:
             for name, db in self._dbs.items():
                 out.update({(name, bytes(k)): bytes(v) for k, v in txn.cursor(db=db)})
         return out
+
+    def stage(self, db: str, items) -> None:
+        """Make ``(key, value)`` items of ``db`` readable before they are written (a pull whose
+        LMDB transaction runs in the background); ``unstage`` drops them once they landed."""
+        for k, v in items:
+            self._staged[(db, bytes(k))] = v
+
+    def unstage(self, db: str, keys) -> None:
+        for k in keys:
+            self._staged.pop((db, bytes(k)), None)
+
+    def staged(self, db: str, key: bytes) -> bytes | None:
+        return self._staged.get((db, bytes(key))) if self._staged else None
 
     def lookup(self, chains: list[bytes], num_layers: int) -> int:
         """Longest prefix of ``chains`` whose blocks are stored for all ``num_layers`` layers."""
