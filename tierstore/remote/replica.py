@@ -336,11 +336,8 @@ class Replica:
                 self.sessions.commit(rec, _synced=synced, blocks=items)
             except BaseException as e:  # noqa: BLE001 - the resume reading these blocks sees it too
                 log.error("session %r: the pulled version did not land in local LMDB: %s", rec.name, e)
-                self._failed[rec.name] = (synced[0], e)
-                self.cold.unstage("blocks", keys)
-                self.cold.unstage("summaries", keys)
-                keys.clear()
-            finally:
+                self._failed[rec.name] = (synced[0], e)  # read() raises it from now on
+            finally:  # staged blocks go a while later, landed or not (a reader may be reading them)
                 with self._lock:
                     self._pending.pop(rec.name, None)
                     self._landed.append((time.monotonic(), keys))
