@@ -448,7 +448,7 @@ class TieredCache(Cache):
 
     def root(self, r: int) -> bytes:
         """Row ``r``'s chain root: model fingerprint, layout, quantisation, left padding."""
-        return root_hash(self.fingerprint, self.layout, self.codec.quant, self.rows[r].pad)
+        return root_hash(self.fingerprint, self.layout, self.codec.identity, self.rows[r].pad)
 
     # -- persistence (adapters.persist) --------------------------------------------------------
 

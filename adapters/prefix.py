@@ -41,7 +41,7 @@ def commit_prefix(store, model, session: str, token_ids: Sequence[int], *,
     fp, fields = model_fingerprint(model)
     cfg = store.config.codec  # what a new TieredCache of this store writes
     full = (len(ids) - 1) // lay.block_tokens
-    chains = chain_hashes(root_hash(fp, lay, cfg.quant), ids[:full * lay.block_tokens], lay.block_tokens)
+    chains = chain_hashes(root_hash(fp, lay, cfg.identity), ids[:full * lay.block_tokens], lay.block_tokens)
     n = store.sessions.committed_prefix(chains) * lay.block_tokens
     if n == 0:
         return None

@@ -572,3 +572,26 @@ def test_slot_reader_takes_raw_and_zstd_full_blocks_and_declines_the_rest():
     for codec in ("int8", "int4", "int4+zstd"):
         assert not reader.read(key, encode_block(key, k, v, codec), np.zeros((2, *shape), dtype=np.int32)), codec
     assert not reader.read(key, b"TSK", np.zeros((2, *shape), dtype=np.int32))
+
+
+def test_int4_blocks_of_two_group_sizes_are_never_shared(store_factory):
+    """Content identity covers the int4 group: a g16 session over the same tokens as a g32 one
+    gets its own blocks (it used to reuse the g32 blocks and read back their larger error)."""
+    import torch
+
+    from support.kv import random_kv
+    from tierstore.layout import KVLayout
+
+    st = store_factory(block_tokens=64)
+    lay = KVLayout(num_layers=2, kv_heads=2, head_dim=64, block_tokens=64, dtype=torch.float32)
+    kv = random_kv(lay, 64, 3)
+    errs = {}
+    for codec in ("int4", "int4:g16", "int4:g8"):
+        st.put_session(codec.replace(":", "-"), layout=lay, kv=kv, token_ids=range(64), fingerprint="fp", codec=codec)
+        _, got = st.load_session(codec.replace(":", "-"))
+        errs[codec] = float((got[0][1] - kv[0][1]).norm() / kv[0][1].norm())  # V: groups along channels
+    chains = [set(st.session(n).chains()) for n in ("int4", "int4-g16", "int4-g8")]
+    assert not (chains[0] & chains[1]) and not (chains[1] & chains[2])
+    assert errs["int4:g8"] < errs["int4:g16"] < errs["int4"]
+    from tierstore.chain import root_hash
+    assert st.session("int4").root == root_hash("fp", lay, "int4")   # the default group keeps its old identity

@@ -53,7 +53,7 @@ class SessionRecord:
 
     @property
     def root(self) -> bytes:
-        return root_hash(self.fingerprint, self.layout, self.codec.quant, self.pad)
+        return root_hash(self.fingerprint, self.layout, self.codec.identity, self.pad)
 
     def chains(self) -> list[bytes]:
         """Chain hash of every block (derived from the token ids)."""

@@ -78,6 +78,14 @@ class CodecConfig:
         return "zstd" in self.name
 
     @property
+    def identity(self) -> str:
+        """What a block's content depends on besides the tokens and model (part of its chain
+        root): the quantisation and, for int4, a group other than the default (int4 blocks of
+        two group sizes differ; they were shared before 2026-12-02, see docs/decisions.md)."""
+        q = self.quant
+        return f"{q}:g{self.group}" if q == "int4" and self.group != DEFAULT_GROUP else q
+
+    @property
     def quant(self) -> str:
         """``"none"``, ``"int8"`` or ``"int4"``. Part of a block's content identity: lossy blocks
         must never be shared with lossless sessions."""
