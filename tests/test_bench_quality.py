@@ -170,3 +170,115 @@ def test_target_names_a_policy_that_meets_both_halves_over_one_that_keeps_more_n
     assert got["policy"] == "sketch" and got["met"] and abs(got["kept"] - 0.95) < 1e-9
     got = bq.target(needle, ppl, ["hybrid"], budgets)  # nothing meets it: the most needles kept
     assert got["policy"] == "hybrid" and not got["met"]
+
+
+# -- the harder tasks (--tasks) ------------------------------------------------------------------
+
+from tierstore.tools.bench.quality import tasks as bt  # noqa: E402
+
+
+@pytest.mark.parametrize("task", ["multi", "hop", "list"])
+def test_task_cases_are_determined_by_the_seed_and_hold_what_they_ask(task):
+    a = [bt.make_task_case(TOK, TEXT, 7, task, 3000, i) for i in range(3)]
+    b = [bt.make_task_case(TOK, TEXT, 7, task, 3000, i) for i in (2, 1, 0)][::-1]
+    assert [c.summary() for c in a] == [c.summary() for c in b] and [c.ids for c in a] == [c.ids for c in b]
+    assert bt.make_task_case(TOK, TEXT, 8, task, 3000, 0).ids != a[0].ids
+    for c in a:
+        prompt = TOK.decode(c.ids)
+        assert abs(len(c.ids) - 3000) <= 16 and prompt.endswith("<|im_start|>assistant\n" + c.lead)
+        assert c.question in prompt and all(f"\n{f}\n" in prompt for f in c.facts)  # each fact on its own line
+        doc = prompt[:prompt.index(c.question)]
+        places = [doc.index(f) / len(doc) for f in c.facts]
+        assert all(abs(p - d) < 0.1 for p, d in zip(places, c.depths))  # at the depth it claims (+ intro, line breaks)
+        assert all(TOK.decode(c.ids[s:e]).isalnum() and TOK.decode(c.ids[s:e]) in prompt for s, e in c.spans)
+        assert c.needle == c.spans[0]
+
+
+def test_multi_asks_every_planted_code_once_with_a_lead_per_line():
+    c = bt.make_task_case(TOK, TEXT, 3, "multi", 1500, 0, size=6)
+    assert len(c.facts) == 6 and len(c.answers) == 6 and len(set(c.answers)) == 6 and len(c.followups) == 5
+    facts = {f.rsplit(" ", 1)[1].rstrip("."): f for f in c.facts}
+    assert set(c.answers) == set(facts)
+    leads = [c.lead] + [x.strip() for x in c.followups]
+    for lead, code in zip(leads, c.answers):  # each line's lead is the fact it asks for, up to its code
+        assert facts[code] == f"{lead} {code}."
+        assert lead.split(" for ", 1)[1][:-3] in c.question
+    assert [TOK.decode(c.ids[s:e]) for s, e in c.spans] == c.answers
+    assert c.depths == pytest.approx([0.1 + 0.8 * i / 5 for i in range(6)], abs=1e-3)
+
+
+def test_hop_chain_resolves_to_the_answer_and_only_through_the_pointer():
+    for i in range(4):
+        c = bt.make_task_case(TOK, TEXT, 5, "hop", 1200, i)
+        prompt = TOK.decode(c.ids)
+        start = c.lead.split("the key of ", 1)[1][:-len(" is kept is")]
+        pointer = next(f for f in c.facts if f.startswith(f"The key of {start} is kept in "))
+        place = pointer[len(f"The key of {start} is kept in "):-1]
+        number = next(f for f in c.facts if f" for {place} is " in f)
+        assert number.rsplit(" ", 1)[1].rstrip(".") == c.answers[0]            # the chain resolves
+        assert place not in c.question and place not in c.lead                 # the hop is needed
+        assert prompt.index(pointer) < prompt.index(number)
+        assert len(c.distractors) == 2 and c.answers[0] not in c.distractors
+        assert all(f"is {d}." in prompt for d in c.distractors)
+        assert TOK.decode(c.ids[c.spans[1][0]:c.spans[1][1]]) == c.answers[0]
+
+
+def test_list_plants_each_item_once():
+    c = bt.make_task_case(TOK, TEXT, 2, "list", 1500, 1, size=5)
+    prompt = TOK.decode(c.ids)
+    assert len(c.answers) == len(set(c.answers)) == 5
+    assert sorted(c.answers) == sorted(re.findall(r"Delivery note: a crate of (\w+) arrived\.", prompt))
+    assert [TOK.decode(c.ids[s:e]) for s, e in c.spans] == c.answers
+
+
+def test_task_scorers():
+    m = bt.TaskCase(task="multi", length=0, index=0, facts=[], depths=[], question="", lead="",
+                    answers=["4817", "2231", "9090", "1234"])
+    assert m.grade([" 4817.", " 2231", " 9090.", " 12 34"]) == {"correct": True, "frac": 1.0}
+    assert m.grade([" 4817.", " 1111", " 9090.", " 1234"]) == {"correct": False, "frac": 0.75}
+    assert m.grade([" 2231", " 4817", " 1234", " 9090"])["frac"] == 0.0    # each code in its own line
+    assert m.grade([" 4817"])["frac"] == 0.25 and m.grade([])["frac"] == 0.0
+    h = bt.TaskCase(task="hop", length=0, index=0, facts=[], depths=[], question="", lead="", answers=["4817"],
+                    distractors=["2231", "9090"])
+    assert h.grade([" 4817."])["correct"] and h.grade([" 48 17"])["correct"]
+    assert not h.grade([" 2231."])["correct"] and not h.grade(["4817, 2231"])["correct"]  # no listing
+    assert not h.grade([""])["correct"]
+    li = bt.TaskCase(task="list", length=0, index=0, facts=[], depths=[], question="", lead="",
+                     answers=["apples", "ropes", "clocks", "mirrors"])
+    assert li.grade([" apples, Ropes, clocks and mirrors."]) == {"correct": True, "frac": 1.0}
+    assert li.grade([" apples, clocks, kettles"]) == {"correct": False, "frac": 0.5}
+    assert li.grade([" pineapples, tightropes"])["frac"] == 0.0           # whole words only
+    assert li.grade([" apples, ropes, clocks, mirrors, kettles"]) == {"correct": False, "frac": 1.0}  # and no other
+    assert li.grade([":\n- apples\n- ropes", "- clocks\n- mirrors"])["correct"]
+    assert not li.stop(":\n\n- apples\n", 0)                             # a bulleted list runs on
+    assert m.stop(" 4817", 0) and not m.stop(" 48", 0) and h.stop(" 4817 and\nmore", 0) and not h.stop(" 4817", 0)
+    assert bt.spread(1) == [0.5] and bt.spread(3) == pytest.approx([0.1, 0.5, 0.9])
+
+
+def test_tasks_through_the_pipeline_get_their_own_columns(tmp_path):
+    model = tiny(**MODEL)
+    kw = dict(seed=1, cases=1, lengths=[300], budgets=[("1/4", 0.25), ("4096", 4096)], policies=["sketch", "snapkv"],
+              ppl_tokens=0, block_tokens=16, text=TEXT)
+    plain = bq.run(model, TOK, store_dir=str(tmp_path / "a"), **kw)
+    assert "task_cells" not in plain and "tasks" not in plain        # the default output is the needle's
+    res = bq.run(model, TOK, store_dir=str(tmp_path / "b"), tasks=("needle", "multi", "hop", "list"),
+                 task_sizes={"multi": 4, "list": 4}, **kw)
+    assert len(res["needle"]) == 1 and res["needle"][0]["results"]["full"] == plain["needle"][0]["results"]["full"]
+    assert [r["task"] for r in res["task_rows"]] == ["multi", "hop", "list"]
+    for r in res["task_rows"]:
+        assert set(r["results"]) == {"full"} | {f"{p}@{b}" for p in kw["policies"] for b in ("1/4", "4096")}
+        for p in kw["policies"]:  # a budget covering the whole context answers as the full cache
+            assert r["results"][f"{p}@4096"]["answer"] == r["results"]["full"]["answer"]
+    multi = next(r for r in res["task_rows"] if r["task"] == "multi")
+    assert multi["results"]["full"]["answer"].count(" | ") == 3       # one answer line per asked code
+    cells = [c for c in res["task_cells"] if c["length"] == 300]
+    assert [(c["budget"], c["policy"]) for c in cells] == [("full", "full"), ("1/4", "sketch"), ("1/4", "snapkv"),
+                                                           ("4096", "sketch"), ("4096", "snapkv")]
+    for c in cells:
+        assert {"needle", "multi", "multi_frac", "hop", "list", "list_frac"} <= set(c)
+        assert c["multi_n"] == c["hop_n"] == c["list_n"] == c["needle_n"] == 1
+    m = bq.merge([res, res])
+    assert len(m["task_rows"]) == 6 and next(c for c in m["task_cells"] if c["length"] == "all")["hop_n"] == 2
+    with pytest.raises(Exception, match="unknown tasks"):
+        bq.run(model, TOK, store_dir=str(tmp_path / "c"), tasks=("needle", "sum"), **kw)
+    bq.print_table(res)  # renders, with the task table

@@ -15,6 +15,9 @@ Per context length, with the same cases for every policy and budget and the full
     step's query over every block; the share of it that falls on the blocks the policy selected
     (averaged over query heads, layers and steps).
 
+(d) with ``--tasks``: harder cases (multi-needle, multi-hop, list extraction; ``tasks.py``), each
+    run through the same prefill/resume/decode path, scored per task in ``task_cells``.
+
 How it runs (2 CPU cores): each case is prefilled ONCE through a ``TieredCache`` (exact attention,
 policy h2o so the prefill observation window's attention mass is accumulated into the block
 summaries), in one chunk, without its last token, and committed to a store in a temp dir. Every
@@ -42,7 +45,9 @@ from dataclasses import asdict, dataclass, field
 import click
 import torch
 
-from .report import _label, _mean, merge, parse_budgets, perplexity, print_table, summarize, target
+from .report import (_label, _mean, merge, parse_budgets, perplexity, print_table, summarize, summarize_tasks,
+                     target)
+from .tasks import DEFAULT_SIZE, TASKS, make_task_case
 
 # -- cases ---------------------------------------------------------------------------------------
 
@@ -303,32 +308,52 @@ class Evaluator:
             out = self.model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
         return out.logits[0, -1].float()
 
-    def answer(self, name: str, case: Case, policy: str, budget) -> dict:
-        """Greedy answer through decode steps only; (c) measured at the first step."""
+    def answer(self, name: str, case, policy: str, budget) -> dict:
+        """Greedy answer through decode steps only; (c) measured at the first step. ``case``: a
+        needle ``Case`` or a ``tasks.TaskCase`` (whose later answer lines follow fed leads)."""
         cache = self.open(name, policy, budget, len(case.ids) - 1)
         try:
-            blocks = tuple(range(case.needle[0] // self.bt, max(case.needle[0], case.needle[1] - 1) // self.bt + 1))
+            spans = getattr(case, "spans", None) or [case.needle]
+            blocks = tuple(sorted({b for a, e in spans for b in range(a // self.bt, max(a, e - 1) // self.bt + 1)}))
             probe = Probe(cache, blocks)
-            max_new = self.max_new or len(encode(self.tok, " " + case.code)) + 4
             probe.armed = True
             logits = self._step(cache, case.ids[-1])
             probe.armed = False
-            out: list[int] = []
-            text = ""
-            for _ in range(max_new):
-                nxt = int(logits.argmax())
-                if nxt in self.eos:
-                    break
-                out.append(nxt)
-                text = self.tok.decode(out)
-                if is_correct(text, case.code) or "\n" in text.strip():
-                    break
-                logits = self._step(cache, nxt)
-            return {"answer": text, "correct": is_correct(text, case.code), "cover": _mean(probe.cover),
+            if isinstance(case, Case):
+                max_new = self.max_new or len(encode(self.tok, " " + case.code)) + 4
+                text, _ = self._greedy(cache, logits, max_new, lambda t: is_correct(t, case.code) or "\n" in t.strip())
+                graded = {"correct": is_correct(text, case.code)}
+            else:
+                texts, pending = [], []
+                for seg in range(len(case.followups) + 1):
+                    if seg:  # the next line's lead, fed as decode steps after the last answer token
+                        for t in pending + encode(self.tok, case.followups[seg - 1]):
+                            logits = self._step(cache, t)
+                    max_new = self.max_new or case.max_new(lambda s: encode(self.tok, s), seg)
+                    text, pending = self._greedy(cache, logits, max_new, lambda t, seg=seg: case.stop(t, seg))
+                    texts.append(text)
+                text, graded = " | ".join(texts), case.grade(texts)
+            return {"answer": text, **graded, "cover": _mean(probe.cover),
                     "cover_layers": probe.layers(), "needle_selected": _mean(probe.hit),
                     "attended": _mean(probe.attended)}
         finally:
             cache.close()
+
+    def _greedy(self, cache, logits, max_new: int, stop) -> tuple[str, list[int]]:
+        """Decode from ``logits`` until EOS, ``stop(text)`` or ``max_new`` tokens: (text, the last
+        token when it was not fed yet)."""
+        out: list[int] = []
+        text = ""
+        for _ in range(max_new):
+            nxt = int(logits.argmax())
+            if nxt in self.eos:
+                return text, []
+            out.append(nxt)
+            text = self.tok.decode(out)
+            if stop(text):
+                return text, [nxt]
+            logits = self._step(cache, nxt)
+        return text, []
 
     def score_ppl(self, name: str, ctx: list[int], cont: list[int], policy: str, budget) -> dict:
         """Feed ctx[-1], cont[0..-2] one per step; sum -log p(cont[j]). (c) every cov_every steps."""
@@ -358,9 +383,13 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
         obs_window: int = 32, block_tokens: int | None = None, cov_every: int = 16, streaming_fill: bool = True,
         dense_layers: int = 0, prefill_chunk: int = 1024, first_case: int = 0, text: str | None = None,
         per_head: bool | None = None, store_dir: str | None = None, checkpoint=None, log=None,
-        positions: tuple[str, ...] = ("model",)) -> dict:
+        positions: tuple[str, ...] = ("model",), tasks: tuple[str, ...] = ("needle",),
+        task_sizes: dict[str, int] | None = None) -> dict:
     """Everything of (a), (b), (c); returns the JSON-able result. ``positions``: the position
-    settings (``position_settings``) every case runs under, each with its own prefill."""
+    settings (``position_settings``) every case runs under, each with its own prefill. ``tasks``:
+    ``needle`` and the harder tasks of ``tasks.py`` (``cases`` cases each per length; sizes from
+    ``task_sizes``, default ``tasks.DEFAULT_SIZE``); their rows and per-task cells are in the
+    result only when a task other than ``needle`` runs."""
     import tierstore
     from tierstore.adapters.fingerprint import kv_layout
     from tierstore.adapters.models import long_text
@@ -375,13 +404,21 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
     longest = max(max(lengths) + 64, max(lengths) + ppl_tokens + 2 * bt) + 2 * bt
     hot = int(longest * lay.token_bytes * 1.25) + (32 << 20)
     settings = position_settings(model, positions, lengths)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise click.BadParameter(f"unknown tasks {bad}; known: {', '.join(TASKS)}")
+    sizes = {t: (task_sizes or {}).get(t, DEFAULT_SIZE[t]) for t in tasks if t != "needle"}
     needle_rows: list[dict] = []
+    task_rows: list[dict] = []
     ppl_rows: list[dict] = []
     timing = {"prefill_s": 0.0, "needle_decode_s": 0.0, "ppl_decode_s": 0.0, "total_s": 0.0}
     mass_check = None
 
     def result(done: bool = False) -> dict:
         timing["total_s"] = time.perf_counter() - t_start
+        extra = {} if list(tasks) == ["needle"] else {
+            "tasks": list(tasks), "task_sizes": sizes, "task_rows": task_rows,
+            "task_cells": summarize_tasks(needle_rows, task_rows, tasks, policies, budgets, lengths)}
         chunk_note = ("one single-chunk exact prefill per case (policy h2o): its observation-window mass is what "
                       "h2o, hybrid and snapkv start from (for one chunk, accumulated == observed)"
                       if prefill_chunk >= max(lengths) else
@@ -404,7 +441,7 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                           "streaming's recent window is widened to fill the budget" if streaming_fill else
                           "streaming attends sinks + window only (below the budget)"] + floor_notes(
                               lengths, budgets, bt, sink_blocks, window_blocks) + [n for _, _, _, n in settings if n],
-                "needle": needle_rows, "ppl": ppl_rows}
+                "needle": needle_rows, "ppl": ppl_rows, **extra}
 
     try:
         with tierstore.open(tmp, hot=hot, warm="64MiB", block_tokens=bt) as store:
@@ -415,8 +452,9 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                                     per_head=per_head, positions=pos, tag=f"p{j}", log=log)
                    for j, (label, m, pos, _) in enumerate(settings)}
             for length in lengths:
-                for i in range(first_case, first_case + cases):
-                    case = make_case(tok, text, seed, length, i)
+                for task, i in [(t, i) for t in tasks for i in range(first_case, first_case + cases)]:
+                    case = (make_case(tok, text, seed, length, i) if task == "needle" else
+                            make_task_case(tok, text, seed, task, length, i, sizes[task]))
                     for label, ev in evs.items():
                         name, tp = ev.prefill(case.ids)
                         mass_check = mass_check or ev.mass_check
@@ -426,13 +464,15 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                         td = time.perf_counter() - t
                         timing["needle_decode_s"] += td
                         store.delete(name)
-                        needle_rows.append({**case.summary(), "positions": label, "results": res})
-                        marks = " ".join(f"{k}:{'+' if v['correct'] else '-'}" for k, v in res.items())
+                        (needle_rows if task == "needle" else task_rows).append(
+                            {**case.summary(), "positions": label, "results": res})
+                        marks = " ".join(f"{k}:{_mark(v)}" for k, v in res.items())
                         if checkpoint is not None:
                             checkpoint(result())
                         tag = "" if len(evs) == 1 else f" {label}"
-                        log(f"[needle {length} {i + 1}/{first_case + cases}{tag}] {len(case.ids)} tok depth "
-                            f"{case.depth:.0%} prefill {tp:.1f}s decode {td:.1f}s full={res['full']['answer']!r} | {marks}")
+                        depth = f" depth {case.depth:.0%}" if task == "needle" else ""
+                        log(f"[{task} {length} {i + 1}/{first_case + cases}{tag}] {len(case.ids)} tok{depth} "
+                            f"prefill {tp:.1f}s decode {td:.1f}s full={res['full']['answer']!r} | {marks}")
                 for j in range(ppl_cases if ppl_tokens > 0 else 0):
                     ctx, cont = make_ppl_text(tok, text, seed, length, ppl_tokens, j)
                     for label, ev in evs.items():
@@ -455,6 +495,10 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
         if store_dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     return result(done=True)
+
+
+def _mark(v: dict) -> str:
+    return f"{v['frac']:.2f}" if "frac" in v and not v["correct"] else "+" if v["correct"] else "-"
 
 
 def position_settings(model, labels, lengths) -> list[tuple[str, object, object, str | None]]:
@@ -521,7 +565,7 @@ def _writer(path: str):
 
 @click.command("quality")
 @click.option("--seed", default=0, show_default=True, help="generates the needle cases and the ppl texts")
-@click.option("--cases", default=40, show_default=True, help="needle cases per (length, budget) cell")
+@click.option("--cases", default=40, show_default=True, help="cases per (length, budget) cell, of each task")
 @click.option("--lengths", default="2048,4096,7168", show_default=True, help="prompt lengths in tokens")
 @click.option("--budgets", default="1/4,1/8,1/16", show_default=True,
               help="per-step selection budgets: fractions of the context, or token counts")
@@ -548,13 +592,18 @@ def _writer(path: str):
 @click.option("--positions", "positions", default="model", show_default=True,
               help="position settings, each with its own prefill per case: model, extend[:group|scale|far][:wN][:tN], "
                    "yarn (a static YaRN RoPE baseline)")
+@click.option("--tasks", "tasks", default="needle", show_default=True,
+              help=f"tasks, each with --cases cases per length: {', '.join(TASKS)} (multi-needle, multi-hop, list "
+                   "extraction)")
+@click.option("--multi-facts", default=DEFAULT_SIZE["multi"], show_default=True, help="facts asked together in multi")
+@click.option("--list-items", default=DEFAULT_SIZE["list"], show_default=True, help="items to list in list")
 @click.option("--quick", is_flag=True, help="smoke run: 2 cases, 1024 tokens, budgets 1/4,1/8, ppl 32 tokens")
 @click.option("--merge", "merge_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="print the table of these --json results (same settings, other lengths) instead of running")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_every, block_tokens, sink_blocks,
             window_blocks, obs_window, dense_layers, per_head, streaming_fill, threads, first_case, prefill_chunk, checkpoint,
-            positions, quick, merge_files, as_json) -> None:
+            positions, tasks, multi_facts, list_items, quick, merge_files, as_json) -> None:
     """Needle accuracy, perplexity and attention-mass coverage of the sparse policies vs the full cache."""
     if merge_files:
         res = merge([json.loads(open(f).read()) for f in merge_files])
@@ -586,7 +635,9 @@ def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_
               block_tokens=block_tokens, cov_every=cov_every, streaming_fill=streaming_fill,
               dense_layers=dense_layers, prefill_chunk=prefill_chunk, first_case=first_case, per_head=per_head,
               checkpoint=_writer(checkpoint) if checkpoint else None, log=log,
-              positions=tuple(p.strip() for p in positions.split(",") if p.strip()))
+              positions=tuple(p.strip() for p in positions.split(",") if p.strip()),
+              tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+              task_sizes={"multi": multi_facts, "list": list_items})
     if as_json:
         click.echo(json.dumps(res, indent=1, default=float))
         return

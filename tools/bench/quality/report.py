@@ -82,6 +82,56 @@ def _summarize(needle_rows, ppl_rows, policies, budgets, lengths) -> list[dict]:
     return cells
 
 
+def summarize_tasks(needle_rows, task_rows, tasks, policies, budgets, lengths) -> list[dict]:
+    """One row per (position setting, length or 'all', configuration), the full cache first: per
+    task its accuracy (``<task>``: all asked right), ``<task>_frac`` (multi, list: the share of
+    the asked items right) and ``<task>_n`` (cases)."""
+    rows = [dict(r, task="needle") for r in needle_rows] + list(task_rows)
+    labels = list(dict.fromkeys(_setting(r) for r in rows)) or ["model"]
+    configs = [("exact", "full")] + [(p, blab) for blab, _ in budgets for p in policies]
+    out = []
+    for lab in labels:
+        for length in list(lengths) + ["all"]:
+            sel = [r for r in rows if _setting(r) == lab and (length == "all" or r["length"] == length)]
+            for p, blab in configs:
+                key, cell = _label(p, blab), {"positions": lab, "length": length, "budget": blab,
+                                              "policy": "full" if p == "exact" else p}
+                for task in tasks:
+                    res = [r["results"][key] for r in sel if r["task"] == task]
+                    cell[task] = _mean(x["correct"] for x in res)
+                    if task in ("multi", "list"):
+                        cell[f"{task}_frac"] = _mean(x["frac"] for x in res)
+                    cell[f"{task}_n"] = len(res)
+                out.append(cell)
+    return out
+
+
+TASK_COLUMNS = {"needle": [("needle", "needle")], "hop": [("hop", "hop")],
+                "multi": [("multi_frac", "multi frac"), ("multi", "multi all")],
+                "list": [("list_frac", "list recall"), ("list", "list all")]}
+
+
+def print_tasks(res: dict, con) -> None:
+    """The per-task table: the full cache's row, then each budget's policies."""
+    from rich.table import Table
+    sizes = res.get("task_sizes", {})
+    n = {t: next((c[f"{t}_n"] for c in res["task_cells"] if c["length"] == "all"), 0) for t in res["tasks"]}
+    t = Table(title="harder tasks: " + ", ".join(
+        f"{task} ({n[task]} cases{'' if task not in sizes else ', size ' + str(sizes[task])})" for task in res["tasks"]))
+    for c in ("length", "budget", "policy"):
+        t.add_column(c, justify="right")
+    cols = [c for task in res["tasks"] for c in TASK_COLUMNS[task]]
+    for _, head in cols:
+        t.add_column(head, justify="right")
+    prev = None
+    for c in res["task_cells"]:
+        if prev is not None and (c.get("positions"), c["length"], c["budget"]) != prev:
+            t.add_section()
+        prev = (c.get("positions"), c["length"], c["budget"])
+        t.add_row(str(c["length"]), c["budget"], c["policy"], *(_pct(c[k]) for k, _ in cols))
+    con.print(t)
+
+
 def _layer_mean(rows) -> list[float] | None:
     rows = [r for r in rows if r]
     if not rows:
@@ -145,6 +195,8 @@ def print_table(res: dict) -> None:
                   "-" if c["ppl_rel"] is None else f"{c['ppl_rel']:+.1%}", _pct(c["cover_ppl"]),
                   _f(c["attended"], ".0f"), *([c.get("positions", "model")] if many else []))
     con.print(t)
+    if res.get("task_cells"):
+        print_tasks(res, con)
     if many:
         print_positions(res, con)
     tg = res.get("target")
@@ -209,7 +261,7 @@ def print_positions(res: dict, con) -> None:
 
 
 SAME = ("seed", "budgets", "policies", "positions", "ppl_tokens", "block_tokens", "sink_blocks", "window_blocks", "obs_window",
-        "dense_layers", "per_head", "streaming_fill", "prefill_chunk")
+        "dense_layers", "per_head", "streaming_fill", "prefill_chunk", "tasks", "task_sizes")
 
 
 def merge(results: list[dict]) -> dict:
@@ -237,4 +289,8 @@ def merge(results: list[dict]) -> dict:
                cells=summarize(needle, ppl, first["policies"], budgets, lengths),
                target=target(needle, ppl, first["policies"], budgets),
                notes=list(dict.fromkeys(n for r in results for n in r["notes"])))
+    if first.get("tasks"):
+        rows = [row for r in results for row in r["task_rows"]]
+        out.update(task_rows=rows, task_cells=summarize_tasks(needle, rows, first["tasks"], first["policies"],
+                                                              budgets, lengths))
     return out
