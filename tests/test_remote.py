@@ -600,7 +600,7 @@ def test_a_large_pull_resumes_from_memory_and_lands_in_lmdb(tmp_path, node):
         with TieredCache(a, model, session="big") as cache:
             first = gen(model, prompt, cache, 6)
     with host(tmp_path, "B", node.url) as b:
-        rep = b.sessions.replica
+        rep = b.sessions.replica.puller
         rep.stream_bytes = 0                                  # every pull lands in the background
         with TieredCache.resume(b, model, "big") as cache:    # (a commit of the cache waits for it)
             assert gen(model, first, cache, 8) == ref
@@ -619,8 +619,8 @@ def test_a_damaged_block_of_a_large_pull_is_caught_when_read_and_never_lands(tmp
         bad = bytearray(r.fetch([key])[0])
         bad[-3] ^= 0x10
         r._do(lambda c: c.set(key, bytes(bad)))
-        b.sessions.replica.stream_bytes = 0
+        b.sessions.replica.puller.stream_bytes = 0
         with pytest.raises(CorruptBlockError, match=r"session 's', layer 0, block 2"):
             b.load_session("s")
-        b.sessions.replica.wait_pulls()
-        assert b.cold.get("sessions", b"s") is None and b.sessions.replica.pending("s") is None
+        b.sessions.replica.puller.wait_pulls()
+        assert b.cold.get("sessions", b"s") is None and b.sessions.replica.puller.pending("s") is None

@@ -124,12 +124,10 @@ class SessionStore:
         data = self.cold.get("sessions", name_key(name), txn=txn)
         if data is None:
             if self.replica is not None:
-                pending = self.replica.pending(name)
+                pending = self.replica.puller.pending(name)
                 if pending is not None:
                     return pending
-                failed = self.replica._failed.get(name)
-                if failed is not None:
-                    raise failed[1]  # pulled, but damaged: not "not found"
+                self.replica.puller.raise_failed(name)  # pulled, but damaged: not "not found"
             raise SessionNotFoundError("no such session", session=name)
         return SessionRecord.unseal(name, bytes(data))
 
@@ -137,13 +135,15 @@ class SessionStore:
         """Committed here or (with a remote tier, whose newer state is synced first) on the remote."""
         if self.replica is not None:
             check_session_name(name)
-            self.replica.refresh(name)
-            return self.exists_local(name) or self.replica.exists(name)
+            remote = self.replica.refresh(name)  # one round trip: syncs and says whether the remote has it
+            if self.exists_local(name):
+                return True
+            return remote if remote is not None else self.replica.exists(name)
         return self.exists_local(name)
 
     def exists_local(self, name: str) -> bool:
         check_session_name(name)
-        if self.replica is not None and self.replica.pending(name) is not None:
+        if self.replica is not None and self.replica.puller.pending(name) is not None:
             return True
         return self.cold.get("sessions", name_key(name)) is not None
 
@@ -217,7 +217,7 @@ class SessionStore:
         """
         check_session_name(record.name)
         if self.replica is not None and _synced is None:
-            self.replica.wait_pulls()  # a record may name blocks a pull has not written yet
+            self.replica.puller.wait_pulls()  # a record may name blocks a pull has not written yet
         new_chains = record.chains()
         layers = record.layout.num_layers
         summaries = list(summaries)
@@ -319,7 +319,7 @@ class SessionStore:
         names = [check_session_name(n) for n in names]
         replica = self.replica if _synced is None else None
         if replica is not None:
-            replica.wait_pulls()
+            replica.puller.wait_pulls()
         if replica is not None:  # a session only the remote holds: pulled, then deleted as any other
             for n in names:
                 if not self.exists_local(n):

@@ -1,11 +1,8 @@
 """``Replica``: one host's ``SessionStore`` kept in step with the remote tier.
 
 * **Read** (``refresh``): a session whose remote version is newer than the one this host last
-  saw is *pulled*: its record is read, the blocks this host lacks are fetched (only those:
-  positions already committed locally are never fetched again), every block's checksum is
-  verified against its key, and the record is committed to local LMDB in one transaction. A
-  record whose blocks are not all on the remote is a ``MissingBlockError`` and nothing changes
-  locally: never a partial resume.
+  saw is *pulled* (``pull.Puller``: only the blocks this host lacks, each checked against its
+  key, committed with the record in one LMDB transaction; never a partial resume).
 * **Commit**: the local commit writes, in its own transaction, an outbox entry (the durable
   outbox); then ``publish`` runs the remote protocol (docs/decisions.md, "Remote tier"): the
   publish lock, the intent, blocks not yet referenced remotely (prefix dedup), references, the
@@ -21,7 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,21 +27,16 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from ..errors import (CorruptBlockError, CorruptRecordError, LeaseLostError, MissingBlockError,
+from ..errors import (LeaseLostError, MissingBlockError,
                       RemoteUnavailableError, SessionBusyError, TierstoreError)
-from ..codec import open_envelope
-from ..records import SUMMARY_KIND, SessionRecord
+from ..records import SessionRecord
 from ..tiers.schema import KNOWN_PREFIX, OUTBOX_PREFIX, block_key, name_key
+from .pull import Puller, digest
 from .tier import RemoteTier
 
 log = logging.getLogger(__name__)
 
-POSITIONS_PER_BATCH = 16   # chain positions read/uploaded per round trip (x layers blocks)
-
-
-def digest(sealed: bytes) -> str:
-    """Identity of a sealed record's bytes (the remote keeps it next to the record)."""
-    return hashlib.blake2b(sealed, digest_size=16, person=b"tierstore-rec").hexdigest()
+POSITIONS_PER_BATCH = 16   # chain positions uploaded per round trip (x layers blocks)
 
 
 def fork_name(name: str, host: str, n: int) -> str:
@@ -73,10 +64,7 @@ class Replica:
         self.retry_s = retry_s
         self._held: dict[str, tuple[str, str, int]] = {}  # lease token -> (session, holder, fence)
         self._unreleased: list[tuple[str, str]] = []      # (session, holder) a release could not reach
-        self.stream_bytes = stream_bytes                   # pulls this large land in LMDB in the background
-        self._pending: dict[str, tuple[SessionRecord, threading.Thread]] = {}
-        self._failed: dict[str, tuple[int, BaseException]] = {}  # session -> (remote version, why it did not land)
-        self._landed: list[tuple[float, list[bytes]]] = []
+        self.puller = Puller(sessions, remote, stream_bytes=stream_bytes) if sessions is not None else None
         self._lock = threading.RLock()                     # one publish at a time in this process
         self._down_until = 0.0                             # breaker: skip the remote until then
         self._token: tuple[str, str] | None = None         # (session, publish lock token) while publishing
@@ -90,8 +78,8 @@ class Replica:
             self._thread.start()
 
     def close(self) -> None:
-        self.wait_pulls()
-        self._unstage_landed(older_than=0.0)
+        if self.puller is not None:
+            self.puller.close()
         self._stop.set()
         t, self._thread = self._thread, None
         if t is not None and t is not threading.current_thread():
@@ -213,156 +201,42 @@ class Replica:
 
     # -- read side -----------------------------------------------------------------------------
 
-    def refresh(self, name: str) -> None:
-        """Pull ``name`` when the remote holds a version this host has not seen. Never raises
-        for an unreachable remote (the local state is used); raises for wrong remote data."""
+    def refresh(self, name: str) -> bool | None:
+        """Pull ``name`` when the remote holds a version this host has not seen. Returns whether
+        the remote holds a record of it (None: not asked). Never raises for an unreachable
+        remote (the local state is used); raises for wrong remote data."""
         if self.cold.readonly or not self._up():
-            return
-        if name in self._pending:
-            return  # being pulled right now
+            return None
+        if self.puller.pending(name) is not None:
+            return True  # being pulled right now
         if self.cold.get("meta", OUTBOX_PREFIX + name_key(name)) is not None:
-            return  # a local change not yet published is this host's newest state
+            return None  # a local change not yet published is this host's newest state
         try:
             ver, dig = self.remote.head(name)
         except RemoteUnavailableError as e:
             self._down(e)
-            return
+            return None
         self._ok()
         if not ver:
-            return
-        failed = self._failed.get(name)
-        if failed is not None and failed[0] == ver:
-            raise failed[1]  # that version's blocks are damaged on the remote: the same typed error
+            return False
+        self.puller.raise_failed(name, ver)
         known = self.known(name) or {}
         if known.get("ver") == ver:
-            return
+            return dig is not None
         if dig is None:  # deleted on the remote after the version this host has: so is its copy here
             if self.sessions.exists_local(name) and int(known.get("ver", 0)) < ver:
                 log.info("session %r: deleted on the remote tier (version %d); deleting this host's copy", name, ver)
                 self.sessions.delete([name], _synced=ver)
-            return
+            return False
         local = self.cold.get("sessions", name_key(name))
         if local is not None and digest(bytes(local)) == dig:
             self.cold.write(lambda txn: self.set_known(txn, name, ver, dig))
-            return
+            return True
         try:
-            self.pull(name)
+            self.puller.pull(name)
         except RemoteUnavailableError as e:
             self._down(e)
-
-    def pull(self, name: str) -> SessionRecord | None:
-        """Fetch the remote record of ``name`` and what this host lacks of it into local LMDB."""
-        raw, ver = self.remote.record(name)
-        if raw is None:
-            return None
-        try:
-            rec = SessionRecord.unseal(name, raw)
-        except CorruptRecordError as e:
-            raise CorruptRecordError(f"{e.reason} (the record on the remote tier {self.remote.url}); nothing "
-                                     "was resumed", session=name) from None
-        chains, layers = rec.chains(), rec.layout.num_layers
-        with self.cold.read() as txn:
-            need = [i for i, c in enumerate(chains) if self.cold.get("refs", c, txn=txn) is None]
-        items = []
-        for at in range(0, len(need), POSITIONS_PER_BATCH):
-            part = need[at:at + POSITIONS_PER_BATCH]
-            items += self._fetched(name, chains, part, layers,
-                                   self.remote.fetch_positions([chains[i] for i in part], layers))
-        where = {key: (i, layer) for i in need for layer, key in
-                 ((la, block_key(chains[i], la)) for la in range(layers))}
-        size = sum(len(d) for _, d, _ in items)
-        if size < self.stream_bytes:
-            self._verify(name, items, where)
-            out = self.sessions.commit(rec, _synced=(ver, digest(raw)), blocks=items)
-        else:  # readable now from memory; verified and written to LMDB by a thread of its own
-            out = rec
-            self._land_later(rec, (ver, digest(raw)), items, where)
-        log.info("session %r: pulled version %d from %s (%d of %d positions fetched)", name, ver,
-                 self.remote.url, len(need), len(chains))
-        return out
-
-    def _fetched(self, name: str, chains, part, layers: int, got) -> list:
-        """``put_blocks`` items of fetched positions: every block present, every summary sealed
-        for its key (a damaged one is dropped: it is recomputed from its block)."""
-        items = []
-        for i, values in zip(part, got):
-            for layer in range(layers):
-                data, summ = values[layer], values[layers + layer]
-                key = block_key(chains[i], layer)
-                where = dict(session=name, layer=layer, block=i)
-                if data is None:
-                    raise MissingBlockError(f"block not on the remote tier {self.remote.url} (evicted or lost); "
-                                            "nothing was resumed", **where)
-                if summ is not None:
-                    try:  # its checksum (sealed for this key); the tensors are built when it is used
-                        open_envelope(key, SUMMARY_KIND, summ, error=CorruptBlockError, **where)
-                    except CorruptBlockError:
-                        log.warning("session %r layer %d block %d: damaged summary on the remote tier "
-                                    "dropped (it is recomputed from the block)", name, layer, i)
-                        summ = None
-                items.append((key, data, summ))
-        return items
-
-    def _verify(self, name: str, items, where: dict) -> None:
-        """Every block's checksum and structure against its key (``CorruptBlockError`` naming it)."""
-        from ..codec import verify_record
-        for key, data, _ in items:
-            i, layer = where[key]
-            try:
-                verify_record(key, data, session=name, layer=layer, block=i)
-            except CorruptBlockError as e:
-                raise CorruptBlockError(f"{e.reason} (fetched from the remote tier {self.remote.url}); "
-                                        "nothing was resumed", session=name, layer=layer, block=i) from None
-
-    # -- pulls that land in the background -----------------------------------------------------
-
-    def pending(self, name: str) -> SessionRecord | None:
-        """The record of a pull of ``name`` whose LMDB write has not landed yet."""
-        p = self._pending.get(name)
-        return p[0] if p is not None else None
-
-    def _land_later(self, rec: SessionRecord, synced: tuple[int, str], items: list, where: dict) -> None:
-        """A large pull: its blocks readable from memory at once (``ColdStore.stage``; a resume
-        reads them from there, checking each checksum as it does from LMDB), verified again and
-        written with the record in one LMDB transaction by a thread; until it lands the record is
-        ``pending``, and a local commit waits for it (``wait_pulls``)."""
-        self.cold.stage("blocks", [(k, d) for k, d, _ in items])
-        self.cold.stage("summaries", [(k, s) for k, _, s in items if s is not None])
-        keys = [k for k, _, _ in items]
-
-        def land() -> None:
-            try:
-                self._verify(rec.name, items, where)
-                self.sessions.commit(rec, _synced=synced, blocks=items)
-            except BaseException as e:  # noqa: BLE001 - the resume reading these blocks sees it too
-                log.error("session %r: the pulled version did not land in local LMDB: %s", rec.name, e)
-                self._failed[rec.name] = (synced[0], e)  # read() raises it from now on
-            finally:  # staged blocks go a while later, landed or not (a reader may be reading them)
-                with self._lock:
-                    self._pending.pop(rec.name, None)
-                    self._landed.append((time.monotonic(), keys))
-
-        t = threading.Thread(target=land, name="tierstore-pull", daemon=True)
-        with self._lock:
-            self._pending[rec.name] = (rec, t)
-        t.start()
-
-    def wait_pulls(self) -> None:
-        """Until every pull of this process has landed in LMDB (or failed)."""
-        for _, t in list(self._pending.values()):
-            if t is not threading.current_thread():
-                t.join()
-
-    def _unstage_landed(self, *, older_than: float = 5.0) -> None:
-        """Drop staged blocks that landed ``older_than`` seconds ago (read transactions begun
-        before they landed are long over)."""
-        now = time.monotonic()
-        with self._lock:
-            done = [x for x in self._landed if now - x[0] >= older_than]
-            self._landed = [x for x in self._landed if now - x[0] < older_than]
-        for _, keys in done:
-            self.cold.unstage("blocks", keys)
-            self.cold.unstage("summaries", keys)
+        return True
 
     def exists(self, name: str) -> bool:
         if not self._up():
@@ -596,8 +470,8 @@ class Replica:
 
     def tick(self) -> None:
         """Renew held leases; publish the outbox when the remote is up."""
-        if self._landed:
-            self._unstage_landed()
+        if self.puller is not None:
+            self.puller.unstage_landed()
         if self._held or self._unreleased:
             self.renew()
         if self._up() and next(self.cold.scan("meta", OUTBOX_PREFIX, keys_only=True), None) is not None:

@@ -69,31 +69,28 @@ end
 return 1
 """
 
-# KEYS: session hash, lease, publish lock. ARGV: record, digest, base version, fence, host, now, lock token,
-# the writer's lease value (a writer whose acquire timed out may hold the lease without knowing its fence)
-_COMMIT = """
-local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
-local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
-local mine = tonumber(ARGV[4])
-if redis.call('GET', KEYS[3]) ~= ARGV[7] then return {'unlocked', ver, fence} end
-if mine > 0 and mine ~= fence then return {'fenced', ver, fence} end
-if redis.call('HEXISTS', KEYS[1], 'rec') == 1 and ver ~= tonumber(ARGV[3]) then return {'conflict', ver, fence} end
-local lease = redis.call('GET', KEYS[2])
-if mine == 0 and lease and lease ~= ARGV[8] then return {'busy', ver, fence} end
-redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'digest', ARGV[2], 'ver', ver + 1, 'host', ARGV[5], 'updated', ARGV[6])
-return {'ok', ver + 1, fence}
-"""
-
-# KEYS: session hash, lease, publish lock. ARGV: base version, fence, lock token, the writer's lease value
-_DELETE = """
+# The checks every write of a session's record makes, atomically with the write. KEYS: session
+# hash, lease, publish lock. ARGV[1..4]: the version the writer built on, its fencing token (0: it
+# has none), its publish-lock token, its lease value (a writer whose acquire timed out may hold the
+# lease without knowing its fence). A record that is not there (never written, or deleted) takes any base.
+_GUARD = """
 local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
 local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
 local mine = tonumber(ARGV[2])
 if redis.call('GET', KEYS[3]) ~= ARGV[3] then return {'unlocked', ver, fence} end
 if mine > 0 and mine ~= fence then return {'fenced', ver, fence} end
-if ver ~= tonumber(ARGV[1]) then return {'conflict', ver, fence} end
+if redis.call('HEXISTS', KEYS[1], 'rec') == 1 and ver ~= tonumber(ARGV[1]) then return {'conflict', ver, fence} end
 local lease = redis.call('GET', KEYS[2])
 if mine == 0 and lease and lease ~= ARGV[4] then return {'busy', ver, fence} end
+"""
+
+# ARGV[5..8]: record, digest, host, now
+_COMMIT = _GUARD + """
+redis.call('HSET', KEYS[1], 'rec', ARGV[5], 'digest', ARGV[6], 'ver', ver + 1, 'host', ARGV[7], 'updated', ARGV[8])
+return {'ok', ver + 1, fence}
+"""
+
+_DELETE = _GUARD + """
 redis.call('HDEL', KEYS[1], 'rec', 'digest', 'host', 'updated')
 redis.call('HSET', KEYS[1], 'ver', ver + 1)
 return {'ok', ver + 1, fence}
@@ -225,7 +222,7 @@ class RemoteTier:
                lock: str, holder: str = "") -> tuple[str, int]:
         k = self.keys
         st, ver, _ = self._eval(_COMMIT, [k.session(name), k.lease(name), k.session(name) + ":pub"],
-                                [sealed, digest, base, fence, host, repr(time.time()), lock, holder])
+                                [base, fence, lock, holder, sealed, digest, host, repr(time.time())])
         return _s(st), int(ver)
 
     def delete(self, name: str, *, base: int, fence: int, lock: str, holder: str = "") -> tuple[str, int]:

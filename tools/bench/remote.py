@@ -37,7 +37,6 @@ from tierstore.layout import dtype_from_name
 def _start_redis(root: str):
     import subprocess
 
-    from tierstore.remote.client import parse_remote  # noqa: F401 - the extra is needed anyway
     server = shutil.which("redis-server")
     if server is None:
         raise click.ClickException("no redis-server on PATH: pass --remote URL or install redis-server")
@@ -106,7 +105,7 @@ def measure(model, tok, tokens: int, dtype: torch.dtype, url: str, repeat: int =
                 t_remote = min(t_remote, time.perf_counter() - t)
                 assert tok0 == first, "the remotely resumed first token differs from the prefill's"
                 cache.close()
-                st.sessions.replica.wait_pulls()  # its LMDB write (in the background) has landed
+                st.sessions.replica.puller.wait_pulls()  # its LMDB write (in the background) has landed
                 t = time.perf_counter()
                 cache = TieredCache.resume(st, model, name, commit_on_close=False)
                 tok0 = int(cache.last_logits[0].argmax())
