@@ -6,18 +6,25 @@ are the KV of exactly those tokens under this model, whoever stored them. ``resu
 names them in a record of ``session`` (a fork without a source: one commit, which checks again
 that every block is stored and takes their references, so no ``gc`` or delete can take them
 while the cache reads them), resumes it, and leaves the rest of the ids to the caller's prefill.
+
+Whole blocks are what the chain keys find; a conversation's partial last block (its tail: the end
+of the last reply) is stored under its session. ``TailIndex`` finds those too: the committed
+records by the chain key of their last full block, so that a prompt continuing a stored
+conversation resumes a copy (``fork``) of that conversation, tail included, and prefills only
+the new turn's tokens.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from tierstore.chain import chain_hashes, root_hash
-from tierstore.errors import MissingBlockError
+from tierstore.errors import MissingBlockError, TierstoreError
 from tierstore.records import SessionRecord
 
 from .fingerprint import kv_layout, model_fingerprint
@@ -60,8 +67,64 @@ def commit_prefix(store, model, session: str, token_ids: Sequence[int], *,
         store.sessions.release(lease)
 
 
+class TailIndex:
+    """Committed records that end in a partial block, by the chain key of their last full block
+    (the root for one shorter than a block): ``{key: {session: length}}``, within ``limit``
+    entries (the oldest go first). In memory, built from the store's records (``load``) and kept
+    up to date by ``add`` after each commit; an entry is only a hint: ``continued`` reads the
+    record and checks its token ids before anything resumes it. Thread-safe."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._by_key: dict[bytes, dict[str, int]] = {}
+        self._order: dict[tuple[bytes, str], None] = {}  # insertion order, for the limit
+
+    @staticmethod
+    def _key(rec: SessionRecord) -> bytes:
+        full = rec.length // rec.layout.block_tokens
+        return rec.chains()[full - 1] if full else rec.root
+
+    def load(self, store) -> "TailIndex":
+        for rec in store.list():
+            self.add(rec)
+        return self
+
+    def add(self, rec: SessionRecord) -> None:
+        if rec.length % rec.layout.block_tokens == 0:
+            return  # no tail: whole blocks are found by their keys
+        key = self._key(rec)
+        with self._lock:
+            self._by_key.setdefault(key, {})[rec.name] = rec.length
+            self._order.pop((key, rec.name), None)
+            self._order[(key, rec.name)] = None
+            while len(self._order) > self.limit:
+                old_key, old_name = next(iter(self._order))
+                del self._order[(old_key, old_name)]
+                names = self._by_key.get(old_key, {})
+                names.pop(old_name, None)
+                if not names:
+                    self._by_key.pop(old_key, None)
+
+    def continued(self, store, key: bytes, ids: list[int]) -> SessionRecord | None:
+        """The longest indexed record under ``key`` that ``ids`` continue (read and checked now)."""
+        with self._lock:
+            names = sorted(self._by_key.get(key, {}).items(), key=lambda kv: -kv[1])
+        for name, length in names:
+            if length >= len(ids):
+                continue
+            try:
+                rec = store.session(name)
+            except TierstoreError:  # deleted (or replaced by something unreadable) since
+                continue
+            if _extends(rec, ids) and rec.length % rec.layout.block_tokens:
+                return rec
+        return None
+
+
 def resume_prefix(store, model, token_ids: Sequence[int], session: str, *, reuse: bool = True,
-                  tokenizer_name: str | None = None, **cache_kw) -> TieredCache:
+                  tokenizer_name: str | None = None, tails: TailIndex | None = None,
+                  **cache_kw) -> TieredCache:
     """A cache for ``session`` that already holds the longest stored prefix of ``token_ids``.
 
     ``session``'s own record when ``token_ids`` continue it (its partial last block too), else
@@ -72,6 +135,31 @@ def resume_prefix(store, model, token_ids: Sequence[int], session: str, *, reuse
     ids = [int(t) for t in token_ids]
     if reuse and store.exists(session) and _extends(store.session(session), ids):
         return TieredCache.resume(store, model, session, **cache_kw)
+    if reuse and tails is not None and _fork_tail(store, model, tails, session, ids):
+        return TieredCache.resume(store, model, session, **cache_kw)
     if reuse and commit_prefix(store, model, session, ids, tokenizer_name=tokenizer_name) is not None:
         return TieredCache.resume(store, model, session, **cache_kw)
     return TieredCache(store, model, session, overwrite=True, tokenizer_name=tokenizer_name, **cache_kw)
+
+
+def _fork_tail(store, model, tails: TailIndex, session: str, ids: list[int]) -> bool:
+    """Name in ``session`` a copy of the longest indexed conversation that ``ids`` continue, its
+    partial last block included (``TailIndex``); False when there is none."""
+    lay = kv_layout(model, store.config.block_tokens)
+    fp, _ = model_fingerprint(model)
+    root = root_hash(fp, lay, store.config.codec.identity)
+    full = (len(ids) - 1) // lay.block_tokens
+    chains = chain_hashes(root, ids[:full * lay.block_tokens], lay.block_tokens)
+    n = store.sessions.committed_prefix(chains)  # the conversation's full blocks are among these
+    rec = tails.continued(store, chains[n - 1] if n else root, ids)
+    if rec is None or rec.fingerprint != fp or rec.layout != lay:
+        return False
+    lease = store.sessions.acquire(session)
+    try:
+        store.fork(rec.name, session, overwrite=True)
+    except TierstoreError:  # the conversation went away between the read and the fork
+        log.info("session %r: the conversation it continues went away; resuming whole blocks", session)
+        return False
+    finally:
+        store.sessions.release(lease)
+    return True

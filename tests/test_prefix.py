@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tierstore.adapters.prefix import resume_prefix
+from tierstore.adapters.prefix import TailIndex, resume_prefix
 
 from support import greedy
 
@@ -63,3 +63,29 @@ def test_reuse_off_and_a_diverged_named_session(store, model):
     assert turn(store, model, other, "a") == (0, cold(model, other))
     assert store.session("a").token_ids.tolist()[:25] == other   # the name now holds the new one
     assert not store.sessions.live_leases()                      # every lease given back
+
+
+def test_a_tail_index_resumes_another_sessions_conversation_tail_included(store, model):
+    tails = TailIndex()
+    a = ids(30, 8)
+    turn(store, model, a, "turn-1", tails=tails)
+    held = store.session("turn-1")                               # 34 tokens: 4 blocks + a partial one
+    tails.add(held)
+    nxt = held.token_ids.tolist() + ids(7, 9)                    # the next turn, under a new name
+    assert turn(store, model, nxt, "turn-2", tails=tails) == (held.length, cold(model, nxt))
+    assert store.session("turn-1").length == held.length         # the earlier turn is untouched
+    other = held.token_ids.tolist() + ids(7, 11)                 # (nxt's 5th block is stored now)
+    assert turn(store, model, other, "plain")[0] == 4 * BT       # without the index: whole blocks only
+
+    assert TailIndex().load(store).continued(store, held.chains()[3], nxt).name == "turn-1"  # rebuilt from disk
+    store.fork("turn-1", "moved")
+    tails.add(store.session("moved"))
+    store.delete("turn-1")                                       # a stale hint is read, checked and passed by
+    replaced = ids(34, 10)
+    with resume_prefix(store, model, replaced, "moved", commit_on_close=False, reuse=False) as cache:
+        greedy(model, torch.tensor([replaced]), cache, max_new_tokens=1)
+        cache.commit()                                           # "moved" now holds another conversation
+    last = held.token_ids.tolist() + ids(7, 12)
+    assert tails.continued(store, held.chains()[3], last) is None
+    assert turn(store, model, last, "turn-3", tails=tails) == (4 * BT, cold(model, last))
+    assert not store.sessions.live_leases()

@@ -50,10 +50,10 @@ def start(checkpoint, store, log, *extra) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    """One server for the module, with no waiting room (--max-queue 0): a second concurrent
-    request is refused with 429."""
+    """One server for the module, one request generating and no waiting room (--max-running 1
+    --max-queue 0): a second concurrent request is refused with 429."""
     d = tmp_path_factory.mktemp("serve")
-    srv = start(checkpoint, d / "kv", d / "log", "--max-queue", "0")
+    srv = start(checkpoint, d / "kv", d / "log", "--max-queue", "0", "--max-running", "1")
     srv.store = d / "kv"
     yield srv
     try:
@@ -327,7 +327,7 @@ def test_sigterm_commits_in_flight_and_a_restart_resumes_from_disk(checkpoint, c
         assert rec.token_ids[:len(ids1)].tolist() == ids1 and verify_store(s, ()).ok
 
     second = first + [{"role": "assistant", "content": got}, {"role": "user", "content": "What did I say?"}]
-    srv = start(checkpoint, store, tmp_path / "log2", "--max-queue", "4")
+    srv = start(checkpoint, store, tmp_path / "log2", "--max-queue", "4", "--max-running", "1")
     try:
         r2 = client(srv).chat.completions.create(model=MODEL, messages=second, max_tokens=12, temperature=0,
                                                  user="chat-1")
@@ -376,3 +376,46 @@ def test_sigterm_commits_in_flight_and_a_restart_resumes_from_disk(checkpoint, c
         assert srv.stop() == 0, srv.tail()
     finally:
         srv.kill()
+
+
+def test_running_requests_take_turns_token_by_token(checkpoint, cold, tmp_path):
+    """--max-running 2: a request that arrives while another streams a long reply is answered
+    before that reply ends (its prefill takes the model's next turn), greedy exactly as alone,
+    and a seeded sample draws what it draws alone; a third is refused (no waiting room)."""
+    tok = cold[1]
+    srv = start(checkpoint, tmp_path / "kv", tmp_path / "log", "--max-running", "2", "--max-queue", "0")
+    try:
+        seeded = [{"role": "user", "content": "Pick some words at random."}]
+        alone = chat(srv, seeded, max_tokens=12, temperature=1.0, top_p=0.9, seed=7).choices[0].message.content
+        ask = [{"role": "user", "content": "A short question, asked beside a long answer?"}]
+        c, r, lines = open_stream(srv, [{"role": "user", "content": "abc"}])
+        try:
+            next_content(lines)                                          # the long reply generates
+            t0 = time.monotonic()
+            got = chat(srv, ask, max_tokens=10).choices[0].message.content
+            beside = chat(srv, seeded, max_tokens=12, temperature=1.0, top_p=0.9, seed=7).choices[0].message.content
+            m = metrics(srv)
+            assert metric(m, "tierstore_requests_running") == 1, "the long reply should still be generating"
+            assert got == cold_greedy(cold, prompt_ids(tok, ask), 10)[0]
+            assert beside == alone                                       # its own random stream
+            assert time.monotonic() - t0 < 60
+            r2 = post(srv, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2, "messages": ask})
+            assert r2.status_code == 200                                 # two may run: the stream and this
+            c3, s3, l3 = open_stream(srv, ask)
+            try:
+                next_content(l3)
+                assert_error(post(srv, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2, "messages": ask}),
+                             429, kind="rate_limit_error", code="queue_full")
+            finally:
+                s3.close()
+                c3.close()
+        finally:
+            r.close()
+            c.close()
+        after = wait_idle(srv)
+        assert metric(after, "tierstore_requests_cancelled_total") == 2  # both streams stopped when left
+        assert srv.stop() == 0, srv.tail()
+    finally:
+        srv.kill()
+    with tierstore.open(tmp_path / "kv") as store:
+        assert verify_store(store, ()).ok

@@ -19,7 +19,9 @@ from .options import Opts
 @click.option("--block-tokens", type=int, default=None, help="Tokens per block of a new store.")
 @click.option("--policy", default="exact", show_default=True, help="Placement or sparse policy of the caches.")
 @click.option("--budget", "budget_tokens", type=int, default=None, help="Tokens attended per step (sparse policies).")
-@click.option("--max-queue", default=16, show_default=True, help="Requests that may wait; more get HTTP 429.")
+@click.option("--max-running", default=4, show_default=True,
+              help="Requests generating at once (they take turns at the model, token by token).")
+@click.option("--max-queue", default=16, show_default=True, help="Requests that may wait beyond those; more get HTTP 429.")
 @click.option("--max-tokens", default=1024, show_default=True,
               help="Most new tokens per request (also the default, within the context).")
 @click.option("--max-prompt-tokens", type=int, default=None, help="Longest prompt (default: the model's context).")

@@ -1,12 +1,20 @@
-"""The generation engine: one worker thread owns the model, its tokenizer and the store.
+"""The generation engine: the model, its tokenizer and the store behind ``max_running`` worker
+threads, with a bounded admission count in front.
 
-transformers models and ``TieredCache`` are not thread-safe, so every request runs on one
-worker thread, one at a time, in arrival order; the event loop only parses, waits and writes.
-In front of the worker is a bounded admission count (``max_queue`` waiting + the one running):
-a request beyond it is refused at once with 429 and a ``Retry-After`` estimated from recent
-service times, never queued without bound. A request runs as: render the messages with the chat
-template, resume the longest stored prefix of its token ids (``adapters.prefix``), prefill the
-rest and generate, commit the new state (so the next turn resumes it), close the cache. A job
+A request runs on a worker as: render the messages with the chat template, resume the longest
+stored prefix of its token ids (``adapters.prefix``), prefill the rest and generate, commit the
+new state (so the next turn resumes it), close the cache. Requests on different workers run at
+once, but the model computes for one of them at a time: every forward of a job needs the model's
+*turn* (``Turns``), handed over at each token. Waiting turns go to prefills before decode steps,
+then by arrival: a new request's time to first token is its own resume and prefill plus at most
+one decode step of the others, not their whole replies (iteration-level scheduling, as serving
+engines do, without batching the rows). A job holds the turn from its forward through the
+sampling of its token, with its own random state swapped in, so a seeded request samples the
+same tokens whoever runs beside it; resuming, committing and the store's I/O run outside the
+turn, beside the others' forwards. The event loop only parses, waits and writes.
+
+Beyond ``max_running`` jobs, ``max_queue`` may wait; a request beyond that is refused at once with
+429 and a ``Retry-After`` estimated from recent service times, never queued without bound. A job
 whose client went away (``Job.cancel``) stops at its next token; so does every job once the
 engine drains (SIGTERM); both still commit what they hold.
 """
@@ -14,8 +22,11 @@ engine drains (SIGTERM); both still commit what they hold.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import math
+import secrets
 import threading
 import time
 import uuid
@@ -36,7 +47,8 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     """model: ``smollm2`` or a local transformers checkpoint folder; store: the store folder.
     hot/warm/block_tokens: ``tierstore.open`` settings; policy/budget_tokens: ``TieredCache``'s.
-    max_queue: requests admitted beyond the one generating; max_tokens: the most new tokens a
+    max_running: requests generating at once (they take turns at the model, token by token);
+    max_queue: requests admitted beyond those that run; max_tokens: the most new tokens a
     request may ask (and what it gets when it asks none, within the context); max_prompt_tokens:
     None for the model's context. reuse=False prefills every prompt whole (for comparisons)."""
 
@@ -48,6 +60,7 @@ class EngineConfig:
     policy: str = "exact"
     budget_tokens: int | None = None
     max_queue: int = 16
+    max_running: int = 4
     max_tokens: int = 1024
     max_prompt_tokens: int | None = None
     reuse: bool = True
@@ -97,6 +110,8 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.arrived = time.monotonic()
+        self.order = 0       # arrival rank, set on admission (older jobs take the model's turn first)
+        self.rng: torch.Tensor | None = None  # the job's own random state (a seeded request)
         self._loop = loop
 
     def emit(self, kind: str, value=None) -> None:
@@ -108,6 +123,46 @@ class Job:
     def cancel(self) -> None:
         """The client is gone: stop at the next token (or skip the job if it has not started)."""
         self.cancelled.set()
+
+
+class Turns:
+    """The model's turn: one job's forwards at a time, granted to the waiting job of highest
+    priority (smallest ``(phase, arrival)``: a prefill before any decode step, then the older
+    job). A job's own random state is swapped in while it holds the turn (sampling happens
+    inside it), so interleaving never changes what a seeded job draws."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._waiting: list[tuple[int, int, int]] = []  # heap of (phase, arrival, ticket)
+        self._tickets = itertools.count()
+        self._holder: Job | None = None
+
+    def acquire(self, job: "Job", prefill: bool) -> None:
+        """Wait for the turn (no-op when ``job`` holds it already: chunked prefill)."""
+        with self._cv:
+            if self._holder is job:
+                return
+            me = (0 if prefill else 1, job.order, next(self._tickets))
+            heapq.heappush(self._waiting, me)
+            while self._holder is not None or self._waiting[0] != me:
+                self._cv.wait()
+            heapq.heappop(self._waiting)
+            self._holder = job
+        if job.rng is not None:
+            torch.random.set_rng_state(job.rng)
+
+    def release(self, job: "Job") -> None:
+        """Give the turn up, if ``job`` holds it (its random state is kept for its next turn)."""
+        with self._cv:
+            if self._holder is not job:
+                return
+            if job.rng is not None:
+                job.rng = torch.random.get_rng_state()
+            self._holder = None
+            self._cv.notify_all()
+
+    def held_by(self, job: "Job") -> bool:
+        return self._holder is job
 
 
 def _shutting_down() -> ApiError:
@@ -128,6 +183,7 @@ class _Tracker(StoppingCriteria):
         self.last = job.arrived
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.engine.turns.release(self.job)  # the token is sampled: another job's forward may run
         now = time.monotonic()
         self.engine.metrics.token(now - self.last, first=self.tokens == 0)
         self.tokens, self.last = self.tokens + 1, now
@@ -149,28 +205,44 @@ class _Tracker(StoppingCriteria):
 
 
 class Engine:
-    """The model, tokenizer and store behind one worker thread, with a bounded queue in front."""
+    """The model, tokenizer and store behind ``max_running`` worker threads that take turns at
+    the model, with a bounded queue in front."""
 
     def __init__(self, cfg: EngineConfig) -> None:
         from .metrics import ServeMetrics
 
+        if cfg.max_running < 1 or cfg.max_queue < 0:
+            raise ValueError(f"max_running must be >= 1 and max_queue >= 0, got {cfg.max_running}, {cfg.max_queue}")
         self.cfg = cfg
         self.model = self.tok = self.store = None
         self.draining = threading.Event()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tierstore-generate")
+        self.turns = Turns()
+        self._pool = ThreadPoolExecutor(cfg.max_running, thread_name_prefix="tierstore-generate")
         self._lock = threading.Lock()
         self._admitted = 0      # waiting + running
         self._running = 0
-        self._service_s = 1.0   # moving average of a request's time on the worker
+        self._arrivals = itertools.count()
+        self._service_s = 1.0   # moving average of a request's time on a worker
         self._closed = False
+        self._job = threading.local()  # the job a worker thread runs (whose forwards need the turn)
+        self._hooks: list = []
         self.metrics = ServeMetrics(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> "Engine":
-        """Load the model and open the store on the worker thread (which uses them from then on)."""
-        self._pool.submit(self._load).result()
+        """Load the model, open the store and make every forward of a job wait for its turn."""
+        from tierstore.adapters.prefix import TailIndex
+
+        self._load()
+        self.tails = TailIndex().load(self.store)  # stored conversations, by where their tails start
+        self._hooks = [self.model.register_forward_pre_hook(self._forward_starts, prepend=True)]
         return self
+
+    def _forward_starts(self, module, args) -> None:
+        job = getattr(self._job, "job", None)
+        if job is not None:  # a worker's forward: a prefill (no token yet) or a decode step
+            self.turns.acquire(job, prefill=self._job.tracker is None or self._job.tracker.tokens == 0)
 
     def _load(self) -> None:
         import tierstore
@@ -197,10 +269,9 @@ class Engine:
                 return
             self._closed = True
         self.drain()
-        self._pool.submit(self._close).result()
-        self._pool.shutdown()
-
-    def _close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for h in self._hooks:
+            h.remove()
         if self.store is not None:
             self.store.close()
 
@@ -211,6 +282,7 @@ class Engine:
         return self._admitted - self._running
 
     def running(self) -> int:
+        """Admitted requests on a worker (at most ``max_running``)."""
         return self._running
 
     def submit(self, job: Job) -> None:
@@ -218,12 +290,14 @@ class Engine:
         with self._lock:
             if self.draining.is_set():
                 raise _shutting_down()
-            if self._admitted >= self.cfg.max_queue + 1:
-                retry = min(60, max(1, math.ceil(self._service_s * (self._admitted - self._running + 1))))
+            if self._admitted >= self.cfg.max_queue + self.cfg.max_running:
+                ahead = self._admitted - self._running + 1
+                retry = min(60, max(1, math.ceil(self._service_s * ahead / self.cfg.max_running)))
                 raise ApiError(429, f"the server is busy: {self._admitted} requests are admitted "
                                f"(at most {self.cfg.max_queue} wait); retry after {retry} s",
                                type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
             self._admitted += 1
+            job.order = next(self._arrivals)
         try:
             self._pool.submit(self._run, job)
         except RuntimeError:  # the worker has shut down (a request racing the engine's close)
@@ -243,6 +317,7 @@ class Engine:
                 return
             if self.draining.is_set():
                 raise _shutting_down()
+            self._job.job, self._job.tracker = job, None
             self._generate(job)
         except ApiError as e:
             job.emit("error", e)
@@ -255,6 +330,8 @@ class Engine:
             log.exception("request failed")
             job.emit("error", ApiError(500, f"{type(e).__name__}: {e}", type="server_error"))
         finally:
+            self.turns.release(job)
+            self._job.job = self._job.tracker = None
             with self._lock:
                 self._running -= 1
                 self._admitted -= 1
@@ -306,23 +383,34 @@ class Engine:
         limit = self._limit(job, len(ids))
         session = job.session or f"serve-{uuid.uuid4().hex[:16]}"  # named by the client, else new
         cache = resume_prefix(self.store, self.model, ids, session, reuse=self.cfg.reuse, policy=self.cfg.policy,
-                              budget_tokens=self.cfg.budget_tokens, commit_on_close=False,
+                              budget_tokens=self.cfg.budget_tokens, commit_on_close=False, tails=self.tails,
                               tokenizer_name=getattr(self.tok, "name_or_path", None))
         try:
             reused = cache.get_seq_length()
             self.metrics.prompt(len(ids), reused)
             job.emit("start", Started(len(ids), reused))
-            tracker = _Tracker(self, job, len(ids))
-            if job.sampling.seed is not None:
-                torch.manual_seed(job.sampling.seed)
+            tracker = self._job.tracker = _Tracker(self, job, len(ids))
+            # its own random stream (seeded by the request, else fresh), swapped in with its turn
+            seed = job.sampling.seed if job.sampling.seed is not None else secrets.randbits(63)
+            job.rng = torch.Generator().manual_seed(seed).get_state()
             full = torch.tensor([ids], dtype=torch.long)
-            with torch.no_grad():
-                out = self.model.generate(full, attention_mask=torch.ones_like(full), cache=cache,
-                                          generation_config=self._generation_config(job.sampling, limit),
-                                          stopping_criteria=StoppingCriteriaList([tracker]))
-            cache.commit()  # prompt + reply (the last token is fed next turn): the next turn resumes it
+            try:
+                with torch.no_grad():
+                    out = self.model.generate(full, attention_mask=torch.ones_like(full), cache=cache,
+                                              generation_config=self._generation_config(job.sampling, limit),
+                                              stopping_criteria=StoppingCriteriaList([tracker]))
+            finally:
+                self.turns.release(job)
+            for rec in cache.commit():  # prompt + reply (the last token is fed next turn): the next turn resumes it
+                self.tails.add(rec)
         finally:
-            cache.close()
+            # unhooking the model while another job's forward runs could hand that forward a
+            # half-removed hook: a cache closes within a turn (a short one: its KV is committed)
+            self.turns.acquire(job, prefill=True)
+            try:
+                cache.close()
+            finally:
+                self.turns.release(job)
         new = out[0, len(ids):].tolist()
         reason = tracker.reason or ("stop" if new and new[-1] in self.eos else "length")
         tracker.flush(final=True)

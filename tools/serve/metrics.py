@@ -82,7 +82,7 @@ class ServeMetrics:
               registry=r).set_function(self._hit_ratio)
         Gauge("tierstore_queue_depth", "admitted requests waiting for the worker",
               registry=r).set_function(engine.queue_depth)
-        Gauge("tierstore_requests_running", "requests on the worker (0 or 1)", registry=r).set_function(engine.running)
+        Gauge("tierstore_requests_running", "requests generating (at most --max-running)", registry=r).set_function(engine.running)
         r.register(StoreCollector(engine))
 
     def _hit_ratio(self) -> float:
