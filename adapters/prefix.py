@@ -49,7 +49,10 @@ def commit_prefix(store, model, session: str, token_ids: Sequence[int], *,
     cfg = store.config.codec  # what a new TieredCache of this store writes
     full = (len(ids) - 1) // lay.block_tokens
     chains = chain_hashes(root_hash(fp, lay, cfg.identity), ids[:full * lay.block_tokens], lay.block_tokens)
-    n = store.sessions.committed_prefix(chains) * lay.block_tokens
+    local = store.sessions.committed_prefix(chains)
+    if _fork_remote(store, session, chains, local, ids, lay.block_tokens):
+        return store.session(session)
+    n = local * lay.block_tokens
     if n == 0:
         return None
     now = time.time()
@@ -163,3 +166,33 @@ def _fork_tail(store, model, tails: TailIndex, session: str, ids: list[int]) -> 
     finally:
         store.sessions.release(lease)
     return True
+
+
+def _fork_remote(store, session: str, chains: list[bytes], local: int, ids: list[int], bt: int) -> bool:
+    """With a remote tier: when the fleet references a longer prefix of ``chains`` than this
+    host stores (``local`` positions), name it in ``session`` as a fork of a session that holds
+    it (reading that session pulls the positions this host lacks). False when the remote has
+    nothing longer, is down, or the sessions it names went away meanwhile."""
+    replica = store.sessions.replica
+    if replica is None or len(chains) <= local:
+        return False
+    try:
+        held = replica.remote.referenced(chains)
+        n = next((i for i, h in enumerate(held) if not h), len(held))
+        if n <= local:
+            return False
+        for src in replica.remote.members(chains[n - 1]):
+            if src == session or not store.exists(src):
+                continue
+            rec = store.session(src)
+            if rec.length < n * bt or rec.token_ids[:n * bt].tolist() != ids[:n * bt]:
+                continue
+            lease = store.sessions.acquire(session)
+            try:
+                store.fork(src, session, n * bt, overwrite=True)
+            finally:
+                store.sessions.release(lease)
+            return True
+    except TierstoreError as e:  # down, or a source deleted under us: the local prefix serves
+        log.info("session %r: no prefix from the remote tier (%s)", session, e)
+    return False

@@ -419,3 +419,37 @@ def test_running_requests_take_turns_token_by_token(checkpoint, cold, tmp_path):
         srv.kill()
     with tierstore.open(tmp_path / "kv") as store:
         assert verify_store(store, ()).ok
+
+
+def test_two_servers_on_one_redis_share_conversations(checkpoint, cold, tmp_path):
+    """Hosts A and B (own stores) on one real redis-server: a chat's second turn sent to B,
+    with no session id, resumes the first turn's prefix that A committed (pulled from Redis),
+    and B's reply equals a cold run."""
+    from support.redis_servers import SKIP_REASON, RedisNode, redis_binaries
+    if redis_binaries() is None:
+        pytest.skip(SKIP_REASON)
+    pytest.importorskip("redis")
+    tok = cold[1]
+    node = RedisNode(tmp_path / "redis").start()
+    a = b = None
+    try:
+        a = start(checkpoint, tmp_path / "a", tmp_path / "log-a", "--remote", node.url, "--host-id", "A")
+        b = start(checkpoint, tmp_path / "b", tmp_path / "log-b", "--remote", node.url, "--host-id", "B")
+        turn1 = [{"role": "user", "content": "Two hosts, one conversation: please remember it well."}]
+        text1 = chat(a, turn1, max_tokens=16).choices[0].message.content
+        turn2 = turn1 + [{"role": "assistant", "content": text1}, {"role": "user", "content": "And on host B?"}]
+        r2 = chat(b, turn2, max_tokens=16)
+        ids1, ids2 = prompt_ids(tok, turn1), prompt_ids(tok, turn2)
+        assert r2.choices[0].message.content == cold_greedy(cold, ids2, 16)[0]
+        reused = r2.usage.prompt_tokens_details.cached_tokens
+        assert len(ids1) // BT * BT <= reused < len(ids2)              # A's blocks, through Redis
+        assert metric(metrics(b), "tierstore_prompt_tokens_reused_total") == reused
+        for srv in (a, b):
+            assert srv.stop() == 0, srv.tail()
+    finally:
+        for srv in (a, b):
+            if srv is not None:
+                srv.kill()
+        node.stop()
+    with tierstore.open(tmp_path / "b", remote=False) as store:        # B holds the pulled blocks itself
+        assert verify_store(store, ()).ok and store.list()

@@ -29,6 +29,9 @@ from .options import Opts
 @click.option("--name", default=None, help="Model id clients send (default: `smollm2` or the folder's name).")
 @click.option("--reuse/--no-reuse", default=True, show_default=True,
               help="Resume stored prefixes (--no-reuse prefills every prompt, for comparisons).")
+@click.option("--remote", default=None, metavar="URL",
+              help="Shared tier (redis://..., rediss://..., cluster nodes joined by commas; default $TIERSTORE_REMOTE).")
+@click.option("--host-id", default=None, help="This host's id in the shared tier (default $TIERSTORE_HOST_ID or the hostname).")
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn's log level.")
 @click.pass_context
 def serve_cmd(ctx: click.Context, model: str, store_path: str | None, host: str, port: int, log_level: str,

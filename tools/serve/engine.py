@@ -50,7 +50,9 @@ class EngineConfig:
     max_running: requests generating at once (they take turns at the model, token by token);
     max_queue: requests admitted beyond those that run; max_tokens: the most new tokens a
     request may ask (and what it gets when it asks none, within the context); max_prompt_tokens:
-    None for the model's context. reuse=False prefills every prompt whole (for comparisons)."""
+    None for the model's context. reuse=False prefills every prompt whole (for comparisons).
+    remote/host_id: ``tierstore.open``'s shared tier (None: ``TIERSTORE_REMOTE`` if set) and this
+    host's id in it: servers on several hosts then resume each other's conversations."""
 
     model: str
     store: str
@@ -67,6 +69,8 @@ class EngineConfig:
     prefill_chunk: int = 1024
     dtype: str = "float32"
     name: str | None = None
+    remote: str | None = None
+    host_id: str | None = None
 
     @property
     def served_name(self) -> str:
@@ -249,7 +253,7 @@ class Engine:
 
         self.model, self.tok = load_model(self.cfg.model, self.cfg.dtype)
         self.store = tierstore.open(self.cfg.store, hot=self.cfg.hot, warm=self.cfg.warm,
-                                    block_tokens=self.cfg.block_tokens)
+                                    block_tokens=self.cfg.block_tokens, remote=self.cfg.remote, host=self.cfg.host_id)
         cfg = self.model.config.get_text_config()
         self.context = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
         self.vocab = cfg.vocab_size
