@@ -454,3 +454,25 @@ def test_resume_keeps_the_block_size_the_session_was_stored_with(tmp_path):
             assert cache.layout.block_tokens == BT
             out = model.generate(ids, cache=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
+
+
+def test_row_chains_grow_incrementally_and_equal_a_full_rehash():
+    """A decode step hashes only the blocks its tokens touch; the chains always equal hashing
+    every token again, across marks that change (a sparse step starts), truncation and forks."""
+    from tierstore.adapters.row import Row
+    from tierstore.chain import chain_hashes
+    root, bt = b"r" * 32, 4
+    row = Row("s")
+    marks: tuple = ()
+    for step, n in enumerate([7, 1, 1, 3, 5, 1, 1, 1, 9]):
+        if step == 4:
+            marks = ((len(row.token_ids), b"approx"),)       # sparse from here on
+        row.extend(list(range(step * 10, step * 10 + n)), root, bt, marks)
+        assert row.chains == chain_hashes(root, row.token_ids, bt, marks=marks)
+        if step == 6:
+            row.truncate(len(row.token_ids) - 3, bt)
+            assert row.chains == chain_hashes(root, row.token_ids, bt, marks=marks)[:len(row.token_ids) // bt]
+    twin = row.fork(None)
+    twin.extend([1, 2], root, bt, marks)
+    assert twin.chains == chain_hashes(root, twin.token_ids, bt, marks=marks)
+    assert row.chains == chain_hashes(root, row.token_ids, bt, marks=marks)

@@ -17,6 +17,7 @@ from tierstore.policies.quest import quest_bound
 from tierstore.records import BlockSummary
 from tierstore.sketch import CALIB_TOKENS, Basis, basis_key, sketch_score
 from tierstore.sparse import SparseConfig, select
+from tierstore.tiers.schema import block_key
 
 from support import tiny
 
@@ -249,3 +250,27 @@ def test_mass_on_the_stack_survives_the_restack_when_the_basis_appears(tmp_path)
         s = mgr.summaries(seq, 0)                                   # restacked with sketches
         assert s.sketch is not None
         assert torch.allclose(s.mass[:20], mass)
+
+
+def test_a_whole_session_put_at_once_fits_the_basis_and_is_stored_sketched(tmp_path):
+    """put_session seals no block through a cache: it fits the layers' bases from the session's
+    own first keys (when the store has none) and stores every summary sketched in them; a
+    session shorter than the calibration stores plain summaries."""
+    torch.manual_seed(3)
+    n = CALIB_TOKENS + 5 * BT + 3
+    kv = [(torch.randn(2, n, 16), torch.randn(2, n, 16)) for _ in range(LAY.num_layers)]
+    with tierstore.open(tmp_path / "kv", block_tokens=BT) as st:
+        short = [(k[:, :CALIB_TOKENS - BT], v[:, :CALIB_TOKENS - BT]) for k, v in kv]
+        st.put_session("short", layout=LAY, kv=short, token_ids=list(range(CALIB_TOKENS - BT)), fingerprint="f")
+        assert all(st.manager.calibrator.basis(LAY, layer) is None for layer in range(2))
+        rec = st.put_session("s", layout=LAY, kv=kv, token_ids=list(range(n)), fingerprint="f")
+        chains = rec.chains()
+        for layer in range(2):
+            basis = st.manager.calibrator.basis(LAY, layer)
+            assert basis is not None and st.cold.get("meta", basis_key(LAY, layer)) is not None
+            for i in (0, rec.num_blocks - 1):
+                key = block_key(chains[i], layer)
+                sm = BlockSummary.unseal(key, bytes(st.cold.get("summaries", key)))
+                assert sm.tag == basis.tag and sm.sketch is not None
+    with tierstore.open(tmp_path / "kv") as st:  # the stored basis is the one read back
+        assert st.manager.calibrator.basis(LAY, 0) is not None

@@ -228,22 +228,25 @@ def test_head_masked_attention_equals_each_heads_own_dense_attention(tmp_path, h
         k, v = torch.randn(2, n, 4), torch.randn(2, n, 4)
         mgr.append(seq, 0, k, v)
         ids = [0, 2, 3, 6]
-        heads = torch.tensor([[True, True, False, True], [True, False, True, True]])
-        with pytest.raises(ValueError, match="same number of blocks"):
-            attend_selected(SeqReader(mgr, seq), 0, torch.randn(4, 1, 4), n - 1, None, 0.5, ids,
-                            torch.tensor([[True, True, False, True], [True, False, False, True]]))
         q = torch.randn(4, 1, 4)
-        warm_reads = mgr.counters.warm_in_place
-        out, mass = attend_selected(SeqReader(mgr, seq), 0, q, n - 1, None, 0.5, ids, heads)
-        assert (mgr.counters.warm_in_place > warm_reads) == (hot == 4)
         qg = q.reshape(2, 2, 4)
-        for h in range(2):
-            cols = torch.cat([torch.arange(i * BT, min((i + 1) * BT, n)) for i, on in zip(ids, heads[h]) if on])
-            p = torch.softmax(qg[h] @ k[h, cols].T * 0.5, -1)
-            assert torch.allclose(out.reshape(2, 2, 4)[h], p @ v[h, cols], atol=1e-5)
-            for j, i in enumerate(ids):  # mass per block and head: the probability on its tokens
-                want = float(p[:, (cols >= i * BT) & (cols < (i + 1) * BT)].sum())
-                assert abs(float(mass[j, h]) - want) < 1e-5
+        for heads in (torch.tensor([[True, True, False, True], [True, False, True, True]]),
+                      torch.tensor([[True, True, False, True], [True, False, False, True]])):  # unequal counts too
+            warm_reads = mgr.counters.warm_in_place
+            out, mass = attend_selected(SeqReader(mgr, seq), 0, q, n - 1, None, 0.5, ids, heads)
+            assert (mgr.counters.warm_in_place > warm_reads) == (hot == 4)
+            check_own_heads(out, mass, qg, k, v, ids, heads, n)
+
+
+def check_own_heads(out, mass, qg, k, v, ids, heads, n):
+    """Each KV head's group: dense attention over its own blocks of ``ids``; its mass per block."""
+    for h in range(2):
+        cols = torch.cat([torch.arange(i * BT, min((i + 1) * BT, n)) for i, on in zip(ids, heads[h]) if on])
+        p = torch.softmax(qg[h] @ k[h, cols].T * 0.5, -1)
+        assert torch.allclose(out.reshape(2, 2, 4)[h], p @ v[h, cols], atol=1e-5)
+        for j, i in enumerate(ids):  # mass per block and head: the probability on its tokens
+            want = float(p[:, (cols >= i * BT) & (cols < (i + 1) * BT)].sum())
+            assert abs(float(mass[j, h]) - want) < 1e-5
 
 
 def test_quest_bound_equals_the_elementwise_definition():
@@ -289,10 +292,11 @@ def test_stacked_summaries_follow_appends_growth_mass_and_truncation(tmp_path):
         assert mgr.summaries(seq, 0).mass[1].tolist() == [0.5, 0.25]
 
 
-def test_bench_sparse_rows_on_a_tiny_model():
+def test_bench_sparse_rows_on_a_tiny_model(tmp_path):
     """`tierstore bench sparse` end to end on a tiny model: one row per mode, the sparse row
     attends at most its budget per head, and the resumed blocks that did not fit hot were read
-    into warm in the background."""
+    into warm in the background; with ``store`` the prefilled context is kept and a second run
+    resumes it instead of prefilling (its DynamicCache row is filled from the stored KV)."""
     from types import SimpleNamespace
 
     from tierstore.tools.bench.sparse import measure
@@ -301,8 +305,17 @@ def test_bench_sparse_rows_on_a_tiny_model():
         def __call__(self, text, return_tensors="pt"):
             return SimpleNamespace(input_ids=torch.tensor([[b % 128 for b in text.encode()]]))
 
-    rows = measure(tiny(), Tok(), tokens=640, budget=64, new=3, policies=["quest"], hot=None,
-                   block_tokens=BT, dense_layers=1, warmup=2, per_head=True)
+    kw = dict(tokens=640, budget=64, new=3, policies=["quest"], hot=None, block_tokens=BT, dense_layers=1,
+              warmup=2, per_head=True, store=str(tmp_path / "ctx"))
+    model = tiny()
+    rows = measure(model, Tok(), **kw)
+    with tierstore.open(tmp_path / "ctx") as st:
+        rec = st.session("ctx-640")
+        assert rec.length == 640 and rec.last_logits is not None
+    again = measure(model, None, **kw)                     # no tokenizer: it must not prefill again
+    with tierstore.open(tmp_path / "ctx") as st:
+        assert st.session("ctx-640").created == rec.created
+    assert [r["mode"] for r in again] == [r["mode"] for r in rows]
     assert [r["mode"] for r in rows] == ["DynamicCache", "exact", "quest @64"]
     assert all(r["tok_s"] > 0 and r["first_tok_s"] > 0 for r in rows)
     q = rows[2]

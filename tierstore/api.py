@@ -186,13 +186,16 @@ class Store:
 
     def encode_blocks(self, record: SessionRecord, layer: int, k: torch.Tensor, v: torch.Tensor,
                       chains: Sequence[bytes], codec: CodecConfig | None = None):
-        """Sealed (key, block, summary) items for one layer's full K/V ``[kv_heads, length, head_dim]``."""
+        """Sealed (key, block, summary) items for one layer's full K/V ``[kv_heads, length, head_dim]``.
+        Summaries carry key sketches in the layer's basis, which is fitted from these keys when
+        the store has none yet for the layout (as sealing the first blocks through a cache would)."""
         bt = record.layout.block_tokens
         codec = codec or record.codec
+        basis = None if self.config.readonly else self.manager.calibrator.calibrate(record.layout, layer, k)
         for i, c in enumerate(chains):
             key = block_key(c, layer)
             kb, vb = k[:, i * bt:(i + 1) * bt], v[:, i * bt:(i + 1) * bt]
-            yield key, encode_block(key, kb, vb, codec), BlockSummary.of_keys(kb).seal(key)
+            yield key, encode_block(key, kb, vb, codec), BlockSummary.of_keys(kb, basis).seal(key)
 
     def put_session(self, name: str, *, layout: KVLayout, kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
                     token_ids: Sequence[int] | np.ndarray, fingerprint: str, fingerprint_fields: dict | None = None,

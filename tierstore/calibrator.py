@@ -73,6 +73,31 @@ class Calibrator:
         self._resketch(cal.pending, fitted)
         self._submit(self._store, layout, layer, fitted)
 
+    def calibrate(self, layout: KVLayout, layer: int, k: torch.Tensor) -> Basis | None:
+        """The layer's basis, fitted now from the keys ``k`` [kv_heads, tokens, head_dim] of a
+        whole session (its first ``CALIB_TOKENS`` tokens, block by block, as sealing would
+        gather them) when it has none yet, and stored; for whole-session writes (``put_session``,
+        imports), which seal no blocks through the manager. Call it without the manager lock."""
+        basis = self.basis(layout, layer)
+        if basis is not None or self.dims <= 0 or self._cold.readonly:
+            return basis
+        bt = layout.block_tokens
+        full = min(k.shape[1], -(-CALIB_TOKENS // bt) * bt) // bt
+        if full * bt < CALIB_TOKENS:
+            return None  # too short to fit from: sealing will gather the layer's first tokens
+        cal = Calibration()
+        for i in range(full):
+            cal.add(k[:, i * bt:(i + 1) * bt], None)
+        fitted = Basis.fit(cal.cov, min(self.dims, layout.head_dim)) if cal.tokens >= CALIB_TOKENS else None
+        if fitted is None:
+            return None
+        with self._lock:
+            if self._bases.get((layout, layer)) is not None:  # fitted meanwhile by a sealing session
+                return self._bases[(layout, layer)]
+            self._bases[(layout, layer)] = fitted
+        self._store(layout, layer, fitted)
+        return self.basis(layout, layer)
+
     def pending(self, layout: KVLayout, layer: int) -> int:
         """Tokens gathered so far for the layer's fit (0: none, or fitted)."""
         with self._lock:

@@ -115,31 +115,48 @@ class SeqReader:
         g, d = self.kv_heads, self.layout.head_dim
         return kv[0].reshape(g, -1, d), kv[1].reshape(g, -1, d), pos, valid
 
-    def select_heads(self, got: Sequence[Block], head_mask: torch.Tensor, device):
-        """Per-head selections read per head: K, V ``[kv_heads, K*bt, head_dim]`` where row h
-        holds only the K blocks head h selected (in block order; one indexed read of (head, slot)
-        pairs per tier), their positions ``[kv_heads, K*bt]`` and the valid-token mask (None
-        when every block is full). Every head must select the same number of blocks."""
-        lay = self.layout
+    def select_heads(self, got: Sequence[Block], head_mask: torch.Tensor, device
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-head selections read per head: K, V ``[kv_heads, m * block_tokens, head_dim]`` where
+        row h holds the blocks of ``got`` that head h selects (``head_mask`` bool [kv_heads,
+        len(got)]), in block order, padded to the largest count ``m`` with masked slots; their
+        positions ``[kv_heads, m * block_tokens]`` and the valid-token mask (None when every
+        slot holds a selected token). One indexed read of (head, slot) pairs per tier: a head
+        never reads the blocks only the others chose."""
+        lay, seq = self.layout, self.seq
         bt, g = lay.block_tokens, lay.kv_heads
-        counts = head_mask.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise ValueError(f"a head mask must give every KV head the same number of blocks, got {counts.tolist()}")
-        n = int(counts[0])
-        hh, jj = head_mask.nonzero(as_tuple=True)  # row-major: head 0's blocks first, in id order
-        blocks = [got[j] for j in jj.tolist()]
-        kv = None
-        for pool, attr in ((self.seq.hot, "hot"), (self.seq.warm, "warm")):
-            rows = [i for i, b in enumerate(blocks) if (b.hot is not None) == (attr == "hot")]
-            if not rows:
-                continue
-            slots = torch.tensor([getattr(blocks[i], attr) for i in rows], dtype=torch.long, device=pool.kv.device)
-            part = pool.kv[:, hh[rows].to(pool.kv.device), slots]  # [2, P, bt, head_dim]
-            if kv is None:
-                kv = part.new_empty((2, g * n, bt, lay.head_dim), device=device)
-            kv[:, torch.tensor(rows, device=device)] = part.to(device)
-        pos, valid = _positions(blocks, bt, device, (g, n * bt))
-        return kv[0].reshape(g, n * bt, lay.head_dim), kv[1].reshape(g, n * bt, lay.head_dim), pos, valid
+        hm = head_mask.cpu()
+        counts = hm.sum(1)
+        m = int(counts.max())
+        order = torch.argsort((~hm).to(torch.int8), dim=1, stable=True)[:, :m]  # [g, m]: own blocks first
+        real = torch.arange(m).unsqueeze(0) < counts.unsqueeze(1)
+        on_hot = torch.tensor([b.hot is not None for b in got])[order]
+        slot = torch.tensor([b.hot if b.hot is not None else b.warm for b in got], dtype=torch.long)[order]
+        heads = torch.arange(g).unsqueeze(1).expand(g, m)
+
+        def read(pool, pairs: torch.Tensor | None) -> torch.Tensor:
+            """K/V rows of (head, slot) pairs: one index_select of whole [bt * d] rows of the
+            pool seen as [2, heads * slots, bt * d] (advanced indexing copies element-wise)."""
+            flat = heads * pool.kv.shape[2] + slot
+            flat = flat.reshape(-1) if pairs is None else flat[pairs]
+            rows = pool.kv.view(2, -1, bt * lay.head_dim).index_select(1, flat.to(pool.kv.device))
+            return rows.to(device)
+
+        if bool(on_hot.all()) or not bool(on_hot.any()):  # one tier: one read, straight into place
+            kv = read(seq.hot if bool(on_hot[0, 0]) else seq.warm, None).view(2, g, m, bt, lay.head_dim)
+        else:
+            kv = torch.empty((2, g * m, bt * lay.head_dim), dtype=lay.dtype, device=device)
+            for pool, sel in ((seq.hot, on_hot), (seq.warm, ~on_hot)):
+                kv.index_copy_(1, sel.reshape(-1).nonzero().squeeze(1).to(device), read(pool, sel))
+            kv = kv.view(2, g, m, bt, lay.head_dim)
+        offs = torch.arange(bt)
+        index = torch.tensor([b.index for b in got], dtype=torch.long)[order]
+        pos = (index.unsqueeze(-1) * bt + offs).reshape(g, m * bt).to(device)
+        ntok = torch.tensor([b.ntok for b in got])[order]
+        valid = (offs < ntok.unsqueeze(-1)) & real.unsqueeze(-1)
+        valid = None if bool(valid.all()) else valid.reshape(g, m * bt).to(device)
+        d = lay.head_dim
+        return kv[0].reshape(g, m * bt, d), kv[1].reshape(g, m * bt, d), pos, valid
 
     def _gather(self, got: Sequence[Block], device=None) -> torch.Tensor:
         """``[2, kv_heads, len(got), block_tokens, head_dim]``: the slots of acquired blocks, in

@@ -106,7 +106,7 @@ def attend_selected(reader, layer: int, q: torch.Tensor, q_offset: int, pad: tor
     """Attention of ``q`` [heads, q_len, head_dim] over the blocks ``ids`` (ascending) only,
     read through ``reader`` (a ``SeqReader``) in block order whatever their tiers
     (``head_mask`` bool [kv_heads, len(ids)]: each KV head's group attends only its own blocks
-    of ``ids``, the same number per head). ``ext``: a ``positions.StepMap``: keys at least its
+    of ``ids``, read per head; heads with fewer blocks are padded with masked slots). ``ext``: a ``positions.StepMap``: keys at least its
     window away from a query are attended at their mapped positions.
 
     Returns (out float32 [heads, q_len, head_dim], mass float32 [len(ids), kv_heads]: the share of
@@ -123,7 +123,7 @@ def attend_selected(reader, layer: int, q: torch.Tensor, q_offset: int, pad: tor
             k_pos = k_pos.unsqueeze(0)
             valid = None if valid is None else valid.unsqueeze(0)
     k, v = k.float(), v.float()
-    if valid is not None:  # slot tails past a partial block's tokens: masked, and no NaN * 0 from stale bytes
+    if valid is not None:  # slot tails and padding: masked, and no NaN * 0 from stale bytes
         v = v.masked_fill(~valid.unsqueeze(-1), 0.0)
     s = torch.matmul(qg, k.transpose(-1, -2))  # [g, r, T]
     q_pos = torch.arange(q_offset, q_offset + q_len, device=q.device).repeat(n_rep)  # rows: (rep, token)

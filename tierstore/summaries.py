@@ -41,7 +41,9 @@ class _Stack:
     ``missing`` (sealed blocks whose summary was unknown) are restacked at the next read.
     ``first`` is the layer's first block: another first block means the layer was rebuilt.
     ``basis``: the sketch basis the rows were stacked with (another one means restacking);
-    ``sketch`` [kv_heads, capacity, block_tokens, r] exists with it (zero rows: not sketched)."""
+    ``sketch`` [kv_heads, capacity, block_tokens, r] exists with it (zero rows: not sketched), in
+    float32 although blocks keep theirs in float16: scoring reads it every step, and converting
+    it each time cost more than the scoring (twice the host memory of the stack instead)."""
 
     __slots__ = ("kmin", "kmax", "kmean", "mass", "tokens", "n", "final", "missing", "first", "basis", "sketch")
 
@@ -55,7 +57,7 @@ class _Stack:
         self.first = first
         self.basis = basis
         self.sketch = None if basis is None else \
-            torch.zeros(layout.kv_heads, 0, layout.block_tokens, basis.dims, dtype=torch.float16)
+            torch.zeros(layout.kv_heads, 0, layout.block_tokens, basis.dims, dtype=torch.float32)
 
     def grow(self, n: int) -> None:
         """Room for ``n`` rows (capacity doubles; new rows are zero)."""

@@ -22,7 +22,7 @@ class Summaries:
     step:              the manager's current step
     last_used:         int64 [n] manager step at which each block was last read (only for a
                        policy with ``uses_last_used``: building it walks every block)
-    sketch, basis:     the layer's key sketches float16 [kv_heads, n, block_tokens, r] (zero for
+    sketch, basis:     the layer's key sketches float [kv_heads, n, block_tokens, r] (zero for
                        tokens of blocks not sketched) and their basis [kv_heads, head_dim, r]
                        (``tierstore.sketch``); None while the layer has no basis
     """

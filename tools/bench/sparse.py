@@ -1,8 +1,10 @@
 """`tierstore bench sparse`: decode tokens/s with a sparse budget vs exact TieredCache vs
 DynamicCache, in one run (SmolLM2-135M-Instruct), and hot bytes in use.
 
-The context is prefilled once per length with DynamicCache; its KV is stored as a session, and
-each TieredCache row resumes it (so no row pays a prefill), then times ``--new`` decode steps.
+The context is prefilled once per length with DynamicCache and stored as a session (``--store
+DIR`` keeps it for later runs: a length already stored there is not prefilled again); the
+DynamicCache row is filled from the stored KV and each TieredCache row resumes it (so no row pays
+a prefill), then times ``--new`` decode steps.
 The hot budget of the sparse rows is ``--hot`` (default: 4x the per-step budget over all
 layers), far below the context's KV: selected blocks are recalled from warm/cold as needed.
 After a resume the blocks that did not fit hot are read into warm in the background; the
@@ -35,28 +37,41 @@ def _steps(model, cache, first: int, new: int) -> tuple[float, int]:
 
 
 def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str], hot: int | None,
-            block_tokens: int = 64, dense_layers: int = 0, warmup: int = 8, per_head: bool | None = None) -> list[dict]:
+            block_tokens: int = 64, dense_layers: int = 0, warmup: int = 8, per_head: bool | None = None,
+            store: str | None = None) -> list[dict]:
     import tierstore
     from transformers import DynamicCache
     from tierstore.adapters.fingerprint import kv_layout, model_fingerprint
     from tierstore.adapters.hf import TieredCache
     from tierstore.adapters.models import long_text
 
-    ids = tok(long_text(tokens * 6), return_tensors="pt").input_ids[:, :tokens]
-    dyn = DynamicCache()
-    with torch.no_grad():
-        for s in range(0, tokens, 2048):
-            out = model(input_ids=ids[:, s:s + 2048], cache=dyn, use_cache=True, logits_to_keep=1)
-    first = int(out.logits[0, -1].argmax())
     lay = kv_layout(model, block_tokens)
     kv_bytes = tokens * lay.token_bytes
     rows = [{"tokens": tokens, "mode": "DynamicCache", "tok_s": None, "hot_bytes": kv_bytes}]
-    d = tempfile.mkdtemp(prefix="tierstore-bench-")
+    d = store or tempfile.mkdtemp(prefix="tierstore-bench-")
+    name = f"ctx-{tokens}"
     try:
         with tierstore.open(d, hot="64MiB", warm="64MiB", block_tokens=block_tokens) as st:
             fp, fields = model_fingerprint(model)
-            st.put_session("ctx", layout=lay, kv=[(l.keys[0], l.values[0]) for l in dyn.layers],
-                           token_ids=ids[0].tolist(), fingerprint=fp, fingerprint_fields=fields)
+            if not st.exists(name) or st.session(name).fingerprint != fp:
+                ids = tok(long_text(tokens * 6), return_tensors="pt").input_ids[:, :tokens]
+                dyn = DynamicCache()
+                with torch.no_grad():
+                    for s in range(0, tokens, 2048):
+                        out = model(input_ids=ids[:, s:s + 2048], cache=dyn, use_cache=True, logits_to_keep=1)
+                st.put_session(name, layout=lay, kv=[(l.keys[0], l.values[0]) for l in dyn.layers],
+                               token_ids=ids[0].tolist(), fingerprint=fp, fingerprint_fields=fields,
+                               last_logits=out.logits[0, -1].float().numpy(), overwrite=True)
+                del dyn, out
+            rec, kv = st.load_session(name)  # the DynamicCache row starts from the stored KV too
+            if st.manager.calibrator.basis(lay, 0) is None:  # stored without key sketches: store it again
+                rec = st.put_session(name, layout=lay, kv=kv, token_ids=rec.token_ids, fingerprint=fp,
+                                     fingerprint_fields=fields, last_logits=rec.last_logits, overwrite=True)
+        dyn = DynamicCache()
+        for layer, (k, v) in enumerate(kv):
+            dyn.update(k.unsqueeze(0), v.unsqueeze(0), layer)
+        del kv
+        first = int(rec.last_logits.argmax()) if rec.last_logits is not None else int(rec.token_ids[-1])
         rows[0]["first_tok_s"], nxt = _steps(model, dyn, first, warmup)
         rows[0]["tok_s"] = _steps(model, dyn, nxt, new)[0]
         del dyn
@@ -65,7 +80,7 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
         for policy, b, hot_bytes in configs:
             with tierstore.open(d, hot=hot_bytes, warm=2 * kv_bytes, block_tokens=block_tokens) as st:
                 st.manager.prepare(lay, "cpu")
-                with TieredCache.resume(st, model, "ctx", policy=policy, budget_tokens=b, per_head=per_head,
+                with TieredCache.resume(st, model, name, policy=policy, budget_tokens=b, per_head=per_head,
                                         dense_layers=dense_layers if b else 0, commit_on_close=False) as cache:
                     c = st.manager.counters
                     c.hot_peak = st.manager.usage()["hot_blocks"]
@@ -80,7 +95,8 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
                                  "recalls_per_step": (c.promotions.get("cold", 0) + c.promotions.get("warm", 0) - before) / new,
                                  "warm_in_place_per_step": (c.warm_in_place - in_place) / new})
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        if store is None:
+            shutil.rmtree(d, ignore_errors=True)
     base = rows[0]["tok_s"]
     for r in rows:
         r["vs_dynamic"] = r["tok_s"] / base
@@ -98,9 +114,11 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--block-tokens", default=64, show_default=True)
 @click.option("--dense-layers", default=0, show_default=True, help="first layers attended exactly (sparse rows)")
+@click.option("--store", "store", default=None, metavar="DIR",
+              help="keep the prefilled contexts here (a length stored already is not prefilled again)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def sparse(tokens: str, budget: int, new: int, warmup: int, per_head: bool | None, policies: str, hot: str | None, dtype: str, block_tokens: int,
-           dense_layers: int, as_json: bool) -> None:
+           dense_layers: int, store: str | None, as_json: bool) -> None:
     """Decode tokens/s: sparse budget vs exact TieredCache vs DynamicCache (SmolLM2-135M)."""
     from tierstore.adapters.models import load_smollm2
     from tierstore.layout import parse_size
@@ -108,7 +126,7 @@ def sparse(tokens: str, budget: int, new: int, warmup: int, per_head: bool | Non
     rows = []
     for n in tokens.split(","):
         rows += measure(model, tok, int(n), budget, new, [p.strip() for p in policies.split(",")],
-                        parse_size(hot) if hot else None, block_tokens, dense_layers, warmup, per_head)
+                        parse_size(hot) if hot else None, block_tokens, dense_layers, warmup, per_head, store)
         click.echo(f"  {n} tokens: done", err=True)
     if as_json:
         click.echo(json.dumps({"bench": "sparse", "rows": rows}, indent=2))
