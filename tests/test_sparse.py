@@ -15,7 +15,8 @@ from tierstore.chain import chain_hashes
 from tierstore.layout import KVLayout
 from tierstore.policies import POLICIES, Summaries, get_policy
 from tierstore.reader import SeqReader
-from tierstore.sparse import SparseConfig, attend_selected, select_blocks
+from tierstore.policies.base import GROUP_BLOCKS
+from tierstore.sparse import SparseConfig, attend_selected, select, select_blocks, two_level
 from tierstore.tiers.cold import block_key
 
 from support import greedy, tiny
@@ -276,7 +277,12 @@ def test_stacked_summaries_follow_appends_growth_mass_and_truncation(tmp_path):
                 kb = keys[:, i * BT:(i + 1) * BT]
                 assert torch.allclose(s.kmin[i], kb.amin(1)) and torch.allclose(s.kmax[i], kb.amax(1))
                 assert int(s.tokens[i]) == kb.shape[1]
-        for step in (13, 1, 1, 7, 30, 1, 2):  # prefill-sized and decode-sized appends
+            G = GROUP_BLOCKS * BT  # the group boxes (two-level selection) follow their blocks
+            assert s.gmin.shape[0] == -(-s.n // GROUP_BLOCKS)
+            for gi in range(s.gmin.shape[0]):
+                kg = keys[:, gi * G:(gi + 1) * G]
+                assert torch.equal(s.gmin[gi], kg.amin(1)) and torch.equal(s.gmax[gi], kg.amax(1))
+        for step in (13, 1, 1, 7, 30, 1, 2, 200, 1):  # prefill-sized and decode-sized appends
             kk = torch.randn(2, step, 4)
             keys = torch.cat([keys, kk], 1)
             mgr.append(seq, 0, kk, torch.randn(2, step, 4))
@@ -363,3 +369,54 @@ def test_sparse_settings_as_one_config_equal_the_keyword_forms(tmp_path):
         with pytest.raises(ValueError, match="sparse policy"):
             TieredCache(st, model, policy="exact", sparse=cfg)
     assert torch.equal(outs[0].sequences, outs[1].sequences)
+
+
+def _grouped(s: Summaries) -> Summaries:
+    """``s`` with the group boxes a stack keeps."""
+    import dataclasses
+    g = -(-s.n // GROUP_BLOCKS)
+    gmin = torch.stack([s.kmin[i * GROUP_BLOCKS:(i + 1) * GROUP_BLOCKS].amin(0) for i in range(g)])
+    gmax = torch.stack([s.kmax[i * GROUP_BLOCKS:(i + 1) * GROUP_BLOCKS].amax(0) for i in range(g)])
+    return dataclasses.replace(s, gmin=gmin, gmax=gmax)
+
+
+@pytest.mark.parametrize("policy", ["quest", "sketch"])
+def test_two_level_selection_equals_brute_force_when_every_group_is_a_candidate(policy):
+    """With candidates enough for every group, two-level scores are the policy's own, bit for
+    bit; with fewer, each head's candidates are whole groups (the newest always), at least the
+    number asked, and hold the block whose key matches that head's query."""
+    from tierstore.sketch import Basis
+    torch.manual_seed(4)
+    n, g, d, r = 5 * GROUP_BLOCKS + 3, 2, 8, 4
+    k = torch.randn(n, BT, g, d)
+    kmean = k.mean(1)
+    vecs = torch.linalg.qr(torch.randn(g, d, r))[0]
+    sketch = torch.einsum("ntgd,gdr->gntr", k - kmean.unsqueeze(1), vecs)
+    base = Summaries(kmin=k.amin(1), kmax=k.amax(1), kmean=kmean, mass=torch.zeros(n, g),
+                     tokens=torch.full((n,), BT), step=0, sketch=sketch, basis=Basis.of(vecs).vectors)
+    s = _grouped(base)
+    pol = get_policy(policy)
+    q = torch.randn(g, 3, d)
+    assert torch.equal(two_level(s, pol, q, want=n), pol.score(base, q).float())
+    for trial in range(20):                       # brute force: the best block per head is a candidate
+        q = torch.randn(g, 3, d) * 3
+        planted = [int(torch.randint(0, n - GROUP_BLOCKS, ())) for _ in range(g)]
+        k2 = k.clone()
+        for h, b in enumerate(planted):
+            k2[b, 0, h] = q[h, 0] * 4             # a key that matches head h's first query row
+        km = k2.mean(1)
+        s2 = _grouped(Summaries(kmin=k2.amin(1), kmax=k2.amax(1), kmean=km, mass=torch.zeros(n, g),
+                                tokens=torch.full((n,), BT), step=0,
+                                sketch=torch.einsum("ntgd,gdr->gntr", k2 - km.unsqueeze(1), vecs),
+                                basis=vecs))
+        sc = two_level(s2, pol, q, want=2 * GROUP_BLOCKS)
+        cand = torch.isfinite(sc)
+        for h, b in enumerate(planted):
+            assert cand[b, h]
+            assert cand[-1, h] and int(cand[:, h].sum()) >= 2 * GROUP_BLOCKS
+            groups = cand[:, h][:n // GROUP_BLOCKS * GROUP_BLOCKS].view(-1, GROUP_BLOCKS)
+            assert bool((groups.all(1) | ~groups.any(1)).all())   # whole groups
+    cfg = SparseConfig(budget_tokens=4 * BT, sink_blocks=1, window_blocks=1, coarse=4)
+    ids, mask = select(s2, pol, q, cfg, BT)          # through select: per head its budget, from candidates
+    assert mask is not None and mask.sum(1).tolist() == [4, 4] and ids[0] == 0 and ids[-1] == n - 1
+    assert all(bool(mask[h, ids.index(b)]) for h, b in enumerate(planted))  # each head finds its key

@@ -16,6 +16,8 @@ import torch
 
 from .attention import NEG_INF
 from .policies import Policy, Summaries
+from .policies.base import GROUP_BLOCKS
+from .policies.quest import box_bound
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class SparseConfig:
     sparse_prefill: bool = False
     dense_layers: frozenset[int] = frozenset()  # layers that attend every token at every step
     per_head: bool | None = None  # each KV head its own top-k (None: the policy's default)
+    coarse: int = 0  # two-level selection: candidates per head = coarse x the budget's blocks (0: off)
 
     @staticmethod
     def dense(spec: int | Sequence[int]) -> frozenset[int]:
@@ -65,7 +68,12 @@ def select(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.
     is then required). head_mask is None when every KV head attends every id (one selection per
     layer, scores summed over heads), else bool [kv_heads, len(ids)]: per-head selection
     (``cfg.per_head``, default the policy's), where each head takes its own top-k and ids is
-    their union (fetched once, each head attends only its own)."""
+    their union (fetched once, each head attends only its own).
+
+    Two-level (``cfg.coarse`` > 0, per-head policies, a long enough layer): the groups of
+    ``GROUP_BLOCKS`` blocks whose key box has the highest Quest bound for each head give it
+    ``coarse`` times the budget's blocks as candidates (the newest group always), and the
+    policy scores only the union of the candidates (``two_level``)."""
     n = s.n if n is None else n
     k = cfg.budget_blocks(n, block_tokens)
     if policy.selects_all or n <= k:
@@ -80,8 +88,12 @@ def select(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.
     summ = s() if callable(s) else s
     if query is not None:  # summaries live in host memory (so a long context's do not hold device memory)
         query = query.to(summ.kmin.device)
-    score = policy.score(summ, query).float()
     per_head = policy.per_head if cfg.per_head is None else cfg.per_head
+    if cfg.coarse > 0 and per_head and query is not None and summ.gmin is not None \
+            and not policy.uses_last_used and n >= 2 * cfg.coarse * room:
+        score = two_level(summ, policy, query, cfg.coarse * room)
+    else:
+        score = policy.score(summ, query).float()
     if score.dim() == 1 or not per_head:
         if score.dim() > 1:
             score = score.sum(-1)  # one selection per layer, shared by the KV heads
@@ -98,6 +110,40 @@ def select(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.
     picked[fixed] = True
     ids = picked.any(1).nonzero().squeeze(1)
     return ids.tolist(), picked[ids].T.contiguous()
+
+
+def two_level(s: Summaries, policy: Policy, query: torch.Tensor, want: int) -> torch.Tensor:
+    """Scores [n, kv_heads] of the policy over each head's candidate blocks only (-inf elsewhere).
+
+    Per head the candidates are the blocks of the ``m`` groups whose key box bounds its query
+    highest, ``m`` the fewest groups holding ``want`` blocks plus the newest group (the window,
+    the growing tail), which is always one of them. Each head's candidates are gathered in group
+    order (the newest group last, so the partial tail sits at the same row for every head) and
+    the policy scores them as one stack whose row j is a different block for each head: the
+    scoring reads ``m`` groups per head, not the layer. With every group a candidate the scores
+    are the one-level scores."""
+    n, heads = s.n, s.kmin.shape[1]
+    groups = s.gmin.shape[0]
+    bound = box_bound(s.gmin, s.gmax, query)                          # [groups, heads]
+    m = min(groups, -(-want // GROUP_BLOCKS) + 1)
+    bound[-1] = float("inf")                                          # the newest group: always
+    top = torch.topk(bound, m, dim=0).indices.sort(0).values          # [m, heads], ascending groups
+    rows = (top.unsqueeze(1) * GROUP_BLOCKS + torch.arange(GROUP_BLOCKS).view(1, -1, 1)).reshape(-1, heads)
+    valid = rows < n                                                  # the newest group may be partial
+    idx = rows.clamp(max=n - 1)                                       # [m * G, heads]
+    h = torch.arange(heads)
+    tokens = torch.where(valid[:, 0], s.tokens[idx[:, 0]], torch.zeros((), dtype=s.tokens.dtype))
+    sub = Summaries(kmin=s.kmin[idx, h], kmax=s.kmax[idx, h], kmean=s.kmean[idx, h], mass=s.mass[idx, h],
+                    tokens=tokens, step=s.step,
+                    sketch=None if s.sketch is None else
+                    torch.stack([s.sketch[j].index_select(0, idx[:, j]) for j in range(heads)]),
+                    basis=s.basis)
+    fine = policy.score(sub, query).float()
+    if fine.dim() == 1:
+        fine = fine.unsqueeze(1).expand(-1, heads)
+    score = torch.full((n, heads), NEG_INF)
+    score[idx[valid], h.expand_as(idx)[valid]] = fine[valid]
+    return score
 
 
 def attend_selected(reader, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,

@@ -27,6 +27,7 @@ import torch
 from .blocks import Block, Seq, _summary_of
 from .layout import KVLayout
 from .policies import Summaries
+from .policies.base import GROUP_BLOCKS
 from .records import BlockSummary
 from .sketch import Basis
 
@@ -45,7 +46,8 @@ class _Stack:
     float32 although blocks keep theirs in float16: scoring reads it every step, and converting
     it each time cost more than the scoring (twice the host memory of the stack instead)."""
 
-    __slots__ = ("kmin", "kmax", "kmean", "mass", "tokens", "n", "final", "missing", "first", "basis", "sketch")
+    __slots__ = ("kmin", "kmax", "kmean", "mass", "tokens", "n", "final", "missing", "first", "basis", "sketch",
+                 "gmin", "gmax", "gdirty")
 
     def __init__(self, layout: KVLayout, first: Block | None, basis: Basis | None = None) -> None:
         self.kmin = torch.zeros(0, layout.kv_heads, layout.head_dim)
@@ -58,6 +60,8 @@ class _Stack:
         self.basis = basis
         self.sketch = None if basis is None else \
             torch.zeros(layout.kv_heads, 0, layout.block_tokens, basis.dims, dtype=torch.float32)
+        self.gmin, self.gmax = torch.zeros_like(self.kmin), torch.zeros_like(self.kmin)  # group boxes
+        self.gdirty: set[int] = set()  # groups whose rows changed since their box was computed
 
     def grow(self, n: int) -> None:
         """Room for ``n`` rows (capacity doubles; new rows are zero)."""
@@ -74,6 +78,21 @@ class _Stack:
             new = self.sketch.new_zeros((self.sketch.shape[0], cap, *self.sketch.shape[2:]))
             new[:, :self.sketch.shape[1]] = self.sketch
             self.sketch = new
+        groups = -(-cap // GROUP_BLOCKS)
+        for name in ("gmin", "gmax"):
+            old = getattr(self, name)
+            new = old.new_zeros((groups, *old.shape[1:]))
+            new[:old.shape[0]] = old
+            setattr(self, name, new)
+
+    def boxes(self) -> None:
+        """Recompute the key box of every group whose rows changed (``put``)."""
+        for gi in self.gdirty:
+            a, b = gi * GROUP_BLOCKS, min(self.n, (gi + 1) * GROUP_BLOCKS)
+            if a < b:
+                self.gmin[gi] = self.kmin[a:b].amin(0)
+                self.gmax[gi] = self.kmax[a:b].amax(0)
+        self.gdirty.clear()
 
     def put(self, i: int, sm: BlockSummary | None, ntok: int) -> None:
         if sm is None:
@@ -82,6 +101,7 @@ class _Stack:
         else:
             self.kmin[i], self.kmax[i], self.kmean[i], self.mass[i] = sm.kmin, sm.kmax, sm.kmean, sm.mass
         self.tokens[i] = ntok
+        self.gdirty.add(i // GROUP_BLOCKS)
         if self.sketch is not None:
             self.sketch[:, i] = 0.0
             if sm is not None and sm.sketch is not None and sm.tag == self.basis.tag:
@@ -90,8 +110,9 @@ class _Stack:
     def copy(self, first: Block | None) -> "_Stack":
         """A copy of the rows (own tensors) for a layer whose first block is ``first``."""
         out = _Stack.__new__(_Stack)
-        for name in ("kmin", "kmax", "kmean", "mass", "tokens"):
+        for name in ("kmin", "kmax", "kmean", "mass", "tokens", "gmin", "gmax"):
             setattr(out, name, getattr(self, name).clone())
+        out.gdirty = set(self.gdirty)
         out.sketch = None if self.sketch is None else self.sketch.clone()
         out.n, out.final, out.missing, out.basis, out.first = self.n, self.final, set(self.missing), self.basis, first
         return out
@@ -150,12 +171,15 @@ class SummaryIndex:
             st.n = len(blocks)
             st.final = st.n - (1 if blocks and not blocks[-1].sealed else 0)
             n = st.n
+            st.boxes()
+            groups = -(-n // GROUP_BLOCKS)
             recency = torch.tensor([b.last_used for b in blocks], dtype=torch.int64) \
                 if seq.policy.uses_last_used else None  # O(blocks): only for a policy that reads it
             return Summaries(kmin=st.kmin[:n], kmax=st.kmax[:n], kmean=st.kmean[:n], mass=st.mass[:n],
                              tokens=st.tokens[:n], step=step, last_used=recency,
                              sketch=None if basis is None else st.sketch[:, :n],
-                             basis=None if basis is None else basis.vectors)
+                             basis=None if basis is None else basis.vectors,
+                             gmin=st.gmin[:groups], gmax=st.gmax[:groups])
 
     def note_attention(self, seq: Seq, layer: int, block_ids: Sequence[int], mass: torch.Tensor, *,
                        replace: bool = False) -> None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+GROUP_BLOCKS = 16  # blocks per group of the coarse level (two-level selection)
+
 
 @dataclass(frozen=True)
 class Summaries:
@@ -25,6 +27,8 @@ class Summaries:
     sketch, basis:     the layer's key sketches float [kv_heads, n, block_tokens, r] (zero for
                        tokens of blocks not sketched) and their basis [kv_heads, head_dim, r]
                        (``tierstore.sketch``); None while the layer has no basis
+    gmin, gmax:        float32 [ceil(n / GROUP_BLOCKS), kv_heads, head_dim]: the key box of each
+                       group of ``GROUP_BLOCKS`` consecutive blocks (two-level selection)
     """
 
     kmin: torch.Tensor
@@ -36,6 +40,8 @@ class Summaries:
     last_used: torch.Tensor | None = None
     sketch: torch.Tensor | None = None
     basis: torch.Tensor | None = None
+    gmin: torch.Tensor | None = None
+    gmax: torch.Tensor | None = None
 
     @property
     def n(self) -> int:

@@ -10,14 +10,19 @@ from .base import Policy, Summaries
 
 def quest_bound(s: Summaries, query: torch.Tensor) -> torch.Tensor:
     """query: float [kv_heads, rows, head_dim] (query heads grouped by KV head) ->
-    [n, kv_heads]: max over the group's rows of sum_d max(q_d * kmin_d, q_d * kmax_d).
+    [n, kv_heads]: max over the group's rows of sum_d max(q_d * kmin_d, q_d * kmax_d)."""
+    return box_bound(s.kmin, s.kmax, query)
+
+
+def box_bound(kmin: torch.Tensor, kmax: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The Quest bound of boxes ``kmin``/``kmax`` [n, kv_heads, head_dim] -> [n, kv_heads].
 
     As kmax >= kmin, the larger product is q_d * kmax_d where q_d >= 0 and q_d * kmin_d where
     q_d < 0: two batched matmuls, no [n, heads, rows, head_dim] temporary."""
     q = query.float()
-    up = torch.bmm(s.kmax.transpose(0, 1), q.clamp_min(0).transpose(1, 2))    # [g, n, r]
-    up += torch.bmm(s.kmin.transpose(0, 1), q.clamp_max(0).transpose(1, 2))
-    return up.amax(-1).transpose(0, 1)                                         # [n, g]
+    up = torch.bmm(kmax.transpose(0, 1), q.clamp_min(0).transpose(1, 2))    # [g, n, r]
+    up += torch.bmm(kmin.transpose(0, 1), q.clamp_max(0).transpose(1, 2))
+    return up.amax(-1).transpose(0, 1)                                       # [n, g]
 
 
 @register

@@ -38,12 +38,13 @@ def _steps(model, cache, first: int, new: int) -> tuple[float, int]:
 
 def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str], hot: int | None,
             block_tokens: int = 64, dense_layers: int = 0, warmup: int = 8, per_head: bool | None = None,
-            store: str | None = None) -> list[dict]:
+            store: str | None = None, coarse: int = 0) -> list[dict]:
     import tierstore
     from transformers import DynamicCache
     from tierstore.adapters.fingerprint import kv_layout, model_fingerprint
     from tierstore.adapters.hf import TieredCache
     from tierstore.adapters.models import long_text
+    from tierstore.sparse import SparseConfig
 
     lay = kv_layout(model, block_tokens)
     kv_bytes = tokens * lay.token_bytes
@@ -80,15 +81,18 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
         for policy, b, hot_bytes in configs:
             with tierstore.open(d, hot=hot_bytes, warm=2 * kv_bytes, block_tokens=block_tokens) as st:
                 st.manager.prepare(lay, "cpu")
-                with TieredCache.resume(st, model, name, policy=policy, budget_tokens=b, per_head=per_head,
-                                        dense_layers=dense_layers if b else 0, commit_on_close=False) as cache:
+                sparse = None if not b else SparseConfig(b, dense_layers=SparseConfig.dense(dense_layers),
+                                                         per_head=per_head, coarse=coarse)
+                with TieredCache.resume(st, model, name, policy=policy, sparse=sparse,
+                                        commit_on_close=False) as cache:
                     c = st.manager.counters
                     c.hot_peak = st.manager.usage()["hot_blocks"]
                     first_tps, nxt = _steps(model, cache, first, warmup)
                     before = c.promotions.get("cold", 0) + c.promotions.get("warm", 0)
                     in_place = c.warm_in_place
                     tps = _steps(model, cache, nxt, new)[0]
-                    rows.append({"tokens": tokens, "mode": f"{policy}" + (f" @{b}" if b else ""), "tok_s": tps,
+                    mode = f"{policy}" + (f" @{b}" if b else "") + (f" two-level x{coarse}" if b and coarse else "")
+                    rows.append({"tokens": tokens, "mode": mode, "tok_s": tps,
                                  "first_tok_s": first_tps, "warm_filled": c.warm_filled,
                                  "hot_bytes": c.hot_peak * lay.block_bytes, "hot_budget": hot_bytes,
                                  "attended": max(cache.attended.values()) if cache.attended else tokens,
@@ -114,11 +118,13 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--block-tokens", default=64, show_default=True)
 @click.option("--dense-layers", default=0, show_default=True, help="first layers attended exactly (sparse rows)")
+@click.option("--coarse", default=0, show_default=True,
+              help="two-level selection: candidates per head = N x the budget's blocks (0: off)")
 @click.option("--store", "store", default=None, metavar="DIR",
               help="keep the prefilled contexts here (a length stored already is not prefilled again)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def sparse(tokens: str, budget: int, new: int, warmup: int, per_head: bool | None, policies: str, hot: str | None, dtype: str, block_tokens: int,
-           dense_layers: int, store: str | None, as_json: bool) -> None:
+           dense_layers: int, coarse: int, store: str | None, as_json: bool) -> None:
     """Decode tokens/s: sparse budget vs exact TieredCache vs DynamicCache (SmolLM2-135M)."""
     from tierstore.adapters.models import load_smollm2
     from tierstore.layout import parse_size
@@ -126,7 +132,8 @@ def sparse(tokens: str, budget: int, new: int, warmup: int, per_head: bool | Non
     rows = []
     for n in tokens.split(","):
         rows += measure(model, tok, int(n), budget, new, [p.strip() for p in policies.split(",")],
-                        parse_size(hot) if hot else None, block_tokens, dense_layers, warmup, per_head, store)
+                        parse_size(hot) if hot else None, block_tokens, dense_layers, warmup, per_head, store,
+                        coarse)
         click.echo(f"  {n} tokens: done", err=True)
     if as_json:
         click.echo(json.dumps({"bench": "sparse", "rows": rows}, indent=2))
