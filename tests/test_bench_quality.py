@@ -67,6 +67,13 @@ def test_cases_are_determined_by_the_seed():
     assert (len(ctx), len(cont)) == (300, 40) and bq.make_ppl_text(TOK, TEXT, 7, 300, 40) == (ctx, cont)
 
 
+def test_a_policy_spec_names_two_level_selection():
+    assert bq.split_policy("sketch") == ("sketch", 0) and bq.split_policy("sketch:coarse4") == ("sketch", 4)
+    for bad in ("sketch:coarse0", "sketch:fast", "sketch:coarse"):
+        with pytest.raises(ValueError, match="coarseN"):
+            bq.split_policy(bad)
+
+
 def test_scoring():
     assert bq.is_correct(" 4817.", "4817")
     assert bq.is_correct("The code is 48 17", "4817")  # spaces and punctuation are ignored
@@ -84,7 +91,8 @@ def test_one_case_through_the_pipeline(tmp_path):
     model = tiny(**MODEL)
     logs: list[str] = []
     res = bq.run(model, TOK, seed=1, cases=1, lengths=[300], budgets=[("1/4", 0.25), ("all", 100_000)],
-                 policies=["streaming", "h2o", "snapkv", "quest", "hybrid"], ppl_tokens=12, block_tokens=16,
+                 policies=["streaming", "h2o", "snapkv", "quest", "hybrid", "sketch:coarse1"], ppl_tokens=12,
+                 block_tokens=16,
                  cov_every=4, text=TEXT, store_dir=str(tmp_path / "kv"), log=logs.append)
     assert res["bench"] == "quality" and len(res["needle"]) == 1 and len(res["ppl"]) == 1
     assert any(m.startswith("[needle 300 1/1]") for m in logs)
@@ -103,7 +111,7 @@ def test_one_case_through_the_pipeline(tmp_path):
         assert 0.0 <= needle[f"{p}@1/4"]["needle_selected"] <= 1.0
     assert res["stored_mass"]["stored_mass"] > 0 and res["stored_mass"]["ok"]
     cells = [c for c in res["cells"] if c["length"] == 300]
-    assert len(cells) == 2 * 5 and all(c["full_acc"] is not None and c["ppl_rel"] is not None for c in cells)
+    assert len(cells) == 2 * 6 and all(c["full_acc"] is not None and c["ppl_rel"] is not None for c in cells)
     assert all(abs(c["ppl_rel"]) < 1e-4 for c in cells if c["budget"] == "all")
     bq.print_table(res)  # renders
 

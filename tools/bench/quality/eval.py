@@ -213,6 +213,16 @@ class Probe:
         return out
 
 
+def split_policy(spec: str) -> tuple[str, int]:
+    """``sketch`` -> ("sketch", 0); ``sketch:coarse4`` -> ("sketch", 4) (two-level selection)."""
+    name, _, opt = spec.partition(":")
+    if not opt:
+        return name, 0
+    if not opt.startswith("coarse") or not opt[6:].isdigit() or int(opt[6:]) < 1:
+        raise ValueError(f"policy {spec!r}: the only option is coarseN (N >= 1), e.g. sketch:coarse4")
+    return name, int(opt[6:])
+
+
 class Evaluator:
     """Runs cases through one store: prefill once, resume per (policy, budget)."""
 
@@ -291,13 +301,22 @@ class Evaluator:
         return out
 
     def open(self, name: str, policy: str, budget, n_tokens: int):
+        """A resumed cache of ``policy`` (``name[:coarseN]``: with two-level selection, N x the
+        budget's blocks as each head's candidates) at ``budget``."""
         from tierstore.adapters.hf import TieredCache
         from tierstore.sparse import SparseConfig
+        policy, coarse = split_policy(policy)
         window = self.window_blocks
         if policy == "streaming" and self.streaming_fill and budget is not None:
             n_blocks = -(-n_tokens // self.bt)
             window = SparseConfig(budget, self.sink_blocks, self.window_blocks).budget_blocks(n_blocks, self.bt) \
                 - self.sink_blocks
+        if coarse and budget is not None:
+            sparse = SparseConfig(budget, self.sink_blocks, max(window, self.window_blocks),
+                                  dense_layers=SparseConfig.dense(self.dense_layers), per_head=self.per_head,
+                                  coarse=coarse)
+            return TieredCache.resume(self.store, self.model, name, policy=policy, sparse=sparse,
+                                      obs_window=self.obs_window, commit_on_close=False)
         return TieredCache.resume(self.store, self.model, name, policy=policy, budget_tokens=budget,
                                   sink_blocks=self.sink_blocks, window_blocks=max(window, self.window_blocks),
                                   obs_window=self.obs_window, dense_layers=self.dense_layers, per_head=self.per_head,
@@ -569,7 +588,8 @@ def _writer(path: str):
 @click.option("--lengths", default="2048,4096,7168", show_default=True, help="prompt lengths in tokens")
 @click.option("--budgets", default="1/4,1/8,1/16", show_default=True,
               help="per-step selection budgets: fractions of the context, or token counts")
-@click.option("--policies", default="streaming,h2o,snapkv,quest,hybrid,sketch", show_default=True)
+@click.option("--policies", default="streaming,h2o,snapkv,quest,hybrid,sketch", show_default=True,
+              help="policies to compare; name:coarseN selects in two levels (e.g. sketch:coarse4)")
 @click.option("--ppl-tokens", default=256, show_default=True, help="held-out continuation scored per length (0: skip)")
 @click.option("--ppl-cases", default=1, show_default=True, help="ppl texts per length")
 @click.option("--cov-every", default=16, show_default=True, help="measure mass coverage every N ppl steps")
@@ -619,9 +639,13 @@ def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_
         torch.set_num_threads(threads)
     pols = [p.strip() for p in policies.split(",") if p.strip()]
     from tierstore.policies import POLICIES
-    bad = [p for p in pols if p not in POLICIES]
+    try:
+        bad = [p for p in pols if split_policy(p)[0] not in POLICIES]
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
     if bad:
-        raise click.BadParameter(f"unknown policies {bad}; known: {', '.join(sorted(POLICIES))}")
+        raise click.BadParameter(f"unknown policies {bad}; known: {', '.join(sorted(POLICIES))} "
+                                 "(name:coarseN for two-level selection)")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
