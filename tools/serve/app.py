@@ -58,7 +58,7 @@ async def _next(job: Job, request: Request, poll_s: float = 0.25):
 
 class _EventStream(StreamingResponse):
     """Server-sent events of one job. However the response ends (done, client gone, server
-    stopping), the job is cancelled: a client gone mid-stream frees the worker at the next token."""
+    stopping), the job is cancelled: a client gone mid-stream frees its worker at the next token."""
 
     def __init__(self, job: Job, reply: Reply, include_usage: bool) -> None:
         self.job, self.reply, self.include_usage = job, reply, include_usage

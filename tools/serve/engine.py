@@ -267,7 +267,7 @@ class Engine:
         self.draining.set()
 
     def close(self) -> None:
-        """Drain, let the worker finish (every admitted job ends, committed), close the store."""
+        """Drain, let the workers finish (every admitted job ends, committed), close the store."""
         with self._lock:
             if self._closed:
                 return
@@ -282,7 +282,7 @@ class Engine:
     # -- admission --------------------------------------------------------------------------------
 
     def queue_depth(self) -> int:
-        """Admitted requests that wait for the worker."""
+        """Admitted requests that wait for a worker."""
         return self._admitted - self._running
 
     def running(self) -> int:
@@ -304,12 +304,12 @@ class Engine:
             job.order = next(self._arrivals)
         try:
             self._pool.submit(self._run, job)
-        except RuntimeError:  # the worker has shut down (a request racing the engine's close)
+        except RuntimeError:  # the workers have shut down (a request racing the engine's close)
             with self._lock:
                 self._admitted -= 1
             raise _shutting_down() from None
 
-    # -- one request, on the worker -------------------------------------------------------------
+    # -- one request, on a worker --------------------------------------------------------------
 
     def _run(self, job: Job) -> None:
         t0 = time.monotonic()
@@ -330,7 +330,7 @@ class Engine:
         except TierstoreError as e:
             log.exception("request failed in the store")
             job.emit("error", ApiError(500, f"{type(e).__name__}: {e}", type="server_error"))
-        except Exception as e:  # noqa: BLE001 - the worker must outlive any one request
+        except Exception as e:  # noqa: BLE001 - a worker must outlive any one request
             log.exception("request failed")
             job.emit("error", ApiError(500, f"{type(e).__name__}: {e}", type="server_error"))
         finally:

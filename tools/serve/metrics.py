@@ -80,7 +80,7 @@ class ServeMetrics:
                               buckets=TOKEN_BUCKETS, registry=r)
         Gauge("tierstore_prefix_hit_ratio", "share of prompt tokens resumed from the store",
               registry=r).set_function(self._hit_ratio)
-        Gauge("tierstore_queue_depth", "admitted requests waiting for the worker",
+        Gauge("tierstore_queue_depth", "admitted requests waiting for a worker",
               registry=r).set_function(engine.queue_depth)
         Gauge("tierstore_requests_running", "requests generating (at most --max-running)", registry=r).set_function(engine.running)
         r.register(StoreCollector(engine))
