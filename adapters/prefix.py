@@ -38,26 +38,47 @@ def _extends(rec: SessionRecord, ids: list[int]) -> bool:
     return rec.length < len(ids) and rec.token_ids.tolist() == ids[:rec.length]
 
 
+class _Lookup:
+    """What every prefix lookup of ``ids`` needs, computed once per request: the layout, the
+    model fingerprint, the chain root and keys of the full blocks (at most ``len(ids) - 1``
+    tokens: the last one is prefilled for its logits) and how many of them this host stores."""
+
+    def __init__(self, store, model, ids: list[int]) -> None:
+        self.ids = ids
+        self.lay = kv_layout(model, store.config.block_tokens)
+        self.fp, self.fields = model_fingerprint(model)
+        self.codec = store.config.codec  # what a new TieredCache of this store writes
+        self.root = root_hash(self.fp, self.lay, self.codec.identity)
+        bt = self.lay.block_tokens
+        full = (len(ids) - 1) // bt
+        self.chains = chain_hashes(self.root, ids[:full * bt], bt)
+        self.local = store.sessions.committed_prefix(self.chains)
+
+
+def _fork_as(store, src: str, session: str, tokens: int | None = None) -> None:
+    """``session`` becomes a fork of ``src`` (its first ``tokens``), under a writer lease."""
+    lease = store.sessions.acquire(session)
+    try:
+        store.fork(src, session, tokens, overwrite=True)
+    finally:
+        store.sessions.release(lease)
+
+
 def commit_prefix(store, model, session: str, token_ids: Sequence[int], *,
-                  tokenizer_name: str | None = None) -> SessionRecord | None:
+                  tokenizer_name: str | None = None, lookup: _Lookup | None = None) -> SessionRecord | None:
     """Commit ``session`` as the longest committed prefix of ``token_ids`` (whole blocks, and
     at most ``len(token_ids) - 1`` tokens: the last one is prefilled for its logits); an older
     record of that name is replaced. None when no block of the prefix is stored."""
-    ids = list(token_ids)
-    lay = kv_layout(model, store.config.block_tokens)
-    fp, fields = model_fingerprint(model)
-    cfg = store.config.codec  # what a new TieredCache of this store writes
-    full = (len(ids) - 1) // lay.block_tokens
-    chains = chain_hashes(root_hash(fp, lay, cfg.identity), ids[:full * lay.block_tokens], lay.block_tokens)
-    local = store.sessions.committed_prefix(chains)
-    if _fork_remote(store, session, chains, local, ids, lay.block_tokens):
+    look = lookup or _Lookup(store, model, [int(t) for t in token_ids])
+    ids, lay = look.ids, look.lay
+    if _fork_remote(store, session, look):
         return store.session(session)
-    n = local * lay.block_tokens
+    n = look.local * lay.block_tokens
     if n == 0:
         return None
     now = time.time()
-    rec = SessionRecord(name=session, layout=lay, fingerprint=fp, fingerprint_fields=fields, codec=cfg,
-                        token_ids=np.asarray(ids[:n], dtype=np.int64),
+    rec = SessionRecord(name=session, layout=lay, fingerprint=look.fp, fingerprint_fields=look.fields,
+                        codec=look.codec, token_ids=np.asarray(ids[:n], dtype=np.int64),
                         model_name=getattr(model.config, "_name_or_path", None) or None,
                         tokenizer_name=tokenizer_name, created=now, updated=now, meta={"prefix_resume": True})
     lease = store.sessions.acquire(session)
@@ -138,60 +159,49 @@ def resume_prefix(store, model, token_ids: Sequence[int], session: str, *, reuse
     ids = [int(t) for t in token_ids]
     if reuse and store.exists(session) and _extends(store.session(session), ids):
         return TieredCache.resume(store, model, session, **cache_kw)
-    if reuse and tails is not None and _fork_tail(store, model, tails, session, ids):
+    look = _Lookup(store, model, ids) if reuse else None
+    if reuse and tails is not None and _fork_tail(store, tails, session, look):
         return TieredCache.resume(store, model, session, **cache_kw)
-    if reuse and commit_prefix(store, model, session, ids, tokenizer_name=tokenizer_name) is not None:
+    if reuse and commit_prefix(store, model, session, ids, tokenizer_name=tokenizer_name, lookup=look) is not None:
         return TieredCache.resume(store, model, session, **cache_kw)
     return TieredCache(store, model, session, overwrite=True, tokenizer_name=tokenizer_name, **cache_kw)
 
 
-def _fork_tail(store, model, tails: TailIndex, session: str, ids: list[int]) -> bool:
-    """Name in ``session`` a copy of the longest indexed conversation that ``ids`` continue, its
+def _fork_tail(store, tails: TailIndex, session: str, look: _Lookup) -> bool:
+    """Name in ``session`` a copy of the longest indexed conversation that the ids continue, its
     partial last block included (``TailIndex``); False when there is none."""
-    lay = kv_layout(model, store.config.block_tokens)
-    fp, _ = model_fingerprint(model)
-    root = root_hash(fp, lay, store.config.codec.identity)
-    full = (len(ids) - 1) // lay.block_tokens
-    chains = chain_hashes(root, ids[:full * lay.block_tokens], lay.block_tokens)
-    n = store.sessions.committed_prefix(chains)  # the conversation's full blocks are among these
-    rec = tails.continued(store, chains[n - 1] if n else root, ids)
-    if rec is None or rec.fingerprint != fp or rec.layout != lay:
+    n = look.local  # the conversation's full blocks are among these
+    rec = tails.continued(store, look.chains[n - 1] if n else look.root, look.ids)
+    if rec is None or rec.fingerprint != look.fp or rec.layout != look.lay:
         return False
-    lease = store.sessions.acquire(session)
     try:
-        store.fork(rec.name, session, overwrite=True)
+        _fork_as(store, rec.name, session)
     except TierstoreError:  # the conversation went away between the read and the fork
         log.info("session %r: the conversation it continues went away; resuming whole blocks", session)
         return False
-    finally:
-        store.sessions.release(lease)
     return True
 
 
-def _fork_remote(store, session: str, chains: list[bytes], local: int, ids: list[int], bt: int) -> bool:
-    """With a remote tier: when the fleet references a longer prefix of ``chains`` than this
-    host stores (``local`` positions), name it in ``session`` as a fork of a session that holds
-    it (reading that session pulls the positions this host lacks). False when the remote has
-    nothing longer, is down, or the sessions it names went away meanwhile."""
-    replica = store.sessions.replica
-    if replica is None or len(chains) <= local:
+def _fork_remote(store, session: str, look: _Lookup) -> bool:
+    """With a remote tier: when the fleet references a longer prefix of the lookup's chains than
+    this host stores, name it in ``session`` as a fork of a session that holds it (reading that
+    session pulls the positions this host lacks). False when the remote has nothing longer, is
+    down, or the sessions it names went away meanwhile."""
+    replica, chains, bt = store.sessions.replica, look.chains, look.lay.block_tokens
+    if replica is None or len(chains) <= look.local:
         return False
     try:
         held = replica.remote.referenced(chains)
         n = next((i for i, h in enumerate(held) if not h), len(held))
-        if n <= local:
+        if n <= look.local:
             return False
         for src in replica.remote.members(chains[n - 1]):
             if src == session or not store.exists(src):
                 continue
             rec = store.session(src)
-            if rec.length < n * bt or rec.token_ids[:n * bt].tolist() != ids[:n * bt]:
+            if rec.length < n * bt or rec.token_ids[:n * bt].tolist() != look.ids[:n * bt]:
                 continue
-            lease = store.sessions.acquire(session)
-            try:
-                store.fork(src, session, n * bt, overwrite=True)
-            finally:
-                store.sessions.release(lease)
+            _fork_as(store, src, session, n * bt)
             return True
     except TierstoreError as e:  # down, or a source deleted under us: the local prefix serves
         log.info("session %r: no prefix from the remote tier (%s)", session, e)

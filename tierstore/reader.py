@@ -130,8 +130,11 @@ class SeqReader:
         m = int(counts.max())
         order = torch.argsort((~hm).to(torch.int8), dim=1, stable=True)[:, :m]  # [g, m]: own blocks first
         real = torch.arange(m).unsqueeze(0) < counts.unsqueeze(1)
-        on_hot = torch.tensor([b.hot is not None for b in got])[order]
-        slot = torch.tensor([b.hot if b.hot is not None else b.warm for b in got], dtype=torch.long)[order]
+        # one pass over the blocks: (in hot, slot, block index, tokens) of each, per head's order
+        meta = torch.tensor([(b.hot is not None, b.hot if b.hot is not None else b.warm, b.index, b.ntok)
+                             for b in got], dtype=torch.long)[order]           # [g, m, 4]
+        on_hot, slot, index, ntok = meta.unbind(-1)
+        on_hot = on_hot.bool()
         heads = torch.arange(g).unsqueeze(1).expand(g, m)
 
         def read(pool, pairs: torch.Tensor | None) -> torch.Tensor:
@@ -150,9 +153,7 @@ class SeqReader:
                 kv.index_copy_(1, sel.reshape(-1).nonzero().squeeze(1).to(device), read(pool, sel))
             kv = kv.view(2, g, m, bt, lay.head_dim)
         offs = torch.arange(bt)
-        index = torch.tensor([b.index for b in got], dtype=torch.long)[order]
         pos = (index.unsqueeze(-1) * bt + offs).reshape(g, m * bt).to(device)
-        ntok = torch.tensor([b.ntok for b in got])[order]
         valid = (offs < ntok.unsqueeze(-1)) & real.unsqueeze(-1)
         valid = None if bool(valid.all()) else valid.reshape(g, m * bt).to(device)
         d = lay.head_dim

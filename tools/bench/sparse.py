@@ -65,9 +65,6 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
                                last_logits=out.logits[0, -1].float().numpy(), overwrite=True)
                 del dyn, out
             rec, kv = st.load_session(name)  # the DynamicCache row starts from the stored KV too
-            if st.manager.calibrator.basis(lay, 0) is None:  # stored without key sketches: store it again
-                rec = st.put_session(name, layout=lay, kv=kv, token_ids=rec.token_ids, fingerprint=fp,
-                                     fingerprint_fields=fields, last_logits=rec.last_logits, overwrite=True)
         dyn = DynamicCache()
         for layer, (k, v) in enumerate(kv):
             dyn.update(k.unsqueeze(0), v.unsqueeze(0), layer)
