@@ -26,11 +26,14 @@ def test_pieces_cover_every_key_once_in_order():
 
 
 def test_pieces_depend_on_positions_only():
-    """Decode: free pieces cut at multiples of SEGMENT_TOKENS; a prefill chunk: free prefix and
-    its own keys as one causal square (fused) or masked pieces (plain matmuls)."""
+    """Decode: free pieces cut at multiples of DECODE_PIECES * SEGMENT_TOKENS; a prefill chunk:
+    free prefix cut at multiples of SEGMENT_TOKENS and its own keys as one causal square
+    (fused) or masked pieces (plain matmuls)."""
     S = attention.SEGMENT_TOKENS
-    assert pieces(2 * S + 5, 2 * S + 4, 1, False, 64, 9) == [(0, S, "free"), (S, 2 * S, "free"),
-                                                             (2 * S, 2 * S + 5, "free")]
+    D = S * attention.DECODE_PIECES
+    assert pieces(2 * D + 5, 2 * D + 4, 1, False, 64, 9) == [(0, D, "free"), (D, 2 * D, "free"),
+                                                             (2 * D, 2 * D + 5, "free")]
+    assert pieces(2 * S + 4, 2 * S + 3, 1, False, 64, 9) == [(0, 2 * S + 4, "free")]
     assert pieces(S + 1024, S, 1024, False, 64, 9216) == [(0, S, "free"), (S, S + 1024, "causal")]
     masked = pieces(S + 1024, S, 1024, False, 64, 9216, fused=False)
     assert masked[0] == (0, S, "free") and {k for _, _, k in masked[1:]} == {"masked"}

@@ -112,3 +112,58 @@ def test_interleaved_layers_keep_each_piece_in_one_run(store_factory, monkeypatc
             piece = [b for b in warm if p <= b.index < p + 4]
             if len(piece) == 4:
                 assert len(_runs(piece)) == 1, [b.warm for b in piece]
+
+
+def _in_pool(t: torch.Tensor, seq) -> bool:
+    for pool in (seq.hot, seq.warm):
+        lo = pool.kv.data_ptr()
+        if lo <= t.data_ptr() < lo + pool.kv.numel() * pool.kv.element_size():
+            return True
+    return False
+
+
+@pytest.mark.parametrize("where", ["hot", "mixed", "cold"])
+def test_chunks_hold_the_stored_bits_and_scattered_ones_are_compacted_into_one_run(store_factory, where):
+    """``chunks`` cuts by block count alone: each chunk holds the stored bits in position order
+    whatever the residency. A complete chunk whose blocks were scattered over runs or pools is
+    moved into one run after the read, so the next read of it is a view of a pool; the partial
+    last chunk is copied. No pin outlives a read."""
+    hot_blocks = {"hot": 64, "mixed": 4, "cold": 5}[where]
+    st = store_factory(hot=hot_blocks * BB, warm=16 * BB, block_tokens=BT, codec="raw")
+    m, seq, k, v = _cold_only(st, 10) if where == "cold" else _sequence(st)
+    n = 10 * BT if where == "cold" else N
+    r = SeqReader(m, seq)
+    every = 3
+    if where == "hot":  # scatter the hot blocks: swap the slots of blocks 1 and 7 (bits moved too)
+        a, b = seq.layers[0][1], seq.layers[0][7]
+        pool = seq.hot
+        ka, va = [t.clone() for t in pool.block(a.hot)]
+        pool.copy_in(a.hot, pool, b.hot)
+        pool.block(b.hot)[0].copy_(ka), pool.block(b.hot)[1].copy_(va)
+        for blk, slot in ((a, b.hot), (b, a.hot)):
+            blk.hot = slot
+            pool.owner[slot] = blk
+    for read in range(2):
+        with r.chunks(0, 0, 10, every) as got:
+            assert [c[0].shape[1] for c in got] == [min(n, (i + every) * BT) - i * BT for i in range(0, 10, every)]
+            assert same_bits(torch.cat([c[0] for c in got], 1), k[:, :n])
+            assert same_bits(torch.cat([c[1] for c in got], 1), v[:, :n])
+            views = [_in_pool(c[0], seq) and _in_pool(c[1], seq) for c in got]
+        assert _no_pins(seq)
+        if read == 1 and where != "cold":
+            assert all(views[:-1]), views  # every complete chunk is one run now
+    if where == "hot":
+        assert st.manager.counters.compacted >= 2 * every  # the two chunks that held blocks 1 and 7
+        assert all(b.hot is not None for b in seq.layers[0])  # compacted within hot: hot had room
+    assert st.manager.counters.warm_in_place == 0 or where != "hot"
+
+
+def test_a_pinned_block_is_never_compacted(store_factory):
+    st = store_factory(hot=4 * BB, warm=16 * BB, block_tokens=BT, codec="raw")
+    m, seq, _, _ = _sequence(st, durable=False)
+    blocks = seq.layers[0]
+    before = [(b.hot, b.warm) for b in blocks]
+    with m.lock, m.placement.pinned(blocks[3:4]):
+        assert not m.compact(seq, 0, range(0, 6))
+    assert [(b.hot, b.warm) for b in blocks] == before
+    assert not m.compact(seq, 0, range(6, 10))  # the last block is partial (not sealed)

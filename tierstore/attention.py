@@ -87,7 +87,7 @@ class OnlineSoftmax:
             qs = q.float() * self.scale
         scores = []
         for k, _, allowed in chunks:
-            sc = torch.matmul(qs, k.float().transpose(-1, -2))  # [g, r, T]
+            sc = torch.bmm(qs, k.float().transpose(-1, -2))  # [g, r, T]
             scores.append(sc if allowed is None else sc.masked_fill(~allowed, NEG_INF))
         self.add_scores(scores, [c[1] for c in chunks])
 
@@ -95,16 +95,19 @@ class OnlineSoftmax:
         """Chunks given by their scaled, masked scores [g, r, T_i] (-inf = not allowed) and
         values [g, T_i, head_dim], under one softmax."""
         s = scores[0] if len(scores) == 1 else torch.cat(scores, -1)
-        lse_c = torch.logsumexp(s, -1, keepdim=True)
-        p = torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c)))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no allowed key
+        p = torch.exp(s - m)  # one pass of exp: the sum, its log and the weights from it
+        total = p.sum(-1, keepdim=True)
         if len(values) == 1:
             o_c = torch.matmul(p, values[0].float())
         else:
             o_c = None
             for pc, v in zip(torch.split(p, [c.shape[-1] for c in scores], -1), values):
-                part = torch.matmul(pc, v.float())
+                part = torch.bmm(pc, v.float())
                 o_c = part if o_c is None else o_c.add_(part)
-        self._merge(o_c, lse_c)
+        o_c = o_c / torch.where(total > 0, total, torch.ones_like(total))
+        self._merge(o_c, m + torch.log(total))
 
     def _merge(self, o_c: torch.Tensor, lse_c: torch.Tensor) -> None:
         """Fold a chunk's normalised output and log-sum-exp into the running ones."""
@@ -142,6 +145,11 @@ def chunk_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, pad_row: torch.Tensor |
 
 TEMPORARIES = 4  # float32 [rows, T] matrices alive at once in one chunk (scores, bias, probabilities, ...)
 SEGMENT_TOKENS = 4096  # unmasked keys per piece: pieces start at multiples of this (canonical order)
+# A decode step (one query row per head) cuts its keys into pieces of DECODE_PIECES segments,
+# each read in chunks of SEGMENT_TOKENS // READ_CHUNKS keys under one softmax (canonical cuts):
+# a chunk is a view where its blocks sit in one run, so only scattered chunks are copied.
+DECODE_PIECES = 4
+READ_CHUNKS = 4
 MASKED_PIECE_BYTES = 8 << 20  # temporaries of one masked piece (rows x keys floats, TEMPORARIES of them)
 
 
@@ -196,7 +204,8 @@ def pieces(n_keys: int, q_first: int, q_len: int, padded: bool, block_tokens: in
     placement: resume, prefetch timing and budgets never change a bit of the output (bf16
     rounding follows the order of a sum). Kinds:
 
-    * ``free``: every key precedes every query: no mask. Cut at multiples of ``SEGMENT_TOKENS``.
+    * ``free``: every key precedes every query: no mask. Cut at multiples of ``SEGMENT_TOKENS``
+      (``DECODE_PIECES`` times that for one query: a decode step's scores are small).
     * ``causal``: keys ``[q_first, q_first + q_len)`` against their own queries (a square
       causal mask the fused kernel applies itself; without it, ``fused=False``, ``masked``).
     * ``masked``: padding, or keys past the queries: an explicit mask, in pieces whose
@@ -208,8 +217,9 @@ def pieces(n_keys: int, q_first: int, q_len: int, padded: bool, block_tokens: in
         return [(s, min(n_keys, s + step), "masked") for s in range(0, n_keys, step)]
     # decode (one query): its own key is allowed too, so every key is free
     free_end = min(n_keys, q_first + 1) if q_len == 1 else min(n_keys, max(0, q_first))
-    for s in range(0, free_end, SEGMENT_TOKENS):
-        out.append((s, min(free_end, s + SEGMENT_TOKENS), "free"))
+    seg = SEGMENT_TOKENS * (DECODE_PIECES if q_len == 1 else 1)  # decode: scores are small, merge less
+    for s in range(0, free_end, seg):
+        out.append((s, min(free_end, s + seg), "free"))
     if free_end < n_keys:
         if fused and q_len > 1 and free_end == q_first and n_keys == q_first + q_len:
             out.append((q_first, n_keys, "causal"))
@@ -263,6 +273,24 @@ def attend_exact(reader, layer: int, q: torch.Tensor, q_offset: int, pad: torch.
             ns, ne = plan4[i + 1][:2]
             reader.prefetch(layer, range(ns // bt, -(-ne // bt)))
         b0 = s // bt
+        if kind == "free" and zone != "mixed" and not acc.flash:
+            # decode: chunks of SEGMENT_TOKENS // READ_CHUNKS keys under one softmax, each a view where its blocks
+            # sit in one run, so a piece split over pools or runs copies only its scattered chunks
+            with reader.chunks(layer, b0, -(-e // bt), max(1, SEGMENT_TOKENS // READ_CHUNKS // bt)) as got:
+                parts, t0 = [], b0 * bt
+                for k, v in got:
+                    lo, hi = max(s, t0), min(e, t0 + k.shape[1])
+                    if hi > lo:
+                        parts.append((k[:, lo - t0:hi - t0], v[:, lo - t0:hi - t0], lo))
+                    t0 += k.shape[1]
+                if window is not None:
+                    for k, _, lo in parts:
+                        window.add(k, torch.arange(lo, lo + k.shape[1], device=q.device), None, lo // bt, bt)
+                if zone == "far":
+                    acc.add_group([(ext.keys(k, lo), v, None) for k, v, lo in parts], q=q_far)
+                else:
+                    acc.add_group([(k, v, None) for k, v, _ in parts])
+            continue
         with reader.span(layer, b0, -(-e // bt)) as (k, v):
             k, v = k[:, s - b0 * bt:e - b0 * bt], v[:, s - b0 * bt:e - b0 * bt]
             pad_c = None if pad is None else pad[s:e]

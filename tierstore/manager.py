@@ -273,6 +273,10 @@ class TierManager:
         """Pin blocks where they can be read for a ``with`` (``Placement.acquire``)."""
         return self.placement.acquire(seq, layer, block_ids, transient=transient, in_place=in_place)
 
+    def compact(self, seq: Seq, layer: int, ids: range) -> bool:
+        """Move idle sealed blocks into one warm run, read as one view (``Placement.compact``)."""
+        return self.placement.compact(seq, layer, ids)
+
     def prefetch(self, seq: Seq, layer: int, block_ids: Iterable[int], *, hot: bool = True) -> None:
         """Start moving blocks up; returns at once. Blocks that cannot get room are skipped."""
         self.placement.prefetch(seq, layer, block_ids, hot=hot)

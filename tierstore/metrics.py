@@ -24,6 +24,7 @@ class Counters:
     cold_bytes_written: int = 0
     hot_peak: int = 0                                     # most hot slots in use at once
     warm_in_place: int = 0                                # block reads served from warm without a move
+    compacted: int = 0                                    # blocks moved into one warm run (CPU reads)
     restore_seconds: float = 0.0                          # reading resumed sessions' blocks into slots
     warm_filled: int = 0                                  # resumed blocks read into warm in the background
 

@@ -41,6 +41,10 @@ def piece_place(layer: list[Block], index: int, tier: str) -> tuple[int | None, 
     return (getattr(prev, tier) if prev is not None else None), per_piece, within
 
 
+def _one_run(slots: list[int | None]) -> bool:
+    return slots[0] is not None and all(s == slots[0] + i for i, s in enumerate(slots))
+
+
 class Placement:
     """Residency and pins of blocks. ``loader`` and ``writeback`` are wired in by the manager."""
 
@@ -304,6 +308,54 @@ class Placement:
             self.drop_hot(b)
             b.transient = False
             self.counters.demotions["hot"] += 1
+
+    def compact(self, seq: Seq, layer: int, ids: range) -> bool:
+        """Move the sealed blocks ``ids`` of a layer into one run of free slots, where a CPU
+        pool's attention reads them as one view instead of copying them at every step: a run
+        of hot slots when they are all hot and one is free, else of warm slots (on a CPU pool
+        both tiers are host memory; hot blocks that move to warm leave hot). Only where warm
+        is read in place, every block is idle (no pin, load or write-back) and a free run
+        exists; else nothing moves. Returns whether the blocks now sit in one run."""
+        sh = self.shared
+        with sh.lock:
+            if sh.closed or not self.in_place(seq):
+                return False
+            blocks = seq.layers[layer][ids.start:ids.stop]
+            if not blocks or any(b.pins or b.loading is not None or not b.sealed
+                                 or (b.hot is None and b.warm is None) for b in blocks):
+                return False
+            all_hot = all(b.hot is not None for b in blocks)
+            if all_hot and _one_run([b.hot for b in blocks]):
+                return True
+            if not all_hot and _one_run([b.warm for b in blocks]):  # (a sealed block's warm copy is current)
+                for b in blocks:
+                    if b.hot is not None:
+                        self.drop_hot(b)
+                        self.counters.demotions["hot"] += 1
+                sh.cv.notify_all()
+                return True
+            for pool in (seq.hot, seq.warm) if all_hot else (seq.warm,):
+                slots = pool.alloc_run(len(blocks))
+                if slots is not None:
+                    break
+            else:
+                return False
+            for b, slot in zip(blocks, slots):
+                src = (seq.hot, b.hot) if b.hot is not None else (seq.warm, b.warm)
+                pool.copy_in(slot, *src)
+                if pool is seq.hot:
+                    seq.hot.release([b.hot])
+                    self.put_hot(b, slot)
+                else:
+                    self.drop_warm(b)
+                    self.put_warm(b, slot)
+                    if b.hot is not None:
+                        self.drop_hot(b)
+                        self.counters.demotions["hot"] += 1
+                self.counters.bytes_moved += seq.layout.block_bytes
+            self.counters.compacted += len(blocks)
+            sh.cv.notify_all()  # hot slots may have been freed
+            return True
 
     def alloc_warm_runs(self, pool: WarmPool, blocks: list[Block]) -> list[int]:
         """Warm slots for ``blocks`` (sorted by sequence, layer, index): each layer's blocks go

@@ -9,6 +9,9 @@ manager, pools or ``Block`` objects; they ask a ``SeqReader`` for
   groups that fit the hot pool when blocks have to be recalled);
 * ``select(layer, ids)``: the blocks ``ids`` gathered in block order (sparse attention), with
   their token positions; ``select_heads`` for per-head selections;
+* ``chunks(layer, start, stop, every)``: the same keys as ``span`` cut into chunks of
+  ``every`` blocks, each a view where its blocks sit in one run (one acquire for them all);
+  on a CPU pool a complete chunk read as a copy is then compacted into one warm run;
 * ``prefetch(layer, ids)``: start moving blocks to where they are read.
 
 Whatever the residency, the tensors handed out hold the same values in the same order, so the
@@ -98,6 +101,42 @@ class SeqReader:
                 kv = part.new_empty((2, self.kv_heads, stop - start, self.block_tokens, self.layout.head_dim))
             kv[:, :, g0 - start:g0 - start + len(ids)] = part
         yield _split(kv, _tokens(blocks))
+
+    @contextlib.contextmanager
+    def chunks(self, layer: int, start: int, stop: int, every: int
+               ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """K, V of blocks ``[start, stop)`` as chunks of ``every`` blocks (the last may be
+        shorter), each ``[kv_heads, tokens, head_dim]`` in position order. The cut depends on
+        the arguments only, never on residency: a chunk is a view of a run of slots, or a copy
+        holding the same values. Where warm is read in place, a chunk of sealed blocks that had
+        to be copied is moved into one warm run afterwards, so the next step reads it as a
+        view (a decode step reads every chunk of every layer)."""
+        seq, in_place = self.seq, self.in_place
+        blocks = seq.layers[layer][start:stop]
+        cuts = range(0, stop - start, every)
+        if not all(b.loading is None and (b.hot is not None or (in_place and b.warm is not None)) for b in blocks):
+            with self.span(layer, start, stop) as (k, v):  # recalls: streamed, then cut
+                bt = self.block_tokens
+                yield [(k[:, c * bt:(c + every) * bt], v[:, c * bt:(c + every) * bt]) for c in cuts]
+            return
+        scattered = []
+        with self.mgr.acquire(seq, layer, range(start, stop), in_place=in_place) as got:
+            out = []
+            for c in cuts:
+                part = got[c:c + every]
+                runs = _runs(part)
+                ntok = _tokens(part)
+                if len(runs) == 1:
+                    pool, first_slot, n = runs[0]
+                    out.append(pool.view(first_slot, n, ntok))
+                    continue
+                views = [pool.view(first_slot, n) for pool, first_slot, n in runs]
+                out.append((torch.cat([k for k, _ in views], 1)[:, :ntok], torch.cat([v for _, v in views], 1)[:, :ntok]))
+                if in_place and part[-1].sealed:
+                    scattered.append(range(start + c, start + c + len(part)))
+            yield out
+        for ids in scattered:
+            self.mgr.compact(seq, layer, ids)
 
     @contextlib.contextmanager
     def acquire(self, layer: int, ids: Sequence[int]) -> Iterator[list[Block]]:

@@ -88,6 +88,15 @@ class SlotPool:
         self.used += n
         return got
 
+    def alloc_run(self, n: int) -> list[int] | None:
+        """``n`` consecutive free slots (one run, read as one view), or None: nothing else."""
+        start = self._find_run(n) if 0 < n <= self.free_count else None
+        if start is None:
+            return None
+        self._free[start:start + n] = False
+        self.used += n
+        return list(range(start, start + n))
+
     def _find_extent(self, n: int) -> int | None:
         """First slot of the first wholly free extent of ``n`` slots aligned at a multiple of
         ``n`` (an owner grows into its extent; others look for whole free extents, so they do
@@ -126,11 +135,10 @@ class SlotPool:
     def view(self, start: int, n: int, ntok: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of slots ``start..start+n-1`` as ``[kv_heads, n*block_tokens, head_dim]`` views."""
         lay = self.layout
-        k = self.k[:, start:start + n].reshape(lay.kv_heads, n * lay.block_tokens, lay.head_dim)
-        v = self.v[:, start:start + n].reshape(lay.kv_heads, n * lay.block_tokens, lay.head_dim)
-        if ntok is not None:
-            k, v = k[:, :ntok], v[:, :ntok]
-        return k, v
+        kv = self.kv[:, :, start:start + n].reshape(2, lay.kv_heads, n * lay.block_tokens, lay.head_dim)
+        if ntok is not None and ntok < n * lay.block_tokens:
+            kv = kv[:, :, :ntok]
+        return kv[0], kv[1]
 
     def block(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of one slot: ``[kv_heads, block_tokens, head_dim]`` views."""
