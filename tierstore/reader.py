@@ -11,7 +11,7 @@ manager, pools or ``Block`` objects; they ask a ``SeqReader`` for
   their token positions; ``select_heads`` for per-head selections;
 * ``chunks(layer, start, stop, every)``: the same keys as ``span`` cut into chunks of
   ``every`` blocks, each a view where its blocks sit in one run (one acquire for them all);
-  on a CPU pool a complete chunk read as a copy is then compacted into one warm run;
+  on a CPU pool a complete chunk read as a copy is then compacted into one run;
 * ``prefetch(layer, ids)``: start moving blocks to where they are read.
 
 Whatever the residency, the tensors handed out hold the same values in the same order, so the
@@ -70,23 +70,11 @@ class SeqReader:
         """K, V ``[kv_heads, tokens, head_dim]`` of blocks ``[start, stop)`` in position order, the
         tokens from ``start * block_tokens`` on. ``streamed``: blocks recalled for this read leave
         hot first afterwards."""
-        mgr, seq, in_place = self.mgr, self.seq, self.in_place
+        mgr, seq = self.mgr, self.seq
         blocks = seq.layers[layer][start:stop]
-        # (``Placement.readable`` inlined: a decode step asks it of every block of every layer)
-        if all(b.loading is None and (b.hot is not None or (in_place and b.warm is not None)) for b in blocks):
+        if self._readable(blocks):
             with mgr.acquire(seq, layer, range(start, stop), in_place=self.in_place) as got:
-                runs = _runs(got)
-                ntok = _tokens(got)
-                if len(runs) == 1:  # one run of one pool: a view, no copy
-                    pool, first_slot, n = runs[0]
-                    yield pool.view(first_slot, n, ntok)
-                    return
-                if len(runs) <= CAT_RUNS:  # a few runs: one copy, run by run in position order
-                    views = [pool.view(first_slot, n) for pool, first_slot, n in runs]
-                    yield (torch.cat([k for k, _ in views], 1)[:, :ntok], torch.cat([v for _, v in views], 1)[:, :ntok])
-                    return
-                kv = self._gather(got)
-            yield _split(kv, ntok)
+                yield self._read(got)[0]
             return
         # some blocks must be recalled: gather in groups the hot pool can hold at once
         kv = None
@@ -109,30 +97,23 @@ class SeqReader:
         shorter), each ``[kv_heads, tokens, head_dim]`` in position order. The cut depends on
         the arguments only, never on residency: a chunk is a view of a run of slots, or a copy
         holding the same values. Where warm is read in place, a chunk of sealed blocks that had
-        to be copied is moved into one warm run afterwards, so the next step reads it as a
+        to be copied is moved into one run afterwards (``Placement.compact``), so the next step reads it as a
         view (a decode step reads every chunk of every layer)."""
-        seq, in_place = self.seq, self.in_place
-        blocks = seq.layers[layer][start:stop]
+        seq = self.seq
         cuts = range(0, stop - start, every)
-        if not all(b.loading is None and (b.hot is not None or (in_place and b.warm is not None)) for b in blocks):
+        if not self._readable(seq.layers[layer][start:stop]):
             with self.span(layer, start, stop) as (k, v):  # recalls: streamed, then cut
                 bt = self.block_tokens
                 yield [(k[:, c * bt:(c + every) * bt], v[:, c * bt:(c + every) * bt]) for c in cuts]
             return
         scattered = []
-        with self.mgr.acquire(seq, layer, range(start, stop), in_place=in_place) as got:
+        with self.mgr.acquire(seq, layer, range(start, stop), in_place=self.in_place) as got:
             out = []
             for c in cuts:
                 part = got[c:c + every]
-                runs = _runs(part)
-                ntok = _tokens(part)
-                if len(runs) == 1:
-                    pool, first_slot, n = runs[0]
-                    out.append(pool.view(first_slot, n, ntok))
-                    continue
-                views = [pool.view(first_slot, n) for pool, first_slot, n in runs]
-                out.append((torch.cat([k for k, _ in views], 1)[:, :ntok], torch.cat([v for _, v in views], 1)[:, :ntok]))
-                if in_place and part[-1].sealed:
+                kv, one_run = self._read(part)
+                out.append(kv)
+                if not one_run and self.in_place and part[-1].sealed:
                     scattered.append(range(start + c, start + c + len(part)))
             yield out
         for ids in scattered:
@@ -197,6 +178,26 @@ class SeqReader:
         valid = None if bool(valid.all()) else valid.reshape(g, m * bt).to(device)
         d = lay.head_dim
         return kv[0].reshape(g, m * bt, d), kv[1].reshape(g, m * bt, d), pos, valid
+
+    def _readable(self, blocks: Sequence[Block]) -> bool:
+        """Can every block be read where it is? (``Placement.readable`` inlined: a decode step
+        asks it of every block of every layer.)"""
+        in_place = self.in_place
+        return all(b.loading is None and (b.hot is not None or (in_place and b.warm is not None)) for b in blocks)
+
+    def _read(self, got: Sequence[Block]) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
+        """K, V ``[kv_heads, tokens, head_dim]`` of acquired consecutive blocks, and whether
+        they are one run of one pool (then a view, no copy; else a few runs are concatenated in
+        position order, more are gathered by slot index)."""
+        runs = _runs(got)
+        ntok = _tokens(got)
+        if len(runs) == 1:
+            pool, first_slot, n = runs[0]
+            return pool.view(first_slot, n, ntok), True
+        if len(runs) <= CAT_RUNS:
+            views = [pool.view(first_slot, n) for pool, first_slot, n in runs]
+            return (torch.cat([k for k, _ in views], 1)[:, :ntok], torch.cat([v for _, v in views], 1)[:, :ntok]), False
+        return _split(self._gather(got), ntok), False
 
     def _gather(self, got: Sequence[Block], device=None) -> torch.Tensor:
         """``[2, kv_heads, len(got), block_tokens, head_dim]``: the slots of acquired blocks, in
