@@ -10,16 +10,17 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-fast bench-gpu clean redis-server
 
-# The remote-tier tests start real redis-server processes (Debian's 7.x). A fresh machine has
-# none: as root it is installed with apt; otherwise those tests skip and say how to install it.
+# The remote-tier tests start real redis-server processes (Debian's 7.x, built with TLS), and the
+# TLS test makes its certificates with openssl. A fresh machine may have neither: as root they are
+# installed with apt; otherwise those tests skip and say how to install them.
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@{ command -v redis-server && command -v openssl; } >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing redis-server (apt)"; \
-	    (apt-get install -y -q redis-server >/dev/null 2>&1 || \
-	     (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null)) && \
+	    echo "installing redis-server and openssl (apt)"; \
+	    (apt-get install -y -q redis-server openssl >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q redis-server openssl >/dev/null)) && \
 	    { systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; }; \
-	  else echo "redis-server missing and not root: the remote-tier tests will skip (apt-get install redis-server)"; fi; }
+	  else echo "redis-server or openssl missing and not root: the remote-tier tests will skip (apt-get install redis-server openssl)"; fi; }
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

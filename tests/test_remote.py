@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,7 +22,8 @@ pytest.importorskip("redis")
 import tierstore  # noqa: E402
 from support.kv import assert_kv_equal, random_kv  # noqa: E402
 from support.models import tiny  # noqa: E402
-from support.redis_servers import SKIP_REASON, RedisCluster, RedisNode, redis_binaries  # noqa: E402
+from support.redis_servers import (SKIP_REASON, Certificates, RedisCluster, RedisNode,  # noqa: E402
+                                   redis_binaries)
 from tierstore.adapters.hf import TieredCache  # noqa: E402
 from tierstore.errors import CorruptBlockError, MissingBlockError, SessionBusyError  # noqa: E402
 from tierstore.layout import KVLayout  # noqa: E402
@@ -77,7 +79,8 @@ def remote_url(request):
 
 def host(tmp_path, name: str, url: str, **kw):
     """A host in this process: its own store directory, host id and remote connection."""
-    remote = RemoteTier(url, **{k: kw.pop(k) for k in ("lease_ttl", "orphan_ttl", "timeout") if k in kw})
+    remote = RemoteTier(url, **{k: kw.pop(k) for k in ("lease_ttl", "orphan_ttl", "timeout", "replica_timeout")
+                                if k in kw})
     return tierstore.open(tmp_path / f"host-{name}", remote=remote, host=name, block_tokens=BT, **kw)
 
 
@@ -364,6 +367,41 @@ def test_a_paused_primary_and_a_killed_primary_lose_nothing(tmp_path, cluster):
     prim.start()  # back as a node of the cluster (it rejoins as a replica)
 
 
+def test_a_publish_stays_in_the_outbox_until_replicas_hold_it_and_survives_losing_their_primary(tmp_path, cluster):
+    kv, kv2 = random_kv(LAYOUT, 80, 21), random_kv(LAYOUT, 80, 22)
+    # a node that an earlier test stopped may still be catching up as a replica
+    wait_until(lambda: len(cluster.replicas_in_sync()) == cluster.primaries, "replicas in sync")
+    with host(tmp_path, "A", cluster.url, timeout=2.0, replica_timeout=0.3) as a:
+        rep, r = a.sessions.replica, a.sessions.replica.remote
+        a.put_session("s", layout=LAYOUT, kv=kv, token_ids=range(80), fingerprint="fp")
+        assert not rep.outbox()                                 # its replicas acknowledged it: done
+        replicas = [n for n in cluster.nodes if n.proc is not None and cluster.role(n) == "replica"]
+        for n in replicas:
+            n.pause()                                           # replication stalls everywhere
+        try:
+            a.put_session("t", layout=LAYOUT, kv=kv2, token_ids=range(80), fingerprint="fq")
+            assert r.info("t")["has_record"]                   # visible on the primaries...
+            assert list(rep.outbox()) == ["t"]                 # ...but no replica holds it: kept
+            status, why = rep.publish("t")
+            assert status == "pending" and "0 of 1 replica" in why
+            # kill -9 a primary holding some of t's blocks (not its record) before its replica got them
+            home = cluster.primary_of(r.keys.session("t"))
+            chains = a.session("t").chains()
+            prim = next((p for p in (cluster.primary_of(r.keys.block(c, 0)) for c in chains) if p is not home), None)
+            assert prim is not None, "every position of t hashed to its record's primary"
+            prim.kill()
+        finally:
+            for n in replicas:
+                n.resume()
+        cluster.wait_failover(prim)                             # its replica, without those blocks, takes over
+        rep._down_until = 0.0
+        wait_until(lambda: not rep.outbox() or (rep.drain() and False), "outbox after failover")
+    with host(tmp_path, "B", cluster.url) as b:                 # nothing was lost: the lost blocks went again
+        assert_kv_equal(b.load_session("s")[1], kv)
+        assert_kv_equal(b.load_session("t")[1], kv2)
+    prim.start()  # back as a node of the cluster (it rejoins as a replica)
+
+
 def _replica_caught_up(cluster, prim) -> bool:
     info = prim.cli("INFO", "replication")
     off = int(info.split("master_repl_offset:")[1].split()[0])
@@ -547,6 +585,71 @@ def test_tensor_parallel_shards_resume_at_tp2_on_another_host_and_at_tp1(tmp_pat
     for layer, (k, v) in enumerate(kv):
         dyn.update(k.unsqueeze(0), v.unsqueeze(0), layer)
     assert out == gen(model, b["ids"], dyn, 4)
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_node(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("the TLS test makes its certificates with the openssl command: `make test` installs it")
+    n = RedisNode(tmp_path_factory.mktemp("redis-tls"), tls=Certificates(tmp_path_factory.mktemp("certs"))).start()
+    yield n
+    n.stop()
+
+
+def test_over_tls_with_client_certificates_host_b_resumes_what_host_a_committed(tmp_path, tls_node):
+    """A server that speaks only TLS and asks for a client certificate of its CA: host A (its own
+    process) commits over ``rediss://``, host B resumes it bit-exactly."""
+    model = tiny()
+    prompt = torch.randint(1, 128, (29,), generator=torch.Generator().manual_seed(31)).tolist()
+    ref = gen(model, prompt, DynamicCache(), 14)
+    a = run_host({"op": "commit", "store": str(tmp_path / "A"), "remote": tls_node.url, "host": "A",
+                  "dtype": "float32", "session": "chat", "prompt": prompt, "new_tokens": 6})
+    assert a["ids"] == ref[:len(prompt) + 6]
+    with host(tmp_path, "B", tls_node.url) as b:
+        assert not b.sessions.exists_local("chat") and b.exists("chat")
+        with TieredCache.resume(b, model, "chat") as cache:
+            assert gen(model, a["ids"], cache, 8) == ref
+        assert b.sessions.replica.remote.counters["fetched_blocks"] > 0
+
+
+def test_a_tls_client_the_server_refuses_works_locally_and_says_why(tmp_path, tls_node):
+    t, port = tls_node.tls, tls_node.port
+    tls_node.cli("FLUSHALL")
+    cases = [  # (URL, what the error says)
+        (f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={t['other-ca.crt']}&ssl_certfile={t['client.crt']}"
+         f"&ssl_keyfile={t['client.key']}", "not signed by the CA in " + t["other-ca.crt"]),
+        (f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={t['ca.crt']}", "may require a client certificate"),
+        (f"redis://127.0.0.1:{port}/0", "use a rediss:// URL"),
+    ]
+    for i, (url, why) in enumerate(cases):
+        with host(tmp_path, f"C{i}", url, timeout=1.0) as c:
+            c.put_session("x", layout=LAYOUT, kv=random_kv(LAYOUT, 16, i), token_ids=range(16), fingerprint="fp")
+            assert list(c.sessions.replica.outbox()) == ["x"] and c.exists("x")   # kept locally, to publish later
+            assert why in c.sessions.replica.last_error, c.sessions.replica.last_error
+    assert tls_node.cli("DBSIZE") == "0"                                            # nothing reached the server
+
+
+def test_tls_options_are_checked_when_the_url_is_read(tmp_path):
+    from tierstore.errors import TierstoreError
+    from tierstore.remote import parse_remote
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read until a connection is made")
+    s = parse_remote(f"rediss://127.0.0.1:7001/0?ssl_ca_certs={ca}&ssl_cert_reqs=required&ssl_check_hostname=0")
+    assert s.tls and dict(s.tls_options) == {"ssl_ca_certs": str(ca), "ssl_cert_reqs": "required",
+                                             "ssl_check_hostname": False}
+    for bad, why in ((f"redis://127.0.0.1:7001/0?ssl_ca_certs={ca}", "need a rediss:// URL"),
+                     (f"rediss://127.0.0.1:7001/0?ssl_ca_certs={tmp_path}/none.pem", "none.pem' does not exist"),
+                     (f"rediss://127.0.0.1:7001/0?ssl_certfile={ca}", "both ssl_certfile and ssl_keyfile"),
+                     ("rediss://127.0.0.1:7001/0?ssl_cert_reqs=maybe", "none, optional or required"),
+                     ("redis://127.0.0.1:7001/0?replicas=all", "replicas must be a count")):
+        with pytest.raises(TierstoreError, match=why):
+            parse_remote(bad)
+    assert parse_remote("redis://127.0.0.1:7001/0?replicas=0").replicas == 0
+    assert RemoteTier("redis://127.0.0.1:7001/0?replicas=2").replicas == 2
 
 
 # -- naming the remote -------------------------------------------------------------------------

@@ -58,24 +58,64 @@ def _wait(pred, what: str, timeout: float = 20.0, step: float = 0.05):
     raise TimeoutError(f"{what}: not within {timeout} s")
 
 
+class Certificates:
+    """A private CA, a server certificate for 127.0.0.1 and a client certificate it signed,
+    plus a second, unrelated CA (a client trusting it must refuse the server): made with the
+    ``openssl`` command in ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = Path(root)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for ca in ("ca", "other-ca"):
+            self._run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                      "-days", "2", "-subj", f"/CN=tierstore test {ca}")
+        (self.dir / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        for who, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
+            self._run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out", f"{who}.csr",
+                      "-subj", f"/CN=tierstore test {who}")
+            self._run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                      "-out", f"{who}.crt", "-days", "2", *ext)
+
+    def _run(self, *args: str) -> None:
+        r = subprocess.run([shutil.which("openssl"), *args], cwd=self.dir, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"openssl {' '.join(args)}: {r.stderr[-2000:]}")
+
+    def __getitem__(self, name: str) -> str:
+        return str(self.dir / name)
+
+
 class RedisNode:
+    """One ``redis-server``; with ``tls`` (``Certificates``) it listens only on TLS, and asks
+    clients for a certificate of the test CA."""
+
     def __init__(self, root: Path, *, port: int | None = None, cluster: bool = False, maxmemory: str | None = None,
-                 policy: str = "noeviction", extra: tuple[str, ...] = ()) -> None:
+                 policy: str = "noeviction", extra: tuple[str, ...] = (), tls: Certificates | None = None) -> None:
         self.port = port or free_port(cluster)
         self.dir = Path(root) / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.cluster, self.maxmemory, self.policy, self.extra = cluster, maxmemory, policy, extra
+        self.cluster, self.maxmemory, self.policy, self.extra, self.tls = cluster, maxmemory, policy, extra, tls
         self.proc: subprocess.Popen | None = None
+        self.paused = False
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        if self.tls is None:
+            return f"redis://{HOST}:{self.port}/0"
+        t = self.tls
+        return (f"rediss://{HOST}:{self.port}/0?ssl_ca_certs={t['ca.crt']}&ssl_certfile={t['client.crt']}"
+                f"&ssl_keyfile={t['client.key']}")
 
     def start(self) -> "RedisNode":
         server, _ = redis_binaries()
         args = [server, "--bind", HOST, "--port", str(self.port), "--dir", str(self.dir), "--save", "",
                 "--appendonly", "no", "--protected-mode", "yes", "--logfile", str(self.dir / "log"),
                 "--maxmemory-policy", self.policy]
+        if self.tls is not None:
+            t = self.tls
+            args[args.index("--port") + 1] = "0"
+            args += ["--tls-port", str(self.port), "--tls-cert-file", t["server.crt"], "--tls-key-file", t["server.key"],
+                     "--tls-ca-cert-file", t["ca.crt"], "--tls-auth-clients", "yes"]
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory]
         if self.cluster:
@@ -99,7 +139,9 @@ class RedisNode:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 10.0) -> str:
         _, cli = redis_binaries()
-        r = subprocess.run([cli, "-h", HOST, "-p", str(self.port), *args], capture_output=True, text=True,
+        tls = [] if self.tls is None else ["--tls", "--cacert", self.tls["ca.crt"], "--cert", self.tls["client.crt"],
+                                           "--key", self.tls["client.key"]]
+        r = subprocess.run([cli, "-h", HOST, "-p", str(self.port), *tls, *args], capture_output=True, text=True,
                            timeout=timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f"redis-cli {' '.join(args)} on {self.port}: {r.stderr or r.stdout}")
@@ -107,9 +149,11 @@ class RedisNode:
 
     def pause(self) -> None:
         self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
 
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
 
     def kill(self) -> None:
         """kill -9: no shutdown, no save."""
@@ -192,10 +236,17 @@ class RedisCluster:
                 out.append(n)
         return out
 
+    def replica_of(self, primary: RedisNode) -> RedisNode:
+        info = primary.cli("INFO", "replication")
+        ports = {int(f.split("=")[1]) for line in info.splitlines() if line.startswith("slave")
+                 for f in line.split(":", 1)[1].split(",") if f.startswith("port=")}
+        return next(n for n in self.nodes if n.port in ports)
+
     def primary_of(self, key: str) -> RedisNode:
-        slot = int(self.nodes[0].cli("CLUSTER", "KEYSLOT", key))
+        from redis.crc import key_slot  # computed here: any node may be paused or down
+        slot = key_slot(key.encode())
         for n in self.nodes:
-            if self.role(n) != "primary" or n.proc is None or n.proc.poll() is not None:
+            if n.paused or n.proc is None or n.proc.poll() is not None or self.role(n) != "primary":
                 continue
             for line in n.cli("CLUSTER", "NODES").splitlines():
                 f = line.split()

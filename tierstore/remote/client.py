@@ -1,7 +1,9 @@
 """Connecting to the remote tier: URLs, single node or cluster, and which errors mean "down".
 
-A remote is named by ``redis://[user:pass@]host:port[/db][?prefix=ns&cluster=1]`` (``rediss://``
-for TLS), by several such URLs (a list, or joined with commas: the startup nodes of a cluster),
+A remote is named by ``redis://[user:pass@]host:port[/db][?prefix=ns&cluster=1&replicas=1]``, by
+``rediss://`` for TLS (with redis-py's own query names: ``ssl_ca_certs=ca.pem`` to trust a private
+CA, ``ssl_certfile`` + ``ssl_keyfile`` for a client certificate, ``ssl_cert_reqs=none|optional|
+required``, ``ssl_check_hostname=0|1``), by several such URLs (a list, or joined with commas: the startup nodes of a cluster),
 or by ``TIERSTORE_REMOTE``. A single URL is probed once: a node with ``cluster_enabled:1`` is
 reached through the cluster client. Connections are lazy: a remote that is down when the store
 opens is tried again on the next operation, and the store works on its local LMDB meanwhile.
@@ -9,6 +11,7 @@ opens is tried again on the next operation, and the store works on its local LMD
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -34,6 +37,8 @@ class RemoteSpec:
     tls: bool = False
     prefix: str = "ts"
     cluster: bool | None = None   # None: probe the first node
+    tls_options: tuple[tuple[str, object], ...] = ()   # redis-py ssl_* keyword arguments
+    replicas: int | None = None   # replicas of each primary a publish waits for (None: RemoteTier's default)
 
     @property
     def url(self) -> str:
@@ -41,6 +46,36 @@ class RemoteSpec:
         scheme = "rediss" if self.tls else "redis"
         hosts = ",".join(f"{h}:{p}" for h, p in self.nodes)
         return f"{scheme}://{hosts}/{self.db}" + (f"?prefix={self.prefix}" if self.prefix != "ts" else "")
+
+
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+TLS_REQS = {"none": "none", "optional": "optional", "required": "required"}
+FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _tls_options(url: str, q: dict, tls: bool) -> tuple[tuple[str, object], ...]:
+    """redis-py's ``ssl_*`` arguments named in the URL's query, each checked."""
+    out = []
+    for k in TLS_FILES:
+        if k in q:
+            path = os.path.expanduser(q[k])
+            if not os.path.isfile(path):
+                raise TierstoreError(f"remote {url!r}: {k} file {path!r} does not exist")
+            out.append((k, path))
+    if "ssl_cert_reqs" in q:
+        if q["ssl_cert_reqs"].lower() not in TLS_REQS:
+            raise TierstoreError(f"remote {url!r}: ssl_cert_reqs must be none, optional or required, "
+                                 f"got {q['ssl_cert_reqs']!r}")
+        out.append(("ssl_cert_reqs", TLS_REQS[q["ssl_cert_reqs"].lower()]))
+    if "ssl_check_hostname" in q:
+        if q["ssl_check_hostname"].lower() not in FLAGS:
+            raise TierstoreError(f"remote {url!r}: ssl_check_hostname must be 0 or 1, got {q['ssl_check_hostname']!r}")
+        out.append(("ssl_check_hostname", FLAGS[q["ssl_check_hostname"].lower()]))
+    if ("ssl_certfile" in q) != ("ssl_keyfile" in q):
+        raise TierstoreError(f"remote {url!r}: a client certificate needs both ssl_certfile and ssl_keyfile")
+    if out and not tls:
+        raise TierstoreError(f"remote {url!r}: ssl_* options need a rediss:// URL (TLS)")
+    return tuple(out)
 
 
 def parse_remote(spec) -> RemoteSpec:
@@ -72,12 +107,19 @@ def parse_remote(spec) -> RemoteSpec:
     prefix = q.get("prefix", "ts")
     if not prefix or any(c in prefix for c in "{}: "):
         raise TierstoreError(f"remote {urls[0]!r}: prefix {prefix!r} must be non-empty, without braces, colons or spaces")
-    cluster = {"1": True, "true": True, "0": False, "false": False}.get(q.get("cluster", "").lower())
+    cluster = FLAGS.get(q.get("cluster", "").lower())
     if len(nodes) > 1:
         cluster = True
+    replicas = None
+    if "replicas" in q:
+        if not q["replicas"].isdigit():
+            raise TierstoreError(f"remote {urls[0]!r}: replicas must be a count (0: do not wait), got {q['replicas']!r}")
+        replicas = int(q["replicas"])
+    tls = first.scheme == "rediss"
     return RemoteSpec(nodes=tuple(nodes), db=db, username=unquote(first.username) if first.username else None,
                       password=unquote(first.password) if first.password else None,
-                      tls=first.scheme == "rediss", prefix=prefix, cluster=cluster)
+                      tls=tls, prefix=prefix, cluster=cluster, tls_options=_tls_options(urls[0], q, tls),
+                      replicas=replicas)
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:
@@ -96,6 +138,23 @@ def is_unavailable(e: BaseException) -> bool:
         "OOM", "CLUSTERDOWN", "MASTERDOWN", "LOADING", "READONLY", "TRYAGAIN", "NOREPLICAS")
 
 
+def describe(spec: RemoteSpec, e: BaseException) -> str:
+    """An unavailable-remote error's text, with what most likely causes it where the error
+    itself does not say (TLS set-up)."""
+    msg = f"{type(e).__name__}: {e}"
+    text = str(e)
+    opts = dict(spec.tls_options)
+    if spec.tls and "CERTIFICATE_VERIFY_FAILED" in text:
+        msg += (" (the server's certificate is not signed by a CA this host trusts: name yours with "
+                "?ssl_ca_certs=PATH)" if "ssl_ca_certs" not in opts else
+                f" (the server's certificate is not signed by the CA in {opts['ssl_ca_certs']})")
+    elif spec.tls and ("EOF occurred" in text or "alert" in text.lower()) and "ssl_certfile" not in opts:
+        msg += " (the server may require a client certificate: ?ssl_certfile=PATH&ssl_keyfile=PATH)"
+    elif not spec.tls and ("reset by peer" in text or "Connection closed by server" in text):
+        msg += " (if the server speaks TLS on this port, use a rediss:// URL)"
+    return msg
+
+
 class Connection:
     """A lazily made redis-py client (``Redis`` or ``RedisCluster``) for one ``RemoteSpec``."""
 
@@ -111,7 +170,7 @@ class Connection:
         s = self.spec
         return dict(username=s.username, password=s.password, ssl=s.tls, socket_timeout=self.timeout,
                     socket_connect_timeout=self.timeout, health_check_interval=0,
-                    retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
+                    retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2), **dict(s.tls_options))
 
     def client(self):
         with self._lock:
@@ -135,7 +194,7 @@ class Connection:
                     self._client = redis.Redis(host=s.nodes[0][0], port=s.nodes[0][1], db=s.db, **self._common())
             except Exception as e:
                 if is_unavailable(e):
-                    raise RemoteUnavailableError(f"cannot connect ({type(e).__name__}: {e})", url=s.url) from e
+                    raise RemoteUnavailableError(f"cannot connect ({describe(s, e)})", url=s.url) from e
                 raise
             return self._client
 

@@ -54,6 +54,10 @@ class Keys:
     def intent(self, name: str) -> str:
         return self.session(name) + ":intent"
 
+    def ack(self, tag: int) -> str:
+        """A short-lived key written just before a ``WAIT`` (``tag`` picks the node's slot)."""
+        return f"{self.p}:ack:{{{tag}}}"
+
     @property
     def index(self) -> str:
         return f"{self.p}:sessions"

@@ -70,6 +70,7 @@ class Replica:
         self._token: tuple[str, str] | None = None         # (session, publish lock token) while publishing
         self.last_error: str | None = None
         self.forks: list[tuple[str, str]] = []
+        self._late: set[str] = set()                       # sessions whose replicas have not confirmed
         self._stop = threading.Event()
         self._thread = None
         if background and self.cold is not None and not self.cold.readonly:
@@ -305,6 +306,9 @@ class Replica:
                     pass  # expires by itself
             self._ok()
             if status == "ok":
+                late = self._unreplicated(name)
+                if late:
+                    return ("pending", late)
                 self._finish(name, entry, ver, digest(raw))
                 return ("ok", ver)
             if status == "unlocked":
@@ -341,7 +345,11 @@ class Replica:
         base, fence, holder = entry["base"], entry["fence"], entry.get("holder", "")
         info = self.remote.info(name)
         if info["has_record"] and info["digest"] == digest(raw):
-            return "ok", info["ver"]  # published before (a crash came before the outbox entry went)
+            # published before (a crash, or replicas that did not confirm, kept the outbox entry):
+            # every position must still be there, as a failover to a replica that missed some
+            # of the blocks can leave the record without them
+            self._reference(rec, rec.chains())
+            return "ok", info["ver"]
         # refused in advance (the commit step checks again, atomically): nothing uploaded in vain
         if fence and info["fence"] != fence:
             return "fenced", info["ver"]
@@ -354,14 +362,7 @@ class Replica:
         new = rec.chains()
         self.remote.add_intent(name, set(old) | set(new) | {b"layers:%d" % layers})
         self._upload(rec, new)
-        missing = self.remote.ref(name, new, layers)
-        if missing:  # evicted or lost between upload and reference: upload those again, once
-            again = sorted({i for i, _ in missing})
-            self._upload(rec, [new[i] for i in again], force=True)
-            missing = self.remote.ref(name, [new[i] for i in again], layers)
-            if missing:
-                raise RemoteUnavailableError(f"session {name!r}: blocks vanish between upload and reference "
-                                             "(remote memory full?)", url=self.remote.url)
+        self._reference(rec, new)
         status, ver = self.remote.commit(name, raw, digest(raw), base=base, fence=fence, host=self.host, lock=lock,
                                          holder=holder)
         if status == "ok":
@@ -372,9 +373,38 @@ class Replica:
             self._recover(name)
         return status, ver
 
+    def _reference(self, rec: SessionRecord, chains: list[bytes]) -> None:
+        """Reference every position of ``chains`` for ``rec``; one evicted or lost since its
+        upload is uploaded again, once."""
+        name, layers = rec.name, rec.layout.num_layers
+        missing = self.remote.ref(name, chains, layers)
+        if missing:
+            again = [chains[i] for i in sorted({i for i, _ in missing})]
+            self._upload(rec, again, force=True)
+            if self.remote.ref(name, again, layers):
+                raise RemoteUnavailableError(f"session {name!r}: blocks vanish between upload and reference "
+                                             "(remote memory full?)", url=self.remote.url)
+
+    def _unreplicated(self, name: str) -> str | None:
+        """Why a publish of ``name`` is not yet safe from losing its primary (replicas that did
+        not acknowledge it in time), or None. The outbox entry stays until they do: the next
+        drain publishes again (idempotent) and asks again."""
+        late = self.remote.wait_replicated()
+        if not late:
+            self._late.discard(name)
+            return None
+        why = "not yet acknowledged by the replicas of " + ", ".join(late)
+        (log.warning if name not in self._late else log.debug)(
+            "session %r: published on %s but %s; it stays in the outbox until they are", name, self.remote.url, why)
+        self._late.add(name)
+        return why
+
     def _publish_delete(self, name: str, entry: dict, token: str):
         old_raw, ver = self.remote.record(name)
         if old_raw is None:
+            late = self._unreplicated(name)
+            if late:
+                return ("pending", late)
             self._finish(name, entry, ver, None)
             return ("ok", ver)
         old = self._chains_of(name, old_raw)
@@ -384,6 +414,9 @@ class Replica:
         if status == "ok":
             self.remote.unref(name, old, layers)
             self.remote.index(name, present=False)
+            late = self._unreplicated(name)
+            if late:
+                return ("pending", late)
         else:
             log.warning("session %r: deleted here, but kept on the remote tier (%s: another host wrote or "
                         "holds it since)", name, status)

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 
 from ..errors import RemoteUnavailableError
-from .client import Connection, RemoteSpec, is_unavailable, parse_remote
+from .client import Connection, RemoteSpec, describe, is_unavailable, parse_remote
 from .keys import Keys
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,19 @@ class RemoteTier:
     lease_ttl: seconds a writer lease lives without renewal (a ``Replica`` renews it every
     third of that). pending_ttl: seconds an uploaded, not yet referenced block lives.
     orphan_ttl: seconds a block no record references any more lives (0: deleted at once).
+    replicas: how many replicas of every primary must hold a publish before it counts as done
+    (``wait_replicated``; fewer when a primary has fewer connected; 0: do not wait; the URL's
+    ``?replicas=`` overrides it); replica_timeout: seconds to wait for them.
     lock_ttl: seconds a session's publish lock lives without renewal (a publisher renews it
     after every batch; a crashed one's lock is free after that, or at once to a process of the
     same host that sees the holder is dead)."""
 
     def __init__(self, spec, *, lease_ttl: float = 30.0, pending_ttl: float = 3600.0,
-                 orphan_ttl: float = 3600.0, lock_ttl: float = 30.0, timeout: float = 2.0, batch: int = 64) -> None:
+                 orphan_ttl: float = 3600.0, lock_ttl: float = 30.0, timeout: float = 2.0, batch: int = 64,
+                 replicas: int = 1, replica_timeout: float = 1.0) -> None:
         self.spec: RemoteSpec = parse_remote(spec)
+        self.replicas = self.spec.replicas if self.spec.replicas is not None else replicas
+        self.replica_timeout = replica_timeout
         self.keys = Keys(self.spec.prefix)
         self.lease_ttl, self.pending_ttl, self.orphan_ttl, self.lock_ttl = lease_ttl, pending_ttl, orphan_ttl, lock_ttl
         self.batch = batch
@@ -162,7 +168,7 @@ class RemoteTier:
         except Exception as e:  # noqa: BLE001 - classified below
             if is_unavailable(e):
                 self.conn.reset()
-                raise RemoteUnavailableError(f"{type(e).__name__}: {e}", url=self.url) from e
+                raise RemoteUnavailableError(describe(self.spec, e), url=self.url) from e
             raise
 
     def _eval_many(self, src: str, calls: Sequence[tuple[list[str], list]]) -> list:
@@ -189,6 +195,51 @@ class RemoteTier:
             return bool(self._do(lambda c: c.ping()))
         except RemoteUnavailableError:
             return False
+
+    def _primaries(self, c) -> list[tuple[str, object, str]]:
+        """(name, a plain client of it, a key it serves) for every primary (the node itself
+        when this is not a cluster)."""
+        if not self.conn.cluster:
+            return [(self.url, c, self.keys.ack(0))]
+        from redis.crc import key_slot
+        out = []
+        slots = c.nodes_manager.slots_cache
+        for node in c.get_primaries():
+            for tag in range(4096):  # a key of one of its slots (each tag hits it with p = its share)
+                key = self.keys.ack(tag)
+                owners = slots.get(key_slot(key.encode()))
+                if owners and owners[0].name == node.name:
+                    out.append((node.name, node.redis_connection, key))
+                    break
+        return out
+
+    def wait_replicated(self) -> list[str]:
+        """After a publish: block until ``replicas`` replicas of every primary (or all it has
+        connected, if fewer) acknowledge every write made so far, at most ``replica_timeout``
+        seconds. On each primary one connection writes a short-lived key and then runs
+        ``WAIT`` (which waits for that connection's last write, and so for every write the
+        primary took before it: its replication stream is in order). Returns the primaries
+        whose replicas did not all answer ("host:port: 0 of 1 replicas"); [] when confirmed."""
+        if self.replicas <= 0:
+            return []
+        # within the socket timeout, or a slow replica would read as a remote that is down
+        ms = max(1, int(min(self.replica_timeout, 0.75 * self.conn.timeout) * 1000))
+
+        def fn(c):
+            late = []
+            for name, client, key in self._primaries(c):
+                need = min(self.replicas, int(client.info("replication").get("connected_slaves", 0)))
+                if not need:
+                    continue
+                pipe = client.pipeline(transaction=False)  # one connection: the SET, then its WAIT
+                pipe.set(key, b"1", px=60_000)
+                pipe.execute_command("WAIT", need, ms)
+                got = int(pipe.execute()[1])
+                if got < need:
+                    late.append(f"{name}: {got} of {need} replica{'s' if need > 1 else ''}")
+            return late
+
+        return self._do(fn)
 
     # -- sessions ------------------------------------------------------------------------------
 
