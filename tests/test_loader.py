@@ -51,6 +51,45 @@ def test_missing_cold_block_during_promotion(store):
     check_bookkeeping(store)
 
 
+def test_cold_blocks_of_one_acquire_are_read_together_bit_exact(store):
+    m = store.manager
+    b, K, V = cold_only_sequence(store, torch.Generator().manual_seed(10))
+    before = m.counters.promotions["cold"]
+    with m.acquire(b, 0, [0, 1, 2, 3]) as got:              # four cold blocks: one read, straight into hot
+        assert [blk.index for blk in got] == [0, 1, 2, 3] and all(blk.hot is not None for blk in got)
+        for i, blk in enumerate(got):
+            k, v = m.hot_view(blk)
+            assert same_bits(k, K[0][:, i * BT:(i + 1) * BT]) and same_bits(v, V[0][:, i * BT:(i + 1) * BT])
+    assert m.counters.promotions["cold"] == before + 4
+    check_bookkeeping(store)
+
+
+def test_layer_ahead_prefetch_reads_the_next_layers_cold_blocks_into_hot(tmp_path):
+    """Warm is read in place on a CPU pool, so the layer-ahead prefetch moves only blocks in no
+    memory tier: straight into hot, making room there (here warm is full and could take none)."""
+    st_, b, K, V = resumable(tmp_path, torch.Generator().manual_seed(23), nblocks=10, warm_blocks=4)
+    m = st_.manager
+    try:
+        m.restore(b)
+        m.wait_filled(30)
+        cold = [blk.index for blk in b.layers[1] if blk.hot is None and blk.warm is None]
+        assert cold, "the fixture leaves some of layer 1 in cold only"
+        m.prefetch_next(b, 1)
+        wait_idle(m)
+        fetched = [i for i in cold if b.layers[1][i].hot is not None]
+        assert fetched == cold[:len(fetched)] and fetched                # in block order, as many as hot holds
+        timely = m.counters.prefetch_timely
+        with m.acquire(b, 1, fetched, in_place=True) as got:
+            for blk in got:
+                k, v = m.view(blk)
+                i = blk.index
+                assert same_bits(k, K[1][:, i * BT:(i + 1) * BT]) and same_bits(v, V[1][:, i * BT:(i + 1) * BT])
+        assert m.counters.prefetch_timely == timely + len(fetched)       # found where the prefetch put them
+        check_bookkeeping(st_)
+    finally:
+        st_.close()
+
+
 def test_restore_fills_warm_in_the_background_bit_exact(tmp_path):
     st_, b, K, V = resumable(tmp_path, torch.Generator().manual_seed(21))
     m = st_.manager

@@ -123,6 +123,24 @@ def hot_ids(seq) -> set[int]:
     return {b.index for b in seq.layers[0] if b.hot is not None}
 
 
+@pytest.mark.parametrize("name", ["exact", "streaming", "lru"])
+def test_a_positional_policys_rank_is_its_score_without_summaries(name):
+    """Eviction ranks blocks of exact/streaming/lru with ``rank`` (no summaries stacked): it
+    must give each block the value ``score`` gives it."""
+    from tierstore.policies import get_policy
+    from tierstore.policies.base import Summaries
+
+    p = get_policy(name)
+    assert not p.uses_summaries
+    for n in (1, 2, 7, 40):
+        used = torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n))
+        empty = torch.zeros(n, 0, 0)
+        s = Summaries(kmin=empty, kmax=empty, kmean=empty, mass=torch.zeros(n, 0),
+                      tokens=torch.full((n,), 4), step=60, last_used=used)
+        score = p.score(s).tolist()
+        assert [p.rank(i, n, int(used[i])) for i in range(n)] == pytest.approx(score, rel=1e-6)  # score is float32
+
+
 def test_exact_placement_demotes_the_oldest_but_the_sink(tmp_path):
     store, m, seq = _store_with_blocks(tmp_path, "exact", 4, 4)
     try:

@@ -101,6 +101,55 @@ class Loader:
             b.loading = fut
         self.loaders.submit(self._run, b, from_cold, hs is not None, fut, not need_warm and from_cold)
 
+    def start_many(self, seq: Seq, blocks: Sequence[Block]) -> None:
+        """Prepare the loads of several cold blocks straight into a CPU hot pool (lock held):
+        their hot slots reserved at once (one eviction for the lot, not one per block), each
+        block pinned and marked loading with its own future, and one loader task that reads
+        them all in one read transaction (``_read_into``), so a layer's cold blocks cost one
+        hand-off instead of one per block. A block another thread is loading is left to it."""
+        pl = self.placement
+        with pl.pinned(list(blocks)):
+            todo = [b for b in blocks if b.loading is None and b.hot is None and b.warm is None]
+            for b in todo:
+                if not b.durable:
+                    raise MissingBlockError("block is in no tier (not durable, not resident)", **b.where())
+            if not todo:
+                return
+            slots = pl.alloc_hot(seq.hot, len(todo), None)
+            # making room may have released the lock: a block loaded meanwhile keeps its load
+            plan, spare = [], []
+            for b, slot in zip(todo, slots):
+                if b.loading is not None or b.hot is not None or b.warm is not None:
+                    spare.append(slot)
+                    continue
+                pl.put_hot(b, slot)
+                b.pins += 1  # the transfer's own pin, given back at completion
+                b.loading = Future()
+                plan.append((b, slot))
+            if spare:
+                seq.hot.release(spare)
+        if plan:
+            self.loaders.submit(self._run_many, seq, plan)
+
+    def _run_many(self, seq: Seq, plan: list[tuple[Block, int]]) -> None:
+        bad: dict[int, BaseException] = {}
+        err = None
+        try:
+            self._read_into(seq, seq.hot, plan, bad=bad)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiters through the futures
+            err = e if isinstance(e, TierstoreError) else TierstoreError(f"loading {seq.name}: {e}")
+        with self.shared.lock:
+            self.counters.promotions["cold"] += len(plan) - len(bad) if err is None else 0
+            for b, _ in plan:
+                fut, b.loading = b.loading, None
+                e = err or bad.get(id(b))
+                if e is None:
+                    fut.set_result(None)
+                else:
+                    self.placement.drop_hot(b)
+                    fut.set_exception(e)
+            self.shared.unpin([b for b, _ in plan])
+
     def _run(self, b: Block, from_cold: bool, to_hot: bool, fut: Future, direct: bool = False) -> None:
         seq = b.seq
         try:

@@ -183,6 +183,23 @@ class Placement:
                         with contextlib.suppress(BudgetError):
                             self.loader.start(b, to_hot=False, evict=False)
 
+    def prefetch_cold(self, seq: Seq, layer: int, block_ids: Sequence[int]) -> None:
+        """Start reading the blocks ``block_ids`` that are in cold only into a CPU hot pool,
+        together (``Loader.start_many``), making room; returns at once. Nothing starts when
+        hot cannot make room now."""
+        with self.shared.lock:
+            if self.shared.closed:
+                return
+            blocks = [b for b in (seq.layers[layer][i] for i in block_ids)
+                      if b.loading is None and b.hot is None and b.warm is None and b.durable]
+            self.counters.prefetch_requested += len(blocks)
+            if not blocks:
+                return
+            with contextlib.suppress(BudgetError):
+                self.loader.start_many(seq, blocks)
+                for b in blocks:
+                    b.prefetched = b.loading is not None
+
     def promote(self, blocks: list[Block], *, transient: bool = False) -> None:
         """Make blocks hot now (lock held; waits for loads in flight)."""
         with self.pinned(blocks):
@@ -195,6 +212,16 @@ class Placement:
                     if all(b.loading is None for b in blocks):
                         return
                     continue  # a load started while the lock was released: wait for it too
+                # cold blocks bound for a CPU hot pool: read together, in one task
+                cold = [b for b in todo if b.warm is None and not b.seq.hot.is_cuda]
+                if len(cold) > 1 and all(b.seq is cold[0].seq for b in cold):
+                    self.counters.misses["hot"] += len(cold)
+                    self.counters.hits["cold"] += len(cold)
+                    self.loader.start_many(cold[0].seq, cold)
+                    for b in cold:
+                        b.transient = transient
+                    batched = {id(b) for b in cold}
+                    todo = [b for b in todo if id(b) not in batched]
                 for b in todo:
                     tier = "warm" if b.warm is not None else "cold"
                     self.counters.misses["hot"] += 1
@@ -250,7 +277,12 @@ class Placement:
         ranked: list[tuple[int, float, int, Block]] = []
         for blocks in by_layer.values():
             seq, layer = blocks[0].seq, blocks[0].layer
-            score = seq.policy.score(self.index.summaries(seq, layer, step=self.shared.step))
+            size, policy = len(seq.layers[layer]), seq.policy
+            if policy.rank(0, size, 0) is not None:  # a positional policy: no layer scoring
+                ranked.extend((0 if b.transient else 1, policy.rank(b.index, size, b.last_used), id(b), b)
+                              for b in blocks)
+                continue
+            score = policy.score(self.index.ranking(seq, layer, step=self.shared.step))
             if score.dim() > 1:
                 score = score.max(-1).values
             sc = score.tolist()

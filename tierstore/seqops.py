@@ -85,5 +85,9 @@ class SequenceOps:
         in_place = self.placement.in_place(seq)
         ids = [b.index for b in seq.layers[layer] if b.loading is None and b.hot is None
                and (b.warm is None or not in_place)]
-        if ids:
+        if ids and in_place:
+            # warm is read where it is: only blocks in no memory tier move, straight into hot
+            # (making room there: the next layer is read before anything hot that ranks lower)
+            self.placement.prefetch_cold(seq, layer, ids[:max(seq.stream_group, seq.hot.slots // 4)])
+        elif ids:
             self.placement.prefetch(seq, layer, ids[:seq.stream_group], hot=not in_place)

@@ -61,3 +61,10 @@ class Policy:
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def rank(self, index: int, n: int, last_used: int) -> float | None:
+        """The placement value of block ``index`` of a layer of ``n`` blocks without stacking
+        summaries: for a policy whose ``score`` needs none, the same value ``score`` gives that
+        block (eviction calls this per candidate instead of scoring whole layers). None: use
+        ``score``."""
+        return None

@@ -20,3 +20,6 @@ class Exact(Policy):
         if s.n:
             idx[0] = float(s.n)
         return idx
+
+    def rank(self, index: int, n: int, last_used: int) -> float:
+        return float(n if index == 0 else index)  # as score: block 0 ranks with the newest
