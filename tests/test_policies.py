@@ -123,15 +123,20 @@ def hot_ids(seq) -> set[int]:
     return {b.index for b in seq.layers[0] if b.hot is not None}
 
 
-@pytest.mark.parametrize("name", ["exact", "streaming", "lru"])
+def _positional():
+    from tierstore.policies import POLICIES
+    return sorted(n for n, cls in POLICIES.items() if not cls.uses_summaries)
+
+
+@pytest.mark.parametrize("name", _positional())
 def test_a_positional_policys_rank_is_its_score_without_summaries(name):
-    """Eviction ranks blocks of exact/streaming/lru with ``rank`` (no summaries stacked): it
-    must give each block the value ``score`` gives it."""
+    """Eviction ranks the blocks of every policy that scores without summaries with ``rank``
+    (no summaries stacked): it must give each block the value ``score`` gives it."""
     from tierstore.policies import get_policy
     from tierstore.policies.base import Summaries
 
+    assert _positional() == ["exact", "lru", "streaming"]
     p = get_policy(name)
-    assert not p.uses_summaries
     for n in (1, 2, 7, 40):
         used = torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n))
         empty = torch.zeros(n, 0, 0)

@@ -649,7 +649,9 @@ def test_tls_options_are_checked_when_the_url_is_read(tmp_path):
         with pytest.raises(TierstoreError, match=why):
             parse_remote(bad)
     assert parse_remote("redis://127.0.0.1:7001/0?replicas=0").replicas == 0
-    assert RemoteTier("redis://127.0.0.1:7001/0?replicas=2").replicas == 2
+    tier = RemoteTier("redis://127.0.0.1:7001/0?replicas=2")   # no connection is made
+    assert tier.replicas == 2
+    tier.close()
 
 
 # -- naming the remote -------------------------------------------------------------------------

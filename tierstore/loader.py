@@ -139,16 +139,8 @@ class Loader:
         except BaseException as e:  # noqa: BLE001 - handed to the waiters through the futures
             err = e if isinstance(e, TierstoreError) else TierstoreError(f"loading {seq.name}: {e}")
         with self.shared.lock:
-            self.counters.promotions["cold"] += len(plan) - len(bad) if err is None else 0
-            for b, _ in plan:
-                fut, b.loading = b.loading, None
-                e = err or bad.get(id(b))
-                if e is None:
-                    fut.set_result(None)
-                else:
-                    self.placement.drop_hot(b)
-                    fut.set_exception(e)
-            self.shared.unpin([b for b, _ in plan])
+            self.counters.promotions["cold"] += 0 if err is not None else len(plan) - len(bad)
+            self._complete([(b, b.loading, err or bad.get(id(b))) for b, _ in plan], from_cold=True, to_hot=True)
 
     def _run(self, b: Block, from_cold: bool, to_hot: bool, fut: Future, direct: bool = False) -> None:
         seq = b.seq
@@ -179,25 +171,28 @@ class Loader:
         except BaseException as e:
             err = e if isinstance(e, (TierstoreError, CorruptBlockError)) else \
                 TierstoreError(f"loading {b.where()}: {e}")
-        self._complete(b, fut, err, from_cold, to_hot)
+        self._complete([(b, fut, err)], from_cold=from_cold, to_hot=to_hot)
 
-    def _complete(self, b: Block, fut: Future, err: BaseException | None, from_cold: bool, to_hot: bool) -> None:
-        """State, slots of a failed load, pin and future, then wake the waiters."""
+    def _complete(self, done: list[tuple[Block, Future, BaseException | None]], *, from_cold: bool,
+                  to_hot: bool) -> None:
+        """For each ``(block, its future, its error)``: state, slots of a failed load, future,
+        then one unpin that wakes the waiters."""
         pl = self.placement
         with self.shared.lock:
-            b.loading = None
-            if err is not None:
-                if to_hot:
-                    pl.drop_hot(b)
-                if from_cold:
-                    pl.drop_warm(b)
-            elif from_cold and to_hot and b.durable:
-                pl.drop_warm(b)  # warm only staged the transfer; cold still has the block
-            if err is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(err)
-            self.shared.unpin([b])
+            for b, fut, err in done:
+                b.loading = None
+                if err is not None:
+                    if to_hot:
+                        pl.drop_hot(b)
+                    if from_cold:
+                        pl.drop_warm(b)
+                elif from_cold and to_hot and b.durable:
+                    pl.drop_warm(b)  # warm only staged the transfer; cold still has the block
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+            self.shared.unpin([b for b, _, _ in done])
 
     def wait_loads(self, blocks: Sequence[Block], *, raise_errors: bool = False) -> None:
         """Wait (lock held; the condition releases it meanwhile) until none of ``blocks`` is

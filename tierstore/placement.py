@@ -191,7 +191,7 @@ class Placement:
             if self.shared.closed:
                 return
             blocks = [b for b in (seq.layers[layer][i] for i in block_ids)
-                      if b.loading is None and b.hot is None and b.warm is None and b.durable]
+                      if b.durable and b.loading is None and b.hot is None and b.warm is None]
             self.counters.prefetch_requested += len(blocks)
             if not blocks:
                 return
@@ -212,22 +212,17 @@ class Placement:
                     if all(b.loading is None for b in blocks):
                         return
                     continue  # a load started while the lock was released: wait for it too
-                # cold blocks bound for a CPU hot pool: read together, in one task
+                for b in todo:
+                    self.counters.misses["hot"] += 1
+                    self.counters.hits["warm" if b.warm is not None else "cold"] += 1
+                    b.transient = transient
+                # cold blocks bound for a CPU hot pool are read together, in one task
                 cold = [b for b in todo if b.warm is None and not b.seq.hot.is_cuda]
                 if len(cold) > 1 and all(b.seq is cold[0].seq for b in cold):
-                    self.counters.misses["hot"] += len(cold)
-                    self.counters.hits["cold"] += len(cold)
                     self.loader.start_many(cold[0].seq, cold)
-                    for b in cold:
-                        b.transient = transient
-                    batched = {id(b) for b in cold}
-                    todo = [b for b in todo if id(b) not in batched]
+                    todo = [b for b in todo if b.warm is not None or b.seq.hot.is_cuda]
                 for b in todo:
-                    tier = "warm" if b.warm is not None else "cold"
-                    self.counters.misses["hot"] += 1
-                    self.counters.hits[tier] += 1
                     self.loader.start(b, to_hot=True, evict=True)
-                    b.transient = transient
 
     # -- slots ----------------------------------------------------------------------------------------
 
@@ -278,11 +273,11 @@ class Placement:
         for blocks in by_layer.values():
             seq, layer = blocks[0].seq, blocks[0].layer
             size, policy = len(seq.layers[layer]), seq.policy
-            if policy.rank(0, size, 0) is not None:  # a positional policy: no layer scoring
+            if not policy.uses_summaries:  # positional: each block's value without stacking summaries
                 ranked.extend((0 if b.transient else 1, policy.rank(b.index, size, b.last_used), id(b), b)
                               for b in blocks)
                 continue
-            score = policy.score(self.index.ranking(seq, layer, step=self.shared.step))
+            score = policy.score(self.index.summaries(seq, layer, step=self.shared.step))
             if score.dim() > 1:
                 score = score.max(-1).values
             sc = score.tolist()

@@ -181,25 +181,6 @@ class SummaryIndex:
                              basis=None if basis is None else basis.vectors,
                              gmin=st.gmin[:groups], gmax=st.gmax[:groups])
 
-    def ranking(self, seq: Seq, layer: int, *, step: int = 0) -> Summaries:
-        """What ``seq.policy.score`` needs to rank the layer's blocks for placement: the stacked
-        summaries (``summaries``) for a policy that scores with them; for one that ranks by
-        position or recency (exact, lru, streaming) only block counts and recency, so choosing
-        victims summarises no block (a resumed exact session's blocks carry no summary, and
-        computing one from the keys of each resident block on every eviction was most of a
-        resumed turn's time)."""
-        if seq.policy.uses_summaries:
-            return self.summaries(seq, layer, step=step)
-        with self._lock:
-            blocks = seq.layers[layer]
-            n = len(blocks)
-            empty = torch.zeros(n, 0, 0)
-            recency = torch.tensor([b.last_used for b in blocks], dtype=torch.int64) \
-                if seq.policy.uses_last_used else None
-            return Summaries(kmin=empty, kmax=empty, kmean=empty, mass=torch.zeros(n, 0),
-                             tokens=torch.tensor([b.ntok for b in blocks], dtype=torch.int64), step=step,
-                             last_used=recency)
-
     def note_attention(self, seq: Seq, layer: int, block_ids: Sequence[int], mass: torch.Tensor, *,
                        replace: bool = False) -> None:
         """Feed attention mass back: ``mass`` float [len(block_ids), kv_heads] is added to the

@@ -62,9 +62,8 @@ class Policy:
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def rank(self, index: int, n: int, last_used: int) -> float | None:
-        """The placement value of block ``index`` of a layer of ``n`` blocks without stacking
-        summaries: for a policy whose ``score`` needs none, the same value ``score`` gives that
-        block (eviction calls this per candidate instead of scoring whole layers). None: use
-        ``score``."""
-        return None
+    def rank(self, index: int, n: int, last_used: int) -> float:
+        """The placement value of block ``index`` of a layer of ``n`` blocks, equal to what
+        ``score`` gives it: eviction calls this per candidate, without stacking summaries, for
+        a policy with ``uses_summaries = False`` (which must define it)."""
+        raise NotImplementedError(f"policy {self.name!r} ranks by summaries: use score()")
