@@ -364,8 +364,9 @@ class TieredCache(Cache):
         ids, head_mask = select(functools.partial(self.mgr.summaries, seq, layer), seq.policy, qg, self.sparse,
                                 lay.block_tokens, n=n)
         reader = row.reader(self.mgr)
-        out, mass = attend_selected(reader, layer, q, q_offset, pad, scale, ids, head_mask, ext)
-        if seq.policy.mass_mode == "accumulate":
+        accumulate = seq.policy.mass_mode == "accumulate"
+        out, mass = attend_selected(reader, layer, q, q_offset, pad, scale, ids, head_mask, ext, mass=accumulate)
+        if accumulate:
             self.mgr.note_attention(seq, layer, ids, mass)
         row.selected[layer], row.head_masks[layer] = ids, head_mask
         ntok = torch.tensor(reader.ntok(layer, ids))

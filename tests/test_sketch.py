@@ -274,3 +274,47 @@ def test_a_whole_session_put_at_once_fits_the_basis_and_is_stored_sketched(tmp_p
                 assert sm.tag == basis.tag and sm.sketch is not None
     with tierstore.open(tmp_path / "kv") as st:  # the stored basis is the one read back
         assert st.manager.calibrator.basis(LAY, 0) is not None
+
+
+def test_the_stacked_sketches_are_the_blocks_own_and_score_as_a_contiguous_copy(tmp_path):
+    """The stack keeps sketches sketch-dimension-major and hands out a [g, n, bt, r] view: its
+    rows are each block's own sketch (zero past a block's tokens), the score over the view
+    matches the score over a contiguous copy, and a stack first built for a long layer leaves
+    room for the blocks decoding appends (growing copies every row)."""
+    with tierstore.open(tmp_path / "kv", hot=LAY.block_bytes * 400, warm=LAY.block_bytes * 8,
+                        block_tokens=BT) as st:
+        mgr = st.manager
+        seq = mgr.open_sequence("s", LAY, "cpu", policy="sketch")
+        _fill(mgr, seq, CALIB_TOKENS + 21 * BT + 3)
+        s = mgr.summaries(seq, 0)
+        assert not s.sketch.is_contiguous() and s.sketch.shape == (2, s.n, BT, 16)
+        for i, b in enumerate(mgr.blocks(seq, 0)):
+            own = b.summary.sketch
+            assert torch.equal(s.sketch[:, i, :own.shape[1]], own.float())
+            assert not bool(s.sketch[:, i, own.shape[1]:].any())
+        q = torch.randn(2, 3, 16)
+        flat = s.sketch.contiguous()
+        got = sketch_score(s.kmean, s.sketch, s.basis, s.tokens, q)
+        assert torch.allclose(got, sketch_score(s.kmean, flat, s.basis, s.tokens, q), rtol=1e-5, atol=1e-7)
+        # many partial rows take the masked path; it agrees with the fill of one partial row
+        tokens = s.tokens.clone()
+        tokens[:6] = 3
+        masked = sketch_score(s.kmean, flat, s.basis, tokens, q)
+        one = s.tokens.clone()
+        one[0] = 3
+        assert torch.equal(sketch_score(s.kmean, flat, s.basis, one, q)[0, 0] > 0, masked[0, 0] > 0)
+        st_ = mgr.index._stacks[seq.id][0]
+        assert st_.sketch.shape[2] >= s.n + s.n // 8 - 1
+
+
+def test_a_stack_built_for_a_long_layer_has_room_for_the_next_blocks():
+    from tierstore.summaries import _Stack
+    st = _Stack(LAY, None)
+    st.grow(2048)
+    cap = st.tokens.shape[0]
+    assert cap >= 2048 + 256
+    st.grow(2049)  # the next block: no copy of the rows
+    assert st.tokens.shape[0] == cap
+    st.grow(cap + 1)
+    assert st.tokens.shape[0] == 2 * cap  # then it doubles
+

@@ -318,7 +318,7 @@ def test_bench_sparse_rows_on_a_tiny_model(tmp_path):
     with tierstore.open(tmp_path / "ctx") as st:
         rec = st.session("ctx-640")
         assert rec.length == 640 and rec.last_logits is not None
-    again = measure(model, None, **kw)                     # no tokenizer: it must not prefill again
+    again = measure(model, None, **kw, rounds=2)           # no tokenizer: it must not prefill again; rows in turn
     with tierstore.open(tmp_path / "ctx") as st:
         assert st.session("ctx-640").created == rec.created
     assert [r["mode"] for r in again] == [r["mode"] for r in rows]
@@ -420,3 +420,27 @@ def test_two_level_selection_equals_brute_force_when_every_group_is_a_candidate(
     ids, mask = select(s2, pol, q, cfg, BT)          # through select: per head its budget, from candidates
     assert mask is not None and mask.sum(1).tolist() == [4, 4] and ids[0] == 0 and ids[-1] == n - 1
     assert all(bool(mask[h, ids.index(b)]) for h, b in enumerate(planted))  # each head finds its key
+
+
+def test_selected_attention_without_mass_gives_the_same_output_and_masks_keys_after_the_query(tmp_path):
+    """``mass=False`` (a policy that does not accumulate it) returns the same output and no mass.
+    A decode query skips the causal mask only when it is at or after every key: a query older
+    than the newest selected key still does not see it."""
+    lay = KVLayout(num_layers=1, kv_heads=2, head_dim=4, block_tokens=BT, dtype=torch.float32)
+    with tierstore.open(tmp_path / "kv", hot=lay.block_bytes * 16, warm=lay.block_bytes * 6) as st:
+        mgr = st.manager
+        seq = mgr.open_sequence("s", lay, "cpu", policy="quest")
+        torch.manual_seed(3)
+        n = 6 * BT + 3
+        k, v = torch.randn(2, n, 4), torch.randn(2, n, 4)
+        mgr.append(seq, 0, k, v)
+        ids, q = [0, 2, 6], torch.randn(4, 1, 4)
+        heads = torch.tensor([[True, True, True], [True, False, True]])
+        out, mass = attend_selected(SeqReader(mgr, seq), 0, q, n - 1, None, 0.5, ids, heads)
+        bare, none = attend_selected(SeqReader(mgr, seq), 0, q, n - 1, None, 0.5, ids, heads, mass=False)
+        assert none is None and torch.equal(out, bare)
+        at = 6 * BT  # a query at the first token of block 6: its later tokens are masked
+        early, _ = attend_selected(SeqReader(mgr, seq), 0, q, at, None, 0.5, ids, None, mass=False)
+        cols = torch.cat([torch.arange(i * BT, min((i + 1) * BT, at + 1)) for i in ids])
+        ref = torch.softmax(q.reshape(2, 2, 4) @ k[:, cols].transpose(-1, -2) * 0.5, -1) @ v[:, cols]
+        assert torch.allclose(early.reshape(2, 2, 4), ref, atol=1e-5)

@@ -170,10 +170,11 @@ class Placement:
         with self.shared.lock:
             if self.shared.closed:
                 return
-            for i in block_ids:
-                b = seq.layers[layer][i]
-                self.counters.prefetch_requested += 1
-                if b.loading is not None or (b.hot is not None if hot else (b.hot is not None or b.warm is not None)):
+            blocks, ids = seq.layers[layer], list(block_ids)
+            self.counters.prefetch_requested += len(ids)
+            for i in ids:  # a sparse step asks this of its whole selection, layer ahead
+                b = blocks[i]
+                if b.loading is not None or b.hot is not None or (not hot and b.warm is not None):
                     continue
                 try:
                     self.loader.start(b, to_hot=hot, evict=False)

@@ -148,8 +148,12 @@ class SeqReader:
         hm = head_mask.cpu()
         counts = hm.sum(1)
         m = int(counts.max())
-        order = torch.argsort((~hm).to(torch.int8), dim=1, stable=True)[:, :m]  # [g, m]: own blocks first
-        real = torch.arange(m).unsqueeze(0) < counts.unsqueeze(1)
+        if bool((counts == m).all()):  # the usual case (every head takes the budget): no padding
+            order = hm.nonzero()[:, 1].view(g, m)                                # [g, m], block order
+            real = None
+        else:
+            order = torch.argsort((~hm).to(torch.int8), dim=1, stable=True)[:, :m]  # [g, m]: own blocks first
+            real = torch.arange(m).unsqueeze(0) < counts.unsqueeze(1)
         # one pass over the blocks: (in hot, slot, block index, tokens) of each, per head's order
         meta = torch.tensor([(b.hot is not None, b.hot if b.hot is not None else b.warm, b.index, b.ntok)
                              for b in got], dtype=torch.long)[order]           # [g, m, 4]
@@ -174,8 +178,13 @@ class SeqReader:
             kv = kv.view(2, g, m, bt, lay.head_dim)
         offs = torch.arange(bt)
         pos = (index.unsqueeze(-1) * bt + offs).reshape(g, m * bt).to(device)
-        valid = (offs < ntok.unsqueeze(-1)) & real.unsqueeze(-1)
-        valid = None if bool(valid.all()) else valid.reshape(g, m * bt).to(device)
+        if real is None and all(b.ntok == bt for b in got):
+            valid = None
+        else:
+            valid = offs < ntok.unsqueeze(-1)
+            if real is not None:
+                valid &= real.unsqueeze(-1)
+            valid = None if bool(valid.all()) else valid.reshape(g, m * bt).to(device)
         d = lay.head_dim
         return kv[0].reshape(g, m * bt, d), kv[1].reshape(g, m * bt, d), pos, valid
 

@@ -132,7 +132,11 @@ def sketch_score(kmean: torch.Tensor, sketch: torch.Tensor, basis: torch.Tensor,
     mean = torch.bmm(q, kmean.permute(1, 2, 0))                                       # [g, rows, n]
     tok = torch.bmm(torch.bmm(q, basis), sketch.reshape(g, n * bt, r).float().transpose(1, 2))  # [g, rows, n*bt]
     logits = tok.view(g, rows, n, bt) + mean.unsqueeze(-1)
-    if not bool((tokens == bt).all()):  # slots past a block's tokens get no share
+    partial = (tokens != bt).nonzero().view(-1)  # slots past a block's tokens get no share
+    if len(partial) <= 4:  # usually the growing tail only: fill its slots, no mask over the layer
+        for i in partial.tolist():
+            logits[:, :, i, int(tokens[i]):] = float("-inf")
+    else:
         logits += torch.where(torch.arange(bt) < tokens.unsqueeze(1), 0.0, float("-inf"))
     share = torch.softmax(logits.view(g, rows, n * bt), -1).view(g, rows, n, bt).sum(-1)  # [g, rows, n]
     return share.sum(1).T

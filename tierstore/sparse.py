@@ -147,8 +147,8 @@ def two_level(s: Summaries, policy: Policy, query: torch.Tensor, want: int) -> t
 
 
 def attend_selected(reader, layer: int, q: torch.Tensor, q_offset: int, pad: torch.Tensor | None,
-                    scale: float, ids: list[int], head_mask: torch.Tensor | None = None, ext=None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, ids: list[int], head_mask: torch.Tensor | None = None, ext=None,
+                    mass: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``q`` [heads, q_len, head_dim] over the blocks ``ids`` (ascending) only,
     read through ``reader`` (a ``SeqReader``) in block order whatever their tiers
     (``head_mask`` bool [kv_heads, len(ids)]: each KV head's group attends only its own blocks
@@ -156,12 +156,14 @@ def attend_selected(reader, layer: int, q: torch.Tensor, q_offset: int, pad: tor
     window away from a query are attended at their mapped positions.
 
     Returns (out float32 [heads, q_len, head_dim], mass float32 [len(ids), kv_heads]: the share of
-    attention each block received, summed over the query rows of each KV head's group)."""
+    attention each block received, summed over the query rows of each KV head's group; None
+    when ``mass`` is False, for a policy that does not accumulate it)."""
     lay = reader.layout
     heads, q_len, d = q.shape
     n_rep = heads // lay.kv_heads
     qg = q.float().reshape(lay.kv_heads, n_rep * q_len, d) * scale
     with reader.acquire(layer, ids) as got:
+        newest = got[-1].index * lay.block_tokens + got[-1].ntok - 1 if got else -1  # last key's position
         if head_mask is not None:  # every head its own blocks: [kv_heads, T, d], positions [kv_heads, T]
             k, v, k_pos, valid = reader.select_heads(got, head_mask, q.device)
         else:                      # the blocks every head attends
@@ -178,19 +180,23 @@ def attend_selected(reader, layer: int, q: torch.Tensor, q_offset: int, pad: tor
         if bool(far.any()):
             qf = ext.queries(q, q_offset).reshape(lay.kv_heads, n_rep * q_len, d) * scale
             s = torch.where(far, torch.matmul(qf, ext.keys_at(k, k_pos).transpose(-1, -2)), s)
-    allowed = k_pos.unsqueeze(1) <= q_pos.view(1, -1, 1)  # [1|g, r, T] causal
+    causal = q_len > 1 or newest > q_offset  # (a decode step's query is at or after every key)
+    allowed = k_pos.unsqueeze(1) <= q_pos.view(1, -1, 1) if causal else None  # [1|g, r, T]
     if valid is not None:
-        allowed = allowed & valid.unsqueeze(1)
+        allowed = valid.unsqueeze(1) if allowed is None else allowed & valid.unsqueeze(1)
     if pad is not None:
-        allowed = allowed & pad[k_pos.clamp(max=pad.shape[0] - 1)].unsqueeze(1)  # (slot tails: invalid anyway)
-    if not bool(allowed.all()):
+        keep = pad[k_pos.clamp(max=pad.shape[0] - 1)].unsqueeze(1)  # (slot tails: invalid anyway)
+        allowed = keep if allowed is None else allowed & keep
+    if allowed is not None and not bool(allowed.all()):
         s = s.masked_fill(~allowed, NEG_INF)
     p = torch.softmax(s, -1)
     p = torch.nan_to_num(p, nan=0.0)  # rows with no allowed key (padding queries)
     out = torch.matmul(p, v).reshape(heads, q_len, d)
+    if not mass:
+        return out, None
     per_token = p.sum(1)  # [g, T]
     owner = torch.div(k_pos, lay.block_tokens, rounding_mode="floor").expand_as(per_token)  # block of each key
     flat = owner * lay.kv_heads + torch.arange(lay.kv_heads, device=owner.device).unsqueeze(1)
-    mass = per_token.new_zeros((int(owner.max()) + 1) * lay.kv_heads if owner.numel() else 0)
-    mass.index_add_(0, flat.reshape(-1).to(mass.device), per_token.reshape(-1))
-    return out, mass.view(-1, lay.kv_heads)[torch.as_tensor(ids, dtype=torch.long, device=mass.device)]
+    acc = per_token.new_zeros((int(owner.max()) + 1) * lay.kv_heads if owner.numel() else 0)
+    acc.index_add_(0, flat.reshape(-1).to(acc.device), per_token.reshape(-1))
+    return out, acc.view(-1, lay.kv_heads)[torch.as_tensor(ids, dtype=torch.long, device=acc.device)]

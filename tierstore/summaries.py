@@ -42,9 +42,12 @@ class _Stack:
     ``missing`` (sealed blocks whose summary was unknown) are restacked at the next read.
     ``first`` is the layer's first block: another first block means the layer was rebuilt.
     ``basis``: the sketch basis the rows were stacked with (another one means restacking);
-    ``sketch`` [kv_heads, capacity, block_tokens, r] exists with it (zero rows: not sketched), in
-    float32 although blocks keep theirs in float16: scoring reads it every step, and converting
-    it each time cost more than the scoring (twice the host memory of the stack instead)."""
+    ``sketch`` exists with it (zero rows: not sketched), in float32 although blocks keep theirs in
+    float16: scoring reads it every step, and converting it each time cost more than the scoring
+    (twice the host memory of the stack instead). It is stored ``[kv_heads, r, capacity,
+    block_tokens]`` and handed out as the ``[kv_heads, n, block_tokens, r]`` view ``sketches(n)``:
+    the scoring's product of the query with every token's sketch then reads rows of the sketch
+    dimension contiguously (measured 1.6x faster than the transposed read at 32k tokens)."""
 
     __slots__ = ("kmin", "kmax", "kmean", "mass", "tokens", "n", "final", "missing", "first", "basis", "sketch",
                  "gmin", "gmax", "gdirty")
@@ -59,24 +62,28 @@ class _Stack:
         self.first = first
         self.basis = basis
         self.sketch = None if basis is None else \
-            torch.zeros(layout.kv_heads, 0, layout.block_tokens, basis.dims, dtype=torch.float32)
+            torch.zeros(layout.kv_heads, basis.dims, 0, layout.block_tokens, dtype=torch.float32)
         self.gmin, self.gmax = torch.zeros_like(self.kmin), torch.zeros_like(self.kmin)  # group boxes
         self.gdirty: set[int] = set()  # groups whose rows changed since their box was computed
 
     def grow(self, n: int) -> None:
-        """Room for ``n`` rows (capacity doubles; new rows are zero)."""
+        """Room for ``n`` rows (capacity doubles; new rows are zero). A stack first built for a
+        long layer (a resumed session) gets an eighth more rows than it holds: growing copies
+        every row (about 25 ms per layer at 32k tokens), which the next block would otherwise
+        pay at once in every layer."""
         cap = self.tokens.shape[0]
         if n <= cap:
             return
-        cap = max(n, 2 * cap, 64)
+        cap = max(n + n // 8, 2 * cap, 64)
         for name in ("kmin", "kmax", "kmean", "mass", "tokens"):
             old = getattr(self, name)
             new = old.new_zeros((cap, *old.shape[1:]))
             new[:old.shape[0]] = old
             setattr(self, name, new)
         if self.sketch is not None:
-            new = self.sketch.new_zeros((self.sketch.shape[0], cap, *self.sketch.shape[2:]))
-            new[:, :self.sketch.shape[1]] = self.sketch
+            g, r, old, bt = self.sketch.shape
+            new = self.sketch.new_zeros((g, r, cap, bt))
+            new[:, :, :old] = self.sketch
             self.sketch = new
         groups = -(-cap // GROUP_BLOCKS)
         for name in ("gmin", "gmax"):
@@ -103,9 +110,14 @@ class _Stack:
         self.tokens[i] = ntok
         self.gdirty.add(i // GROUP_BLOCKS)
         if self.sketch is not None:
-            self.sketch[:, i] = 0.0
+            row = self.sketch[:, :, i]                          # [kv_heads, r, block_tokens]
+            row.zero_()
             if sm is not None and sm.sketch is not None and sm.tag == self.basis.tag:
-                self.sketch[:, i, :sm.sketch.shape[1]] = sm.sketch
+                row[:, :, :sm.sketch.shape[1]] = sm.sketch.transpose(1, 2)
+
+    def sketches(self, n: int) -> torch.Tensor | None:
+        """The first ``n`` rows' sketches as ``[kv_heads, n, block_tokens, r]`` (a view)."""
+        return None if self.sketch is None else self.sketch[:, :, :n].permute(0, 2, 3, 1)
 
     def copy(self, first: Block | None) -> "_Stack":
         """A copy of the rows (own tensors) for a layer whose first block is ``first``."""
@@ -177,7 +189,7 @@ class SummaryIndex:
                 if seq.policy.uses_last_used else None  # O(blocks): only for a policy that reads it
             return Summaries(kmin=st.kmin[:n], kmax=st.kmax[:n], kmean=st.kmean[:n], mass=st.mass[:n],
                              tokens=st.tokens[:n], step=step, last_used=recency,
-                             sketch=None if basis is None else st.sketch[:, :n],
+                             sketch=None if basis is None else st.sketches(n),
                              basis=None if basis is None else basis.vectors,
                              gmin=st.gmin[:groups], gmax=st.gmax[:groups])
 
