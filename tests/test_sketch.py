@@ -4,6 +4,7 @@ manager, persistence across a store reopen, and the ranking they buy over the Qu
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -161,7 +162,13 @@ def test_calibration_fits_stores_and_sketches_every_block(tmp_path):
         basis = mgr.calibrator.basis(LAY, 0)
         assert basis is not None and basis.dims == 16
         _wait_background(mgr)
-        assert Basis.unseal(basis_key(LAY, 0), st.cold.get("meta", basis_key(LAY, 0))).tag == basis.tag
+        stored = st.cold.get("meta", basis_key(LAY, 0))
+        for _ in range(100):  # the store is a background task: bounded wait (a busy machine delays it)
+            if stored is not None:
+                break
+            time.sleep(0.1)
+            stored = st.cold.get("meta", basis_key(LAY, 0))
+        assert Basis.unseal(basis_key(LAY, 0), stored).tag == basis.tag
         s = mgr.summaries(seq, 0)
         assert s.sketch.shape == (2, s.n, BT, 16) and torch.equal(s.basis, basis.vectors)
         # blocks sealed before the fit (gathered for it) and after it all carry the sketch
