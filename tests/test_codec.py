@@ -522,6 +522,33 @@ def test_zstd_block_reader_writes_into_strided_slots():
     assert not pool[:, :, [0, 1, 2, 4]].view(torch.int32).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_run_of_blocks_decodes_together_into_adjacent_strided_slots(dtype):
+    """``SlotReader.planes`` then ``interleave_many`` over slots 1..4 of a head-major pool: each
+    slot holds its block bit for bit (NaN, -0.0, inf included), as a one-block read gives it,
+    and the slots outside the run are untouched."""
+    from tierstore.codec.shuffle import interleave_many
+    shape = (3, 16, 8)
+    gen = torch.Generator().manual_seed(33)
+    blocks = [_special_kv(shape, dtype, gen) for _ in range(4)]
+    reader = SlotReader(shape, dtype)
+    recs = [(bytes([65 + i]) * 18, encode_block(bytes([65 + i]) * 18, k, v, "zstd")) for i, (k, v) in enumerate(blocks)]
+    planes = [reader.planes(key, rec) for key, rec in recs]
+    assert all(p is not None and len(p) == torch.empty(0, dtype=dtype).element_size() for p in planes)
+    pool = torch.zeros(2, 3, 6, 16, 8, dtype=dtype)
+    same = {4: torch.int32, 2: torch.int16}[pool.element_size()]
+    slots = pool.view(same).numpy().transpose(2, 0, 1, 3, 4)
+    interleave_many(planes, slots[1:5])
+    for i, (k, v) in enumerate(blocks):
+        assert torch.equal(bits(pool[0, :, 1 + i]), bits(k)) and torch.equal(bits(pool[1, :, 1 + i]), bits(v)), i
+    one = torch.zeros_like(pool)
+    assert reader.read(*recs[2], one.view(same).numpy().transpose(2, 0, 1, 3, 4)[3])
+    assert torch.equal(bits(one[:, :, 3]), bits(pool[:, :, 3]))
+    assert not pool[:, :, [0, 5]].view(same).any()
+    assert reader.planes(recs[0][0], encode_block(recs[0][0], *blocks[0], "raw")) is None   # raw: read() takes it
+    assert reader.planes(recs[1][0], recs[0][1]) is None                                    # another key's record
+
+
 def test_zstd_block_reader_declines_what_it_cannot_vouch_for():
     """Damage anywhere (header, frame table, frames), another key, a length off by one, a
     hostile but checksummed header or frame: declined, and ``decode_block`` raises the located

@@ -112,8 +112,11 @@ def test_restore_fills_warm_in_the_background_bit_exact(tmp_path):
         st_.close()
 
 
-def test_warm_fill_leaves_a_corrupt_block_in_cold_and_its_read_names_it(tmp_path):
-    st_, b, K, V = resumable(tmp_path, torch.Generator().manual_seed(22))
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_warm_fill_leaves_a_corrupt_block_in_cold_and_its_read_names_it(tmp_path, codec):
+    """zstd: the damaged block splits the layer's run of adjacent warm slots, which are decoded
+    together; the blocks on either side of it read back bit for bit."""
+    st_, b, K, V = resumable(tmp_path, torch.Generator().manual_seed(22), codec=codec)
     m = st_.manager
     try:
         corrupt(st_, key_of("w", 3, 1))
@@ -122,6 +125,11 @@ def test_warm_fill_leaves_a_corrupt_block_in_cold_and_its_read_names_it(tmp_path
         blk = b.layers[1][3]
         assert blk.warm is None and blk.hot is None and blk.pins == 0 and blk.loading is None
         assert all(x.warm is not None for i, x in enumerate(b.layers[1]) if i not in (3,) and x.hot is None)
+        others = [i for i in range(10) if i != 3]
+        with m.acquire(b, 1, others, in_place=True) as got:
+            for i, x in zip(others, got):
+                k, v = m.view(x)
+                assert same_bits(k, K[1][:, i * BT:(i + 1) * BT]) and same_bits(v, V[1][:, i * BT:(i + 1) * BT]), i
         with pytest.raises(CorruptBlockError, match="session 'reader', layer 1, block 3"):
             with m.acquire(b, 1, [3], in_place=True):
                 pass

@@ -24,6 +24,7 @@ import torch
 
 from .blocks import Block, Seq
 from .codec import SlotReader, decode_block
+from .codec.shuffle import interleave_many
 from .errors import BudgetError, CorruptBlockError, MissingBlockError, TierstoreError
 from .placement import Placement
 from .shared import Shared
@@ -348,6 +349,8 @@ class Loader:
             fast = SlotReader((lay.kv_heads, lay.block_tokens, lay.head_dim), lay.dtype)
             slots = pool.slot_major()
         moved = 0
+        run: list[list[bytes]] = []  # verified zstd planes of the blocks for slots run_at, run_at + 1, ...
+        run_at = -1
         with self.cold.read(buffers=True) as txn:
             db = self.cold.db("blocks")
             for b, slot in part:
@@ -355,11 +358,23 @@ class Loader:
                     data = txn.get(b.key, db=db)
                     if data is None:
                         data = self.cold.staged("blocks", b.key)
-                    moved += self._read_one(b, data, pool, slot, fast, None if slots is None else slots[slot])
+                    planes = None if fast is None or data is None else fast.planes(b.key, data)
+                    if planes is None:
+                        moved += self._read_one(b, data, pool, slot, fast, None if slots is None else slots[slot])
+                        continue
+                    if run and slot != run_at + len(run):
+                        interleave_many(run, slots[run_at:run_at + len(run)])
+                        run.clear()
+                    if not run:
+                        run_at = slot
+                    run.append(planes)
+                    moved += len(data)
                 except (MissingBlockError, CorruptBlockError) as e:
                     if bad is None:
                         raise
                     bad[id(b)] = e
+            if run:
+                interleave_many(run, slots[run_at:run_at + len(run)])
         with self.shared.lock:
             self.counters.bytes_moved += moved
 

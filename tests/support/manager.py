@@ -132,7 +132,7 @@ def corrupt(store, key: bytes, at: int = -1) -> None:
     store.cold.put_many("blocks", [(key, bytes(rec))])
 
 
-def resumable(tmp_path, gen, nblocks=10, warm_blocks=64):
+def resumable(tmp_path, gen, nblocks=10, warm_blocks=64, codec="raw"):
     import tierstore
-    st_ = tierstore.open(tmp_path / "fill", hot=4 * BB, warm=warm_blocks * BB, codec="raw")
+    st_ = tierstore.open(tmp_path / "fill", hot=4 * BB, warm=warm_blocks * BB, codec=codec)
     return (st_, *cold_only_sequence(st_, gen, nblocks))

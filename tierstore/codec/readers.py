@@ -22,7 +22,7 @@ import xxhash
 from ..layout import DTYPE_CODES, FORMAT_VERSION, SAME_SIZE_INT
 from .config import CODEC_IDS, MAX_LEVEL
 from .record import _CHECKSUM_AT, _HEADER, _ITEMSIZE, _ZERO_SUM, HEADER_SIZE, MAGIC
-from .shuffle import RecordProblem, decompress_frame, interleave, split_frames
+from .shuffle import RecordProblem, decompress_frame, interleave_many, split_frames
 
 _CODEC_AT, _LEVEL_AT, _PAYLOAD_LEN_AT = 6, 7, 32   # byte offsets in the header (record.py)
 
@@ -73,39 +73,56 @@ class ZstdBlockReader:
         self._count = 2 * math.prod(shape)   # elements of K then V: every plane's size in bytes
         self._min_len = HEADER_SIZE + 4 * self._planes
 
-    def read(self, key: bytes, record, dst: np.ndarray) -> bool:
-        """``dst`` as for :meth:`RawBlockReader.read`; written only once the checksum matched
-        (on False after that, its content is undefined)."""
+    def planes(self, key: bytes, record) -> list[bytes] | None:
+        """The record's byte planes, decoded once its header, length, checksum and every frame's
+        declared and decoded size passed; None for anything else (nothing is decoded before the
+        checksum matches)."""
         mv = memoryview(record)
         if len(mv) < self._min_len or mv[:_LEVEL_AT] != self._head or mv[_LEVEL_AT + 1:_PAYLOAD_LEN_AT] != self._fields:
-            return False
+            return None
         if MAX_LEVEL < mv[_LEVEL_AT] < 128:  # the level is an i8: 23..127 are no zstd level
-            return False
+            return None
         if int.from_bytes(mv[_PAYLOAD_LEN_AT:_CHECKSUM_AT], "little") != len(mv) - HEADER_SIZE:
-            return False
+            return None
         h = xxhash.xxh3_128(key)
         h.update(mv[:_CHECKSUM_AT])
         h.update(_ZERO_SUM)
         h.update(mv[HEADER_SIZE:])
         if h.digest() != mv[_CHECKSUM_AT:HEADER_SIZE]:
-            return False
+            return None
         try:
-            planes = [np.frombuffer(decompress_frame(f, self._count), dtype=np.uint8)
-                      for f in split_frames(mv[HEADER_SIZE:], self._planes)]
+            return [decompress_frame(f, self._count) for f in split_frames(mv[HEADER_SIZE:], self._planes)]
         except RecordProblem:
+            return None
+
+    def read(self, key: bytes, record, dst: np.ndarray) -> bool:
+        """``dst`` as for :meth:`RawBlockReader.read`; written only once the checksum matched."""
+        planes = self.planes(key, record)
+        if planes is None:
             return False
-        interleave(planes, dst)
+        interleave_many([planes], dst[None])
         return True
 
 
 class SlotReader:
-    """The fast path for whichever codec a record names (raw or zstd); False for the others."""
+    """The fast path for whichever codec a record names (raw or zstd); False for the others.
+
+    A zstd record can also be taken in two halves, :meth:`planes` (verify and decompress) then
+    :func:`~tierstore.codec.shuffle.interleave_many` over a run of adjacent slots: the byte
+    scatter of a run costs a handful of array passes instead of a handful per block."""
 
     def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
-        self._by_codec = {CODEC_IDS["raw"]: RawBlockReader(shape, dtype).read,
-                          CODEC_IDS["zstd"]: ZstdBlockReader(shape, dtype).read}
+        self._zstd = ZstdBlockReader(shape, dtype)
+        self._by_codec = {CODEC_IDS["raw"]: RawBlockReader(shape, dtype).read, CODEC_IDS["zstd"]: self._zstd.read}
 
     def read(self, key: bytes, record, dst: np.ndarray) -> bool:
         """As :meth:`RawBlockReader.read`."""
         read = self._by_codec.get(record[_CODEC_AT]) if len(record) > _CODEC_AT else None
         return read is not None and read(key, record, dst)
+
+    def planes(self, key: bytes, record) -> list[bytes] | None:
+        """A full zstd record's verified byte planes (:meth:`ZstdBlockReader.planes`); None for
+        every other record, which :meth:`read` or ``decode_block`` then takes."""
+        if len(record) <= _CODEC_AT or record[_CODEC_AT] != CODEC_IDS["zstd"]:
+            return None
+        return self._zstd.planes(key, record)

@@ -113,27 +113,45 @@ def decompress_section(frames: Sequence[memoryview], dests: Sequence[torch.Tenso
 
 def _interleave(planes: list[np.ndarray], dest: torch.Tensor) -> None:
     """dest's element bytes <- planes (byte j of each element from planes[j])."""
-    if dest.dim() and dest.stride(-1) != 1 and len(planes) > 2:  # channels strided: no byte view exists
-        tmp = torch.empty(dest.shape, dtype=dest.dtype)
-        _interleave(planes, tmp)
-        dest.copy_(tmp)
-        return
     same = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[len(planes)]
     interleave(planes, dest.view(same).numpy())
 
 
-def interleave(planes: list[np.ndarray], out: np.ndarray) -> None:
+def interleave(planes: Sequence[np.ndarray], out: np.ndarray) -> None:
     """out's element bytes <- planes: ``out`` is an integer array of itemsize ``len(planes)`` (any
-    strides; its last axis contiguous when itemsize > 2); ``planes[j]`` holds byte ``j`` of every
-    element of ``out``, in ``out``'s C order."""
+    strides); ``planes[j]`` holds byte ``j`` of every
+    element of ``out``, in ``out``'s C order.
+
+    Contiguous shift-or passes: byte pairs into 16-bit halves, then (itemsize 4) the halves into
+    the words, the last pass written through ``out``'s strides. 1.6x faster than one strided byte
+    scatter per plane (measured on 64-token fp32 blocks, docs/decisions.md 2026-12-03)."""
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[len(planes)]
+    out = out.view(unsigned)
     planes = [p.reshape(out.shape) for p in planes]
     if len(planes) == 1:
-        np.copyto(out.view(np.uint8), planes[0])
-    elif len(planes) == 2:   # 2.4x faster than two strided byte scatters
-        u = out.view(np.uint16)
-        np.left_shift(planes[1], 8, out=u, dtype=np.uint16)
-        np.bitwise_or(u, planes[0], out=u)
-    else:                    # one strided byte scatter per plane, straight into out
-        b = np.reshape(out.view(np.uint8), (*out.shape, len(planes)), copy=False)
-        for j, p in enumerate(planes):
-            b[..., j] = p
+        np.copyto(out, planes[0])
+    elif len(planes) == 2:
+        np.left_shift(planes[1], 8, out=out, dtype=np.uint16)
+        np.bitwise_or(out, planes[0], out=out)
+    else:
+        lo, hi = _pair(planes[0], planes[1]), _pair(planes[2], planes[3])
+        np.left_shift(hi, 16, out=out, dtype=np.uint32)
+        np.bitwise_or(out, lo, out=out)
+
+
+def _pair(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The 16-bit values whose low bytes are ``low`` and high bytes ``high`` (a new array)."""
+    u = np.left_shift(high, 8, dtype=np.uint16)
+    np.bitwise_or(u, low, out=u)
+    return u
+
+
+def interleave_many(groups: Sequence[Sequence[bytes | np.ndarray]], out: np.ndarray) -> None:
+    """:func:`interleave` of several items at once: ``groups[i]`` are item ``i``'s planes and
+    ``out`` is ``[len(groups), ...]``, item ``i`` in ``out[i]``. The planes are joined first, so
+    a run of blocks costs a handful of array passes instead of a handful per block."""
+    if len(groups) == 1:
+        interleave([np.frombuffer(p, dtype=np.uint8) for p in groups[0]], out[0])
+        return
+    joined = [np.concatenate([np.frombuffer(g[j], dtype=np.uint8) for g in groups]) for j in range(len(groups[0]))]
+    interleave(joined, out)
