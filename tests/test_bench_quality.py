@@ -290,3 +290,64 @@ def test_tasks_through_the_pipeline_get_their_own_columns(tmp_path):
     with pytest.raises(Exception, match="unknown tasks"):
         bq.run(model, TOK, store_dir=str(tmp_path / "c"), tasks=("needle", "sum"), **kw)
     bq.print_table(res)  # renders, with the task table
+
+
+# -- documents of several needles (--needles-per-doc) -------------------------------------------
+
+
+def test_a_document_holds_its_needles_once_and_each_case_asks_one_of_them():
+    cases = bq.make_doc(TOK, TEXT, 7, 900, 2, 4)
+    assert cases == bq.make_doc(TOK, TEXT, 7, 900, 2, 4)                      # determined by its inputs
+    assert [c.code for c in cases] != [c.code for c in bq.make_doc(TOK, TEXT, 7, 900, 3, 4)]
+    assert len({c.code for c in cases}) == len({c.entity for c in cases}) == len({c.kind for c in cases}) == 4
+    assert [c.of_doc for c in cases] == [0, 1, 2, 3] and {c.index for c in cases} == {2}
+    shared = cases[0].shared
+    assert all(c.shared == shared for c in cases)
+    assert abs(max(len(c.ids) for c in cases) - 900) <= 16        # the longest question's prompt
+    head = TOK.decode(cases[0].ids[:shared])
+    for c in cases:
+        assert c.ids[:shared] == cases[0].ids[:shared] and len(c.ids) > shared
+        text = TOK.decode(c.ids)
+        assert all(text.count(o.fact) == 1 for o in cases)                   # every fact, once, in every case
+        assert c.fact in head and c.question not in head and c.question in text
+        assert text.endswith("<|im_start|>assistant\n" + c.lead)
+        assert TOK.decode(c.ids[c.needle[0]:c.needle[1]]) == c.code and c.needle[1] <= shared
+    depths = [c.depth for c in cases]
+    assert depths == sorted(depths) and 0.1 <= depths[0] and depths[-1] < 0.9
+    assert [c.needle[0] for c in cases] == sorted(c.needle[0] for c in cases)  # planted at their depths
+    one = bq.make_doc(TOK, TEXT, 7, 900, 2, 1)
+    assert len(one) == 1 and one[0].shared == 0                               # one needle: today's protocol
+
+
+def test_a_document_is_prefilled_once_and_each_question_answers_as_its_own_prompt_would(tmp_path):
+    """The shared prefill plus the question fed as decode steps gives the answer a prefill of that
+    case's whole prompt gives, under every config (the protocol changes no answer); a run makes
+    one row per needle asked and one prefill per document and position setting."""
+    import tierstore
+    from tierstore.adapters.fingerprint import kv_layout
+    model = tiny(**MODEL)
+    cases = bq.make_doc(TOK, TEXT, 5, 400, 0, 3)
+    with tierstore.open(str(tmp_path / "kv"), hot="64MiB", warm="16MiB", block_tokens=16) as store:
+        store.manager.prepare(kv_layout(model, 16), "cpu")
+        ev = bq.Evaluator(model, TOK, store, policies=["sketch", "quest"], budgets=[("1/4", 0.25), ("all", 100_000)])
+        doc, _ = ev.prefill(cases[0].ids, cases[0].shared)
+        assert list(store.session(doc).token_ids) == cases[0].ids[:cases[0].shared]
+        for case in cases:
+            whole, _ = ev.prefill(case.ids)
+            for p, lab, b in ev.configs():
+                a, w = ev.answer(doc, case, p, b), ev.answer(whole, case, p, b)
+                assert a["answer"] == w["answer"], (case.of_doc, p, lab)
+            store.delete(whole)
+    logs: list[str] = []
+    res = bq.run(model, TOK, seed=5, cases=2, lengths=[400], budgets=[("1/4", 0.25)], policies=["sketch"],
+                 ppl_tokens=0, block_tokens=16, text=TEXT, store_dir=str(tmp_path / "run"), needles_per_doc=3,
+                 positions=("model", "extend:t128"), log=logs.append)
+    assert res["needles_per_doc"] == 3 and len(res["needle"]) == 2 * 2 * 3
+    assert any(n.startswith("each needle case is a document of 3 needles") for n in res["notes"])
+    assert [(r["index"], r["positions"], r["of_doc"]) for r in res["needle"][:6]] == \
+        [(0, "model", j) for j in range(3)] + [(0, "extend:t128", j) for j in range(3)]
+    lines = [m for m in logs if m.startswith("[needle")]
+    assert len(lines) == 12 and sum("prefill shared" not in m for m in lines) == 2 * 2  # one per doc and setting
+    assert next(c for c in res["cells"] if c["length"] == 400 and c["positions"] == "model")["n"] == 6
+    with pytest.raises(Exception, match="needles per document"):
+        bq.run(model, TOK, lengths=[400], needles_per_doc=0, store_dir=str(tmp_path / "x"), text=TEXT)

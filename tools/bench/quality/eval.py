@@ -17,6 +17,8 @@ Per context length, with the same cases for every policy and budget and the full
 
 (d) with ``--tasks``: harder cases (multi-needle, multi-hop, list extraction; ``tasks.py``), each
     run through the same prefill/resume/decode path, scored per task in ``task_cells``.
+(e) with ``--needles-per-doc N``: each needle case is a document of N facts (``make_doc``),
+    prefilled once and asked one fact at a time: long lengths cost one prefill per N cases.
 
 How it runs (2 CPU cores): each case is prefilled ONCE through a ``TieredCache`` (exact attention,
 policy h2o so the prefill observation window's attention mass is accumulated into the block
@@ -75,6 +77,8 @@ class Case:
     lead: str            # the assistant's opening words; the code follows
     ids: list[int] = field(repr=False)  # the whole prompt, chat template included
     needle: tuple[int, int] = (0, 0)    # token span of the code in ``ids``
+    shared: int = 0      # ``make_doc``: the leading ids every question of the document shares (one prefill)
+    of_doc: int = 0      # ``make_doc``: which of the document's needles this case asks for
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -136,6 +140,45 @@ def make_case(tok, text: str, seed: int, length: int, index: int) -> Case:
     span = (len(encode(tok, prompt[:at])), len(encode(tok, prompt[:at + len(code)])))
     return Case(length=length, index=index, depth=round(depth, 2), entity=entity, kind=kind, code=code, fact=fact,
                 question=question, lead=lead, ids=ids, needle=span)
+
+
+def make_doc(tok, text: str, seed: int, length: int, index: int, k: int) -> list[Case]:
+    """Document ``index`` of a ``length``-token cell holding ``k`` needles (distinct entities and
+    codes; depths spread over 10%..90%, offset per document), as ``k`` cases: the document with one
+    needle's question each. The other ``k - 1`` facts are distractors of the same shape. Every
+    case's ids begin with the same ``shared`` tokens (the prompt up to the question), so one
+    prefill of them serves all ``k`` questions: each resume feeds its question as one exact
+    prefill chunk (as a conversation's next turn) and its last token as the first decode step.
+    Depends only on (seed, length, index, k)."""
+    from .tasks import INTRO as FACTS_INTRO
+    from .tasks import _codes, _entities, plant
+    rng = _rng(seed, "doc", length, index, k)
+    ents, codes = _entities(rng, k), _codes(rng, k)
+    # distinct kinds while there are enough: a fact that shares its kind with another is a harder distractor
+    kinds = rng.sample(KINDS, k) if k <= len(KINDS) else [rng.choice(KINDS) for _ in range(k)]
+    offset = (index * 0.6180339887) % 1.0
+    depths = [0.1 + 0.8 * (j + offset) / k for j in range(k)]
+    facts = [f"The {kd} for {e} is {c}." for kd, e, c in zip(kinds, ents, codes)]
+    questions = [f"What is the {kd} for {e}? Answer with the number only." for kd, e in zip(kinds, ents)]
+    leads = [f"The {kd} for {e} is" for kd, e in zip(kinds, ents)]
+    longest = max(range(k), key=lambda j: len(questions[j]) + len(leads[j]))
+    overhead = len(encode(tok, render(tok, FACTS_INTRO + "\n".join(facts) + f"\n\n\n{questions[longest]}",
+                                      leads[longest]))) + 2 * k
+    doc = plant(_haystack(tok, text, rng, max(16, length - overhead)), facts, depths)
+    prompts = [render(tok, f"{FACTS_INTRO}{doc}\n\n{q}", lead) for q, lead in zip(questions, leads)]
+    all_ids = [encode(tok, p) for p in prompts]
+    shared = min(len(x) for x in all_ids) - 1
+    for x in all_ids[1:]:
+        shared = next((i for i in range(shared) if x[i] != all_ids[0][i]), shared)
+    cases = []
+    for j, (prompt, ids) in enumerate(zip(prompts, all_ids)):
+        at = prompt.index(facts[j] + "\n") + len(facts[j]) - len(codes[j]) - 1
+        span = (len(encode(tok, prompt[:at])), len(encode(tok, prompt[:at + len(codes[j])])))
+        assert span[1] <= shared, "a planted code lies past the shared prefix"
+        cases.append(Case(length=length, index=index, depth=round(depths[j], 2), entity=ents[j], kind=kinds[j],
+                          code=codes[j], fact=facts[j], question=questions[j], lead=leads[j], ids=ids, needle=span,
+                          shared=shared if k > 1 else 0, of_doc=j))
+    return cases
 
 
 def make_ppl_text(tok, text: str, seed: int, length: int, n_cont: int, index: int = 0) -> tuple[list[int], list[int]]:
@@ -248,8 +291,9 @@ class Evaluator:
 
     # -- the pieces --
 
-    def prefill(self, ids: list[int]) -> tuple[str, float]:
-        """Prefill all but the last token exactly (h2o mass from the observation window), commit."""
+    def prefill(self, ids: list[int], upto: int = 0) -> tuple[str, float]:
+        """Prefill ``ids[:upto]`` (default: all but the last token) exactly (h2o mass from the
+        observation window), commit."""
         from tierstore.adapters.hf import TieredCache
         self._n += 1
         name = f"{self.tag}q{self._n}"
@@ -258,7 +302,7 @@ class Evaluator:
                             commit_on_close=False, positions=self.positions)
         try:
             with torch.no_grad():
-                body = ids[:-1]
+                body = ids[:upto or len(ids) - 1]
                 for s in range(0, len(body), self.prefill_chunk):
                     self.model(input_ids=torch.tensor([body[s:s + self.prefill_chunk]]), cache=cache, use_cache=True,
                                logits_to_keep=1)
@@ -330,11 +374,16 @@ class Evaluator:
     def answer(self, name: str, case, policy: str, budget) -> dict:
         """Greedy answer through decode steps only; (c) measured at the first step. ``case``: a
         needle ``Case`` or a ``tasks.TaskCase`` (whose later answer lines follow fed leads)."""
-        cache = self.open(name, policy, budget, len(case.ids) - 1)
+        start = getattr(case, "shared", 0) or len(case.ids) - 1  # what the prefill holds
+        cache = self.open(name, policy, budget, start)
         try:
             spans = getattr(case, "spans", None) or [case.needle]
             blocks = tuple(sorted({b for a, e in spans for b in range(a // self.bt, max(a, e - 1) // self.bt + 1)}))
             probe = Probe(cache, blocks)
+            if case.ids[start:-1]:  # a document's question: one exact prefill chunk, as a next turn's
+                with torch.no_grad():
+                    self.model(input_ids=torch.tensor([case.ids[start:-1]]), cache=cache, use_cache=True,
+                               logits_to_keep=1)
             probe.armed = True
             logits = self._step(cache, case.ids[-1])
             probe.armed = False
@@ -403,12 +452,16 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
         dense_layers: int = 0, prefill_chunk: int = 1024, first_case: int = 0, text: str | None = None,
         per_head: bool | None = None, store_dir: str | None = None, checkpoint=None, log=None,
         positions: tuple[str, ...] = ("model",), tasks: tuple[str, ...] = ("needle",),
-        task_sizes: dict[str, int] | None = None) -> dict:
+        task_sizes: dict[str, int] | None = None, needles_per_doc: int = 1) -> dict:
     """Everything of (a), (b), (c); returns the JSON-able result. ``positions``: the position
     settings (``position_settings``) every case runs under, each with its own prefill. ``tasks``:
     ``needle`` and the harder tasks of ``tasks.py`` (``cases`` cases each per length; sizes from
     ``task_sizes``, default ``tasks.DEFAULT_SIZE``); their rows and per-task cells are in the
-    result only when a task other than ``needle`` runs."""
+    result only when a task other than ``needle`` runs. ``needles_per_doc`` > 1: each needle case
+    is a document of that many needles (``make_doc``), prefilled once and asked one needle at a
+    time (a cell's ``n`` counts the needles asked)."""
+    if needles_per_doc < 1:
+        raise click.BadParameter(f"needles per document: {needles_per_doc}; expected 1 or more")
     import tierstore
     from tierstore.adapters.fingerprint import kv_layout
     from tierstore.adapters.models import long_text
@@ -449,7 +502,7 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                 "policies": list(policies), "positions": list(positions), "ppl_tokens": ppl_tokens, "ppl_cases": ppl_cases, "block_tokens": bt,
                 "sink_blocks": sink_blocks, "window_blocks": window_blocks, "obs_window": obs_window,
                 "dense_layers": dense_layers, "per_head": per_head, "prefill_chunk": prefill_chunk,
-                "first_case": first_case,
+                "first_case": first_case, "needles_per_doc": needles_per_doc,
                 "streaming_fill": streaming_fill, "threads": torch.get_num_threads(),
                 "cells": summarize(needle_rows, ppl_rows, policies, budgets, lengths),
                 "target": target(needle_rows, ppl_rows, policies, budgets),
@@ -459,7 +512,11 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                           "scored ppl token comes from the policy's sparse step",
                           "streaming's recent window is widened to fill the budget" if streaming_fill else
                           "streaming attends sinks + window only (below the budget)"] + floor_notes(
-                              lengths, budgets, bt, sink_blocks, window_blocks) + [n for _, _, _, n in settings if n],
+                              lengths, budgets, bt, sink_blocks, window_blocks) + [n for _, _, _, n in settings if n] + (
+                          [f"each needle case is a document of {needles_per_doc} needles (distinct kinds and entities; "
+                           "the others are its distractors), prefilled once; each question is fed after a resume as "
+                           "one exact prefill chunk, its last token as the first decode step"]
+                          if needles_per_doc > 1 else []),
                 "needle": needle_rows, "ppl": ppl_rows, **extra}
 
     try:
@@ -472,26 +529,30 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                    for j, (label, m, pos, _) in enumerate(settings)}
             for length in lengths:
                 for task, i in [(t, i) for t in tasks for i in range(first_case, first_case + cases)]:
-                    case = (make_case(tok, text, seed, length, i) if task == "needle" else
-                            make_task_case(tok, text, seed, task, length, i, sizes[task]))
+                    group = ([make_case(tok, text, seed, length, i)] if task == "needle" and needles_per_doc <= 1 else
+                             make_doc(tok, text, seed, length, i, needles_per_doc) if task == "needle" else
+                             [make_task_case(tok, text, seed, task, length, i, sizes[task])])
                     for label, ev in evs.items():
-                        name, tp = ev.prefill(case.ids)
+                        name, tp = ev.prefill(group[0].ids, group[0].shared if len(group) > 1 else 0)
                         mass_check = mass_check or ev.mass_check
                         timing["prefill_s"] += tp
-                        t = time.perf_counter()
-                        res = {_label(p, lab): ev.answer(name, case, p, b) for p, lab, b in ev.configs()}
-                        td = time.perf_counter() - t
-                        timing["needle_decode_s"] += td
+                        for case in group:
+                            t = time.perf_counter()
+                            res = {_label(p, lab): ev.answer(name, case, p, b) for p, lab, b in ev.configs()}
+                            td = time.perf_counter() - t
+                            timing["needle_decode_s"] += td
+                            (needle_rows if task == "needle" else task_rows).append(
+                                {**case.summary(), "positions": label, "results": res})
+                            marks = " ".join(f"{k}:{_mark(v)}" for k, v in res.items())
+                            if checkpoint is not None:
+                                checkpoint(result())
+                            tag = "" if len(evs) == 1 else f" {label}"
+                            depth = f" depth {case.depth:.0%}" if task == "needle" else ""
+                            which = f" needle {case.of_doc + 1}/{len(group)}" if len(group) > 1 else ""
+                            pre = f"prefill {tp:.1f}s" if getattr(case, "of_doc", 0) == 0 else "prefill shared"
+                            log(f"[{task} {length} {i + 1}/{first_case + cases}{tag}{which}] {len(case.ids)} tok{depth} "
+                                f"{pre} decode {td:.1f}s full={res['full']['answer']!r} | {marks}")
                         store.delete(name)
-                        (needle_rows if task == "needle" else task_rows).append(
-                            {**case.summary(), "positions": label, "results": res})
-                        marks = " ".join(f"{k}:{_mark(v)}" for k, v in res.items())
-                        if checkpoint is not None:
-                            checkpoint(result())
-                        tag = "" if len(evs) == 1 else f" {label}"
-                        depth = f" depth {case.depth:.0%}" if task == "needle" else ""
-                        log(f"[{task} {length} {i + 1}/{first_case + cases}{tag}] {len(case.ids)} tok{depth} "
-                            f"prefill {tp:.1f}s decode {td:.1f}s full={res['full']['answer']!r} | {marks}")
                 for j in range(ppl_cases if ppl_tokens > 0 else 0):
                     ctx, cont = make_ppl_text(tok, text, seed, length, ppl_tokens, j)
                     for label, ev in evs.items():
@@ -617,13 +678,16 @@ def _writer(path: str):
                    "extraction)")
 @click.option("--multi-facts", default=DEFAULT_SIZE["multi"], show_default=True, help="facts asked together in multi")
 @click.option("--list-items", default=DEFAULT_SIZE["list"], show_default=True, help="items to list in list")
+@click.option("--needles-per-doc", default=1, show_default=True,
+              help="needles planted in each needle case's document, asked one at a time after one prefill "
+                   "(the others are distractors): long lengths cost one prefill per N needles")
 @click.option("--quick", is_flag=True, help="smoke run: 2 cases, 1024 tokens, budgets 1/4,1/8, ppl 32 tokens")
 @click.option("--merge", "merge_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="print the table of these --json results (same settings, other lengths) instead of running")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_every, block_tokens, sink_blocks,
             window_blocks, obs_window, dense_layers, per_head, streaming_fill, threads, first_case, prefill_chunk, checkpoint,
-            positions, tasks, multi_facts, list_items, quick, merge_files, as_json) -> None:
+            positions, tasks, multi_facts, list_items, needles_per_doc, quick, merge_files, as_json) -> None:
     """Needle accuracy, perplexity and attention-mass coverage of the sparse policies vs the full cache."""
     if merge_files:
         res = merge([json.loads(open(f).read()) for f in merge_files])
@@ -661,7 +725,7 @@ def quality(seed, cases, lengths, budgets, policies, ppl_tokens, ppl_cases, cov_
               checkpoint=_writer(checkpoint) if checkpoint else None, log=log,
               positions=tuple(p.strip() for p in positions.split(",") if p.strip()),
               tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
-              task_sizes={"multi": multi_facts, "list": list_items})
+              task_sizes={"multi": multi_facts, "list": list_items}, needles_per_doc=needles_per_doc)
     if as_json:
         click.echo(json.dumps(res, indent=1, default=float))
         return
