@@ -242,3 +242,87 @@ def test_extend_blocks_share_the_prefix_inside_the_trained_length_only():
     assert model_chain[:n] == ext_chain[:n] == other[:n]
     assert all(a != b != c for a, b, c in zip(model_chain[n:], ext_chain[n:], other[n:]))
     assert model_chain == chain_hashes(b"r" * 16, ids, BT)
+
+
+@pytest.mark.parametrize("mapping", ["far", "group", "scale"])
+def test_a_policy_scores_far_blocks_at_their_mapped_distance(mapping):
+    """``StepMap.block_queries``: with one-token blocks, the rotated query's product with each
+    stored key is the logit extended attention computes (query and key moved), far and near;
+    a per-block query as wide as the layer gives the sketch and Quest scorers what the shared
+    query gives them."""
+    from tierstore.policies.quest import box_bound
+    from tierstore.sketch import sketch_score
+    model = _model()
+    ext = Extension(Positions("extend", mapping=mapping).resolved(model), RoPE.from_model(model))
+    gen = torch.Generator().manual_seed(1)
+    n, g, rows, d = 300, 2, 3, 16
+    first = n  # the decode query after n keys (past the 64-token trained length)
+    step = ext.step(first, first, 0, "cpu")
+    q, k = torch.randn(g, rows, d, generator=gen), torch.randn(g, n, d, generator=gen)
+    qb = step.block_queries(q, first, n, 1)                                        # [g, rows, n, d]
+    got = torch.einsum("gwnd,gnd->gwn", qb, k)
+    mapped = torch.matmul(step.queries(q.reshape(g * rows, 1, d), first).reshape(g, rows, d),
+                          step.keys_at(k, torch.arange(n)).transpose(-1, -2))
+    plain = torch.matmul(q, k.transpose(-1, -2))
+    near = first - torch.arange(n) < step.window
+    want = torch.where(near, plain, mapped)
+    assert near.any() and (~near).any()
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert not torch.allclose(got[..., ~near], plain[..., ~near], atol=1e-2)         # far blocks did move
+    # the scorers: a query per block that is the same for every block scores as the shared query
+    bt, r, nb = 4, 3, 7
+    kmean, basis = torch.randn(nb, g, d, generator=gen), torch.randn(g, d, r, generator=gen)
+    sketch, tokens = torch.randn(g, nb, bt, r, generator=gen), torch.full((nb,), bt)
+    tokens[-1] = 2
+    wide = q.unsqueeze(2).expand(g, rows, nb, d)
+    assert torch.allclose(sketch_score(kmean, sketch, basis, tokens, wide), sketch_score(kmean, sketch, basis, tokens, q),
+                          atol=1e-5)
+    kmin = torch.randn(nb, g, d, generator=gen)
+    kmax = kmin + torch.rand(nb, g, d, generator=gen)
+    assert torch.allclose(box_bound(kmin, kmax, wide), box_bound(kmin, kmax, q), atol=1e-5)
+
+
+def test_a_sparse_step_past_the_trained_length_ranks_blocks_with_mapped_queries(tmp_path):
+    """Through ``TieredCache``: under ``extend``, once a decode step reaches past the trained
+    length, a query-reading policy is handed one query per block (the layer's block count of
+    them); below it, and under model positions, the shared query. A policy that reads no query
+    is not handed the per-block form."""
+    from tierstore.policies.h2o import H2O
+    from tierstore.policies.quest import Quest
+
+    class Seen(Quest):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.shapes = []
+
+        def score(self, s, query=None):
+            self.shapes.append((s.n, None if query is None else tuple(query.shape)))
+            return super().score(s, query)
+
+    class SeenH2O(H2O):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.dims = set()
+
+        def score(self, s, query=None):
+            self.dims.add(None if query is None else query.dim())
+            return super().score(s, query)
+
+    model = _model()
+    pos = Positions("extend", window=16).resolved(model)
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    for positions in (pos, None):
+        for policy in (Seen(), SeenH2O()):
+            kw = {} if positions is None else {"positions": positions}
+            with tierstore.open(tmp_path / f"s{len(list(tmp_path.iterdir()))}", block_tokens=BT) as st, \
+                    TieredCache(st, model, commit_on_close=False, policy=policy, budget_tokens=48, **kw) as cache:
+                model.generate(ids, cache=cache, max_new_tokens=40, do_sample=False, pad_token_id=0)
+            if isinstance(policy, SeenH2O):
+                assert policy.dims <= {3, None}
+                continue
+            wide = [(n, q) for n, q in policy.shapes if len(q) == 4]
+            if positions is None:
+                assert not wide and policy.shapes
+            else:  # steps past 64 tokens; the first decode steps (40..63) are below it
+                assert wide and all(q[2] == n for n, q in wide)
+                assert any(len(q) == 3 for _, q in policy.shapes)

@@ -241,6 +241,23 @@ class StepMap:
         c, s = cos.to(k.device)[pos], sin.to(k.device)[pos]
         return RoPE.rotate(k, c, s)
 
+    def block_queries(self, q: torch.Tensor, first: int, n: int, bt: int) -> torch.Tensor:
+        """What a policy scores a decode step's blocks with: q [g, rows, d] (the grouped rows of
+        the query at index ``first``) -> float32 [g, rows, n, d], for each of the ``n`` blocks of
+        ``bt`` keys the query rotated so that its product with a stored key of the block is the
+        mapped one: exact for the block's middle key, off by a key's offset from it elsewhere
+        (a phase the low frequencies, which carry long-range attention, barely see). Blocks whose
+        middle key is within the window get the query as it is. Without this a policy would rank
+        far blocks at their true distances, past the trained length."""
+        g, rows, d = q.shape
+        qm = self.queries(q.reshape(g * rows, 1, d), first).reshape(g, rows, d)
+        mid = torch.arange(n, dtype=torch.float64) * bt + bt // 2                  # sequence indices
+        pos = (mid - self.offset).clamp(min=0)
+        cos, sin = self.ext.rope.cos_sin(pos - self.ext.key_target(pos, self.g), q.device)  # undo the key's move
+        far = RoPE.rotate(qm.unsqueeze(2), cos, sin)                              # [g, rows, n, d]
+        near = (first - mid < self.window).to(q.device).view(1, 1, n, 1)
+        return torch.where(near, q.float().unsqueeze(2), far)
+
     def queries(self, q: torch.Tensor, first: int) -> torch.Tensor:
         """q [heads, q_len, d] at indices ``first..`` moved to the query's far position (float32)."""
         pos = torch.arange(first - self.offset, first - self.offset + q.shape[-2], dtype=torch.float64)

@@ -122,16 +122,21 @@ def sketch_score(kmean: torch.Tensor, sketch: torch.Tensor, basis: torch.Tensor,
     """Each block's estimated share of the query's attention, summed over the query rows.
 
     kmean [n, g, d]; sketch [g, n, bt, r] (float16 or float32); basis [g, d, r]; tokens int64 [n]
-    (tokens past a block's count are not scored); query float [g, rows, d] grouped by KV head
-    -> [n, g].
+    (tokens past a block's count are not scored); query float [g, rows, d] grouped by KV head,
+    or [g, rows, n, d] (a query per block) -> [n, g].
     Scaled by ``head_dim ** -0.5`` (the models' attention scaling) so the softmax over tokens
     has the model's temperature."""
-    g, rows, d = query.shape
+    g, rows, d = query.shape[0], query.shape[1], query.shape[-1]
     n, bt, r = sketch.shape[1], sketch.shape[2], sketch.shape[3]
     q = query.float() * d ** -0.5
-    mean = torch.bmm(q, kmean.permute(1, 2, 0))                                       # [g, rows, n]
-    tok = torch.bmm(torch.bmm(q, basis), sketch.reshape(g, n * bt, r).float().transpose(1, 2))  # [g, rows, n*bt]
-    logits = tok.view(g, rows, n, bt) + mean.unsqueeze(-1)
+    if q.dim() == 4:  # a query per block [g, rows, n, d] (``StepMap.block_queries``)
+        mean = torch.einsum("gwnd,ngd->gwn", q, kmean.float())
+        tok = torch.einsum("gwnr,gnbr->gwnb", torch.einsum("gwnd,gdr->gwnr", q, basis.float()), sketch.float())
+        logits = (tok + mean.unsqueeze(-1)).contiguous()
+    else:
+        mean = torch.bmm(q, kmean.permute(1, 2, 0))                                   # [g, rows, n]
+        tok = torch.bmm(torch.bmm(q, basis), sketch.reshape(g, n * bt, r).float().transpose(1, 2))  # [g, rows, n*bt]
+        logits = tok.view(g, rows, n, bt) + mean.unsqueeze(-1)
     partial = (tokens != bt).nonzero().view(-1)  # slots past a block's tokens get no share
     if len(partial) <= 4:  # usually the growing tail only: fill its slots, no mask over the layer
         for i in partial.tolist():

@@ -63,7 +63,8 @@ def select(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.
            cfg: SparseConfig, block_tokens: int, n: int | None = None) -> tuple[list[int], torch.Tensor | None]:
     """The blocks a step attends to: (ids ascending, head_mask).
 
-    query: [kv_heads, rows, head_dim] grouped, or None. ``s``: the layer's summaries, or a
+    query: [kv_heads, rows, head_dim] grouped, [kv_heads, rows, n, head_dim] (a query per block:
+    extended positions, ``StepMap.block_queries``; one-level selection), or None. ``s``: the layer's summaries, or a
     function returning them, called only when the policy scores (``n``, the layer's block count,
     is then required). head_mask is None when every KV head attends every id (one selection per
     layer, scores summed over heads), else bool [kv_heads, len(ids)]: per-head selection
@@ -89,7 +90,7 @@ def select(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.
     if query is not None:  # summaries live in host memory (so a long context's do not hold device memory)
         query = query.to(summ.kmin.device)
     per_head = policy.per_head if cfg.per_head is None else cfg.per_head
-    if cfg.coarse > 0 and per_head and query is not None and summ.gmin is not None \
+    if cfg.coarse > 0 and per_head and query is not None and query.dim() == 3 and summ.gmin is not None \
             and not policy.uses_last_used and n >= 2 * cfg.coarse * room:
         score = two_level(summ, policy, query, cfg.coarse * room)
     else:

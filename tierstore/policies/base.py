@@ -58,6 +58,7 @@ class Policy:
     uses_summaries = True  # False: scores need no key bounds or mass (resume skips reading them)
     per_head = False       # True: each KV head selects its own top-k blocks (scores [n, kv_heads])
     uses_last_used = False  # True: scores read ``Summaries.last_used``
+    uses_query = False      # True: scores read the step's query (extended positions rotate it per block)
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -21,6 +21,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 class Hybrid(Policy):
     name = "hybrid"
     per_head = True  # each KV head its own top-k (the bound is per head)
+    uses_query = True
     mass_mode = "accumulate"
     weight = 0.5  # share of the mass term
 

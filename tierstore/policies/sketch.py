@@ -24,6 +24,7 @@ def query_score(s: Summaries, query: torch.Tensor) -> torch.Tensor:
 class Sketch(Policy):
     name = "sketch"
     per_head = True  # each KV head its own top-k: the estimate is per head
+    uses_query = True
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         if query is None:  # placement without a query: keep the newest blocks
