@@ -3,8 +3,9 @@ resume in a second process that answers a follow-up without re-running the prefi
 
 SmolLM2-135M was trained on 8,192 positions; the document is longer, so the cache runs with
 ``positions="extend"``: past the trained length, keys further than a window from the query are
-attended at grouped distances that stay within it (``tierstore.positions``). ``--positions
-model`` shows what the model's own positions give there.
+attended at the window's edge (the default ``far`` mapping; ``tierstore.positions``), so no
+distance leaves the trained range. ``--positions model`` shows what the model's own positions
+give there.
 
 python -m tierstore.tools.demo [--store DIR] [--tokens 10000] [--hot 96MiB] [--positions extend]
 """
