@@ -160,6 +160,7 @@ class Extension:
         self.positions, self.rope = positions, rope
         self.trained, self.window, self.mapping = positions.trained, positions.window, positions.mapping
         self._table: tuple[object, torch.Tensor, torch.Tensor] | None = None  # (factor, cos, sin) by key position
+        self._blocks: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # ((factor, offset, bt), cos, sin) by block
 
     @classmethod
     def of(cls, positions: Positions, model) -> "Extension | None":
@@ -202,6 +203,17 @@ class Extension:
         if self.mapping == "scale":
             return pos / g + (W - W / g)
         return torch.full_like(pos, float(W))
+
+    def block_table(self, g, offset: int, bt: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [>= n, d/2] undoing the far move of each ``bt``-token block's middle key (rows:
+        blocks), for ``StepMap.block_queries``; kept for every layer and later step of one factor."""
+        t = self._blocks
+        if t is None or t[0] != (g, offset, bt) or t[1].shape[0] < n:
+            size = max(n, 2 * (t[1].shape[0] if t is not None and t[0] == (g, offset, bt) else 0), 64)
+            pos = (torch.arange(size, dtype=torch.float64) * bt + bt // 2 - offset).clamp(min=0)
+            cos, sin = self.rope.cos_sin(pos - self.key_target(pos, g))
+            self._blocks = t = ((g, offset, bt), cos, sin)
+        return t[1], t[2]
 
     def key_table(self, g, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [>= n, d/2] rotating a key at rope position i to its far position."""
@@ -247,16 +259,14 @@ class StepMap:
         ``bt`` keys the query rotated so that its product with a stored key of the block is the
         mapped one: exact for the block's middle key, off by a key's offset from it elsewhere
         (a phase the low frequencies, which carry long-range attention, barely see). Blocks whose
-        middle key is within the window get the query as it is. Without this a policy would rank
-        far blocks at their true distances, past the trained length."""
+        middle key is within the window (the newest ones) get the query as it is. Without this a
+        policy would rank far blocks at their true distances, past the trained length."""
         g, rows, d = q.shape
-        qm = self.queries(q.reshape(g * rows, 1, d), first).reshape(g, rows, d)
-        mid = torch.arange(n, dtype=torch.float64) * bt + bt // 2                  # sequence indices
-        pos = (mid - self.offset).clamp(min=0)
-        cos, sin = self.ext.rope.cos_sin(pos - self.ext.key_target(pos, self.g), q.device)  # undo the key's move
-        far = RoPE.rotate(qm.unsqueeze(2), cos, sin)                              # [g, rows, n, d]
-        near = (first - mid < self.window).to(q.device).view(1, 1, n, 1)
-        return torch.where(near, q.float().unsqueeze(2), far)
+        n_far = max(0, min(n, (first - self.window - bt // 2) // bt + 1))  # middle key >= window away
+        qm = self.queries(q.reshape(g * rows, 1, d), first).reshape(g, rows, 1, d)
+        cos, sin = self.ext.block_table(self.g, self.offset, bt, n_far)
+        far = RoPE.rotate(qm, cos[:n_far].to(q.device), sin[:n_far].to(q.device))   # [g, rows, n_far, d]
+        return torch.cat((far, q.float().unsqueeze(2).expand(g, rows, n - n_far, d)), 2)
 
     def queries(self, q: torch.Tensor, first: int) -> torch.Tensor:
         """q [heads, q_len, d] at indices ``first..`` moved to the query's far position (float32)."""

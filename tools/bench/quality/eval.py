@@ -36,167 +36,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import re
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 
 import click
 import torch
 
+from .cases import Case, depth_of, encode, is_correct, make_case, make_doc, make_ppl_text  # noqa: F401 (the bench's API)
 from .report import (_label, _mean, merge, parse_budgets, perplexity, print_table, summarize, summarize_tasks,
                      target)
 from .tasks import DEFAULT_SIZE, TASKS, make_task_case
-
-# -- cases ---------------------------------------------------------------------------------------
-
-ADJECTIVES = ["silver", "crimson", "quiet", "northern", "hidden", "ancient", "golden", "frozen", "western",
-              "amber", "sunken", "iron", "velvet", "copper", "misty", "eastern", "emerald", "hollow",
-              "scarlet", "marble", "southern", "cobalt", "wooden", "lunar"]
-NOUNS = ["harbor", "archive", "lighthouse", "garden", "observatory", "library", "vault", "bridge", "tower",
-         "monastery", "laboratory", "greenhouse", "station", "citadel", "museum", "orchard", "workshop",
-         "canal", "theater", "fortress", "chapel", "market", "depot", "academy"]
-KINDS = ["secret access code", "room number", "registration number", "locker combination", "emergency extension"]
-
-INTRO = "Read this document carefully. It contains one important fact.\n\n"
-
-
-@dataclass
-class Case:
-    length: int          # requested prompt tokens
-    index: int
-    depth: float         # where the fact sits in the haystack, 0..1
-    entity: str
-    kind: str
-    code: str
-    fact: str
-    question: str
-    lead: str            # the assistant's opening words; the code follows
-    ids: list[int] = field(repr=False)  # the whole prompt, chat template included
-    needle: tuple[int, int] = (0, 0)    # token span of the code in ``ids``
-    shared: int = 0      # ``make_doc``: the leading ids every question of the document shares (one prefill)
-    of_doc: int = 0      # ``make_doc``: which of the document's needles this case asks for
-
-    def summary(self) -> dict:
-        d = asdict(self)
-        d.pop("ids")
-        d["tokens"] = len(self.ids)
-        return d
-
-
-def depth_of(index: int) -> float:
-    """Depths 10%, 20%, ... 90%, cycled over the cases of a cell."""
-    return 0.1 + 0.1 * (index % 9)
-
-
-def _rng(seed: int, *parts) -> random.Random:
-    return random.Random(":".join(str(p) for p in (seed, *parts)))
-
-
-def encode(tok, text: str) -> list[int]:
-    return list(tok.encode(text, add_special_tokens=False))
-
-
-def render(tok, user: str, lead: str) -> str:
-    chat = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-    return chat + lead
-
-
-def _haystack(tok, text: str, rng: random.Random, n_tokens: int) -> str:
-    """About ``n_tokens`` tokens of ``text`` from a random paragraph on."""
-    need = n_tokens * 6 + 1000
-    if len(text) <= need:
-        start = 0
-    else:
-        start = rng.randrange(0, len(text) - need)
-        nl = text.find("\n\n", start)
-        start = nl + 2 if 0 <= nl < len(text) - need else start
-    ids = encode(tok, text[start:start + need])[:n_tokens]
-    return tok.decode(ids)
-
-
-def make_case(tok, text: str, seed: int, length: int, index: int) -> Case:
-    """Case ``index`` of a ``length``-token cell; depends only on (seed, length, index)."""
-    rng = _rng(seed, "needle", length, index)
-    entity = f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
-    kind = rng.choice(KINDS)
-    code = str(rng.randrange(1000, 10000))
-    fact = f"The {kind} for {entity} is {code}."
-    question = f"What is the {kind} for {entity}? Answer with the number only."
-    lead = f"The {kind} for {entity} is"
-    depth = depth_of(index)
-    overhead = len(encode(tok, render(tok, f"{INTRO}\n{fact}\n\n\n{question}", lead)))
-    hay = _haystack(tok, text, rng, max(16, length - overhead))
-    cut = int(len(hay) * depth)
-    nl = hay.find("\n", cut)
-    cut = nl + 1 if 0 <= nl < cut + 400 else cut
-    doc = hay[:cut] + ("" if cut == 0 or hay[cut - 1] == "\n" else "\n") + fact + "\n" + hay[cut:]
-    prompt = render(tok, f"{INTRO}{doc}\n\n{question}", lead)
-    ids = encode(tok, prompt)
-    at = prompt.index(fact) + len(fact) - len(code) - 1  # where the code starts
-    span = (len(encode(tok, prompt[:at])), len(encode(tok, prompt[:at + len(code)])))
-    return Case(length=length, index=index, depth=round(depth, 2), entity=entity, kind=kind, code=code, fact=fact,
-                question=question, lead=lead, ids=ids, needle=span)
-
-
-def make_doc(tok, text: str, seed: int, length: int, index: int, k: int) -> list[Case]:
-    """Document ``index`` of a ``length``-token cell holding ``k`` needles (distinct entities and
-    codes; depths spread over 10%..90%, offset per document), as ``k`` cases: the document with one
-    needle's question each. The other ``k - 1`` facts are distractors of the same shape. Every
-    case's ids begin with the same ``shared`` tokens (the prompt up to the question), so one
-    prefill of them serves all ``k`` questions: each resume feeds its question as one exact
-    prefill chunk (as a conversation's next turn) and its last token as the first decode step.
-    Depends only on (seed, length, index, k)."""
-    from .tasks import INTRO as FACTS_INTRO
-    from .tasks import _codes, _entities, plant
-    rng = _rng(seed, "doc", length, index, k)
-    ents, codes = _entities(rng, k), _codes(rng, k)
-    # distinct kinds while there are enough: a fact that shares its kind with another is a harder distractor
-    kinds = rng.sample(KINDS, k) if k <= len(KINDS) else [rng.choice(KINDS) for _ in range(k)]
-    offset = (index * 0.6180339887) % 1.0
-    depths = [0.1 + 0.8 * (j + offset) / k for j in range(k)]
-    facts = [f"The {kd} for {e} is {c}." for kd, e, c in zip(kinds, ents, codes)]
-    questions = [f"What is the {kd} for {e}? Answer with the number only." for kd, e in zip(kinds, ents)]
-    leads = [f"The {kd} for {e} is" for kd, e in zip(kinds, ents)]
-    longest = max(range(k), key=lambda j: len(questions[j]) + len(leads[j]))
-    overhead = len(encode(tok, render(tok, FACTS_INTRO + "\n".join(facts) + f"\n\n\n{questions[longest]}",
-                                      leads[longest]))) + 2 * k
-    doc = plant(_haystack(tok, text, rng, max(16, length - overhead)), facts, depths)
-    prompts = [render(tok, f"{FACTS_INTRO}{doc}\n\n{q}", lead) for q, lead in zip(questions, leads)]
-    all_ids = [encode(tok, p) for p in prompts]
-    shared = min(len(x) for x in all_ids) - 1
-    for x in all_ids[1:]:
-        shared = next((i for i in range(shared) if x[i] != all_ids[0][i]), shared)
-    cases = []
-    for j, (prompt, ids) in enumerate(zip(prompts, all_ids)):
-        at = prompt.index(facts[j] + "\n") + len(facts[j]) - len(codes[j]) - 1
-        span = (len(encode(tok, prompt[:at])), len(encode(tok, prompt[:at + len(codes[j])])))
-        assert span[1] <= shared, "a planted code lies past the shared prefix"
-        cases.append(Case(length=length, index=index, depth=round(depths[j], 2), entity=ents[j], kind=kinds[j],
-                          code=codes[j], fact=facts[j], question=questions[j], lead=leads[j], ids=ids, needle=span,
-                          shared=shared if k > 1 else 0, of_doc=j))
-    return cases
-
-
-def make_ppl_text(tok, text: str, seed: int, length: int, n_cont: int, index: int = 0) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids): ``length`` + ``n_cont`` consecutive tokens of prose."""
-    rng = _rng(seed, "ppl", length, index)
-    ids = encode(tok, _haystack(tok, text, rng, length + n_cont + 8))
-    ids = ids[:length + n_cont]
-    return ids[:length], ids[length:]
-
-
-def normalize(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
-
-
-def is_correct(answer: str, code: str) -> bool:
-    """String match: the code appears in the answer, ignoring case, spaces and punctuation."""
-    return bool(normalize(code)) and normalize(code) in normalize(answer)
-
 
 # -- evaluation ----------------------------------------------------------------------------------
 
@@ -529,11 +380,13 @@ def run(model, tok, *, seed: int = 0, cases: int = 40, lengths=(2048, 4096, 7168
                    for j, (label, m, pos, _) in enumerate(settings)}
             for length in lengths:
                 for task, i in [(t, i) for t in tasks for i in range(first_case, first_case + cases)]:
-                    group = ([make_case(tok, text, seed, length, i)] if task == "needle" and needles_per_doc <= 1 else
-                             make_doc(tok, text, seed, length, i, needles_per_doc) if task == "needle" else
-                             [make_task_case(tok, text, seed, task, length, i, sizes[task])])
+                    if task != "needle":
+                        group = [make_task_case(tok, text, seed, task, length, i, sizes[task])]
+                    else:
+                        group = make_doc(tok, text, seed, length, i, needles_per_doc) if needles_per_doc > 1 else \
+                            [make_case(tok, text, seed, length, i)]
                     for label, ev in evs.items():
-                        name, tp = ev.prefill(group[0].ids, group[0].shared if len(group) > 1 else 0)
+                        name, tp = ev.prefill(group[0].ids, getattr(group[0], "shared", 0))
                         mass_check = mass_check or ev.mass_check
                         timing["prefill_s"] += tp
                         for case in group:

@@ -27,9 +27,11 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from .cases import FACTS_INTRO as INTRO
+from .cases import KINDS, _codes, _entities, _haystack, _rng, encode, plant, render
+
 TASKS = ("needle", "multi", "hop", "list")
 
-INTRO = "Read this document carefully. It contains important facts.\n\n"
 ITEMS = ["apples", "lanterns", "blankets", "candles", "barrels", "ropes", "violins", "mirrors", "clocks", "saddles",
          "kettles", "ladders", "carpets", "anchors", "helmets", "teapots"]
 
@@ -118,17 +120,7 @@ def spread(n: int) -> list[float]:
     return [0.1 + 0.8 * i / (n - 1) for i in range(n)] if n > 1 else [0.5]
 
 
-def _entities(rng, n: int) -> list[str]:
-    from .eval import ADJECTIVES, NOUNS
-    return [f"the {a} {b}" for a, b in zip(rng.sample(ADJECTIVES, n), rng.sample(NOUNS, n))]
-
-
-def _codes(rng, n: int) -> list[str]:
-    return [str(c) for c in rng.sample(range(1000, 10000), n)]
-
-
 def _gen_multi(rng, n: int):
-    from .eval import KINDS
     kind = rng.choice(KINDS)
     ents, codes = _entities(rng, n), _codes(rng, n)
     facts = [f"The {kind} for {e} is {c}." for e, c in zip(ents, codes)]
@@ -141,7 +133,6 @@ def _gen_multi(rng, n: int):
 
 
 def _gen_hop(rng, n_distract: int):
-    from .eval import KINDS
     kind = rng.choice(KINDS)
     start, place, *others = _entities(rng, 2 + n_distract)
     codes = _codes(rng, 1 + n_distract)
@@ -167,24 +158,8 @@ GENERATORS = {"multi": _gen_multi, "hop": _gen_hop, "list": _gen_list}
 DEFAULT_SIZE = {"multi": 4, "hop": 2, "list": 4}  # facts asked / distractor numbers / items planted
 
 
-def plant(hay: str, facts: list[str], depths: list[float]) -> str:
-    """``hay`` with each fact on a line of its own at (about) its depth, at a line break when one is near."""
-    cuts = []
-    for d in depths:
-        cut = int(len(hay) * d)
-        nl = hay.find("\n", cut)
-        cuts.append(nl + 1 if 0 <= nl < cut + 400 else cut)
-    out, prev = [], 0
-    for cut, fact in sorted(zip(cuts, facts), key=lambda x: x[0]):
-        piece = hay[prev:cut]
-        out.append(piece + ("" if not piece or piece.endswith("\n") else "\n") + fact + "\n")
-        prev = cut
-    return "".join(out) + hay[prev:]
-
-
 def make_task_case(tok, text: str, seed: int, task: str, length: int, index: int, size: int | None = None) -> TaskCase:
     """Case ``index`` of a ``length``-token cell of ``task``; depends only on (seed, task, length, index, size)."""
-    from .eval import _haystack, _rng, encode, render
     rng = _rng(seed, task, length, index)
     size = DEFAULT_SIZE[task] if size is None else size
     facts, depths, question, lead, answers, followups, distractors, marks = GENERATORS[task](rng, size)
