@@ -346,3 +346,30 @@ def test_closed_manager_refuses_work(tmp_path):
         with m.acquire(seq, 0, [0]):
             pass
     m.prefetch(seq, 0, [0])                         # a no-op once closed
+
+
+def test_acquire_counts_a_block_asked_twice_once(tmp_path):
+    """The ids of one request may repeat (the API yields a block per id): a repeated cold block
+    takes one hot slot, so a request that fits beside the partial tails is served (found by the
+    state machine: three ids, two blocks, refused as three)."""
+    st_ = tierstore.open(tmp_path / "s", hot=4 * BB, warm=4 * BB)
+    try:
+        m = st_.manager
+        gen = torch.Generator().manual_seed(5)
+        a = m.open_sequence("a", LAYOUT, "cpu")
+        K, V = fill(m, a, gen, 40, tag="a")
+        m.close_sequence(a)
+        b = m.open_sequence("b", LAYOUT, "cpu")
+        adopt_all(m, b, "a", 10)                  # cold only
+        for layer in range(2):                    # two partial tails take two of the four slots
+            m.append(b, layer, *random_kv(gen, 1))
+        with m.acquire(b, 0, [3, 3, 5]) as got:
+            assert [blk.index for blk in got] == [3, 3, 5] and got[0] is got[1]
+            for blk in got:
+                k, _ = m.hot_view(blk)
+                assert same_bits(k, K[0][:, blk.index * BT:(blk.index + 1) * BT])
+        with m.acquire(b, 1, [7, 7, 7], transient=True) as got:
+            assert len({id(x) for x in got}) == 1 and got[0].pins == 3
+        check_bookkeeping(st_)
+    finally:
+        st_.close()

@@ -110,7 +110,7 @@ class Loader:
         hand-off instead of one per block. A block another thread is loading is left to it."""
         pl = self.placement
         with pl.pinned(list(blocks)):
-            todo = [b for b in blocks if b.loading is None and b.hot is None and b.warm is None]
+            todo = list({id(b): b for b in blocks if b.loading is None and b.hot is None and b.warm is None}.values())
             for b in todo:
                 if not b.durable:
                     raise MissingBlockError("block is in no tier (not durable, not resident)", **b.where())

@@ -208,7 +208,8 @@ class Placement:
                 # loads in flight (a prefetch may have stopped at warm); a failed one raises here,
                 # or the loop would start it again
                 self.loader.wait_loads(blocks, raise_errors=True)
-                todo = [b for b in blocks if b.hot is None and b.loading is None]
+                # a block asked twice in one request takes one slot
+                todo = list({id(b): b for b in blocks if b.hot is None and b.loading is None}.values())
                 if not todo:
                     if all(b.loading is None for b in blocks):
                         return
