@@ -362,7 +362,7 @@ class TieredCache(Cache):
         qg = q.reshape(lay.kv_heads, heads // lay.kv_heads * q_len, d)
         n = len(self.mgr.blocks(seq, layer))
         if ext is not None and q_len == 1 and seq.policy.uses_query:  # rank far blocks at their mapped distance
-            qg = ext.block_queries(qg, q_offset, n, lay.block_tokens)
+            qg = ext.block_query(qg, q_offset, n, lay.block_tokens)
         ids, head_mask = select(functools.partial(self.mgr.summaries, seq, layer), seq.policy, qg, self.sparse,
                                 lay.block_tokens, n=n)
         reader = row.reader(self.mgr)

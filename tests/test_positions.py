@@ -246,7 +246,7 @@ def test_extend_blocks_share_the_prefix_inside_the_trained_length_only():
 
 @pytest.mark.parametrize("mapping", ["far", "group", "scale"])
 def test_a_policy_scores_far_blocks_at_their_mapped_distance(mapping):
-    """``StepMap.block_queries``: with one-token blocks, the rotated query's product with each
+    """``StepMap.block_query``: with one-token blocks, the rotated query's product with each
     stored key is the logit extended attention computes (query and key moved), far and near;
     a per-block query as wide as the layer gives the sketch and Quest scorers what the shared
     query gives them."""
@@ -259,7 +259,7 @@ def test_a_policy_scores_far_blocks_at_their_mapped_distance(mapping):
     first = n  # the decode query after n keys (past the 64-token trained length)
     step = ext.step(first, first, 0, "cpu")
     q, k = torch.randn(g, rows, d, generator=gen), torch.randn(g, n, d, generator=gen)
-    qb = step.block_queries(q, first, n, 1)                                        # [g, rows, n, d]
+    qb = step.block_query(q, first, n, 1).per_block()                              # [g, rows, n, d]
     got = torch.einsum("gwnd,gnd->gwn", qb, k)
     mapped = torch.matmul(step.queries(q.reshape(g * rows, 1, d), first).reshape(g, rows, d),
                           step.keys_at(k, torch.arange(n)).transpose(-1, -2))
@@ -280,6 +280,37 @@ def test_a_policy_scores_far_blocks_at_their_mapped_distance(mapping):
     kmin = torch.randn(nb, g, d, generator=gen)
     kmax = kmin + torch.rand(nb, g, d, generator=gen)
     assert torch.allclose(box_bound(kmin, kmax, wide), box_bound(kmin, kmax, q), atol=1e-5)
+
+
+@pytest.mark.parametrize("mapping", ["far", "group"])
+def test_the_sketch_scorer_reads_a_block_query_as_its_per_block_form(mapping):
+    """The sketch scorer's pieces (far blocks' means against the rotated-back means, their
+    projections as one product of the blocks' angles with the query's channel pairs) score as
+    the explicit query per block does, for every split of the layer into far and near blocks
+    and with partial blocks; Hybrid reads it too, Quest gets the explicit form."""
+    from tierstore.positions import BlockQuery
+    from tierstore.sketch import sketch_score
+    model = _model()
+    ext = Extension(Positions("extend", mapping=mapping).resolved(model), RoPE.from_model(model))
+    gen = torch.Generator().manual_seed(7)
+    g, rows, d, r, bt = 2, 3, 16, 5, 4
+    for n in (1, 9, 40):
+        kmean, basis = torch.randn(n, g, d, generator=gen), torch.randn(g, d, r, generator=gen)
+        sketch, tokens = torch.randn(g, n, bt, r, generator=gen), torch.full((n,), bt)
+        tokens[-1] = 3
+        for first in (n * bt - 1, n * bt + 40, n * bt + 300):
+            step = ext.step(first, first, 0, "cpu")
+            if step is None:
+                continue
+            bq = step.block_query(torch.randn(g, rows, d, generator=gen), first, n, bt)
+            assert isinstance(bq, BlockQuery) and 0 <= bq.n_far <= n
+            got = sketch_score(kmean, sketch, basis, tokens, bq)
+            want = sketch_score(kmean, sketch, basis, tokens, bq.per_block())
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (n, first, (got - want).abs().max())
+    from tierstore.policies.hybrid import Hybrid
+    from tierstore.policies.quest import Quest
+    from tierstore.policies.sketch import Sketch
+    assert Sketch.reads_block_query and Hybrid.reads_block_query and not Quest.reads_block_query
 
 
 def test_a_sparse_step_past_the_trained_length_ranks_blocks_with_mapped_queries(tmp_path):

@@ -327,6 +327,11 @@ def test_bench_sparse_rows_on_a_tiny_model(tmp_path):
     q = rows[2]
     assert q["attended"] <= 64 and q["hot_budget"] < 640 * KVLayout(2, 2, 16, BT, torch.float32).token_bytes
     assert q["warm_filled"] > 0
+    short = tiny(max_position_embeddings=512)       # trained on 512 positions: extend engages at 640
+    both = measure(short, Tok(), **{**kw, "new": 2}, positions=("model", "extend"))
+    assert [r["mode"] for r in both] == ["DynamicCache", "exact", "quest @64", "quest @64 extend"]
+    assert [r.get("positions") for r in both[1:]] == ["model", "model", "extend"]
+    assert all(r["tok_s"] > 0 for r in both) and both[3]["attended"] <= 64
 
 
 def test_decode_mass_reaches_the_committed_summaries(tmp_path):

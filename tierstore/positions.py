@@ -161,6 +161,7 @@ class Extension:
         self.trained, self.window, self.mapping = positions.trained, positions.window, positions.mapping
         self._table: tuple[object, torch.Tensor, torch.Tensor] | None = None  # (factor, cos, sin) by key position
         self._blocks: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # ((factor, offset, bt), cos, sin) by block
+        self._query: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # the last query_table
 
     @classmethod
     def of(cls, positions: Positions, model) -> "Extension | None":
@@ -206,13 +207,23 @@ class Extension:
 
     def block_table(self, g, offset: int, bt: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [>= n, d/2] undoing the far move of each ``bt``-token block's middle key (rows:
-        blocks), for ``StepMap.block_queries``; kept for every layer and later step of one factor."""
+        blocks), for ``StepMap.block_query``; kept for every layer and later step of one factor."""
         t = self._blocks
         if t is None or t[0] != (g, offset, bt) or t[1].shape[0] < n:
             size = max(n, 2 * (t[1].shape[0] if t is not None and t[0] == (g, offset, bt) else 0), 64)
             pos = (torch.arange(size, dtype=torch.float64) * bt + bt // 2 - offset).clamp(min=0)
             cos, sin = self.rope.cos_sin(pos - self.key_target(pos, g))
             self._blocks = t = ((g, offset, bt), cos, sin)
+        return t[1], t[2]
+
+    def query_table(self, g, p0: int, q_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [q_len, d/2] moving queries at rope positions ``p0..`` to their far positions;
+        the last one is kept (a decode step's layers all ask for the same)."""
+        key = (g, p0, q_len, str(device))
+        t = self._query
+        if t is None or t[0] != key:
+            pos = torch.arange(p0, p0 + q_len, dtype=torch.float64)
+            self._query = t = (key, *self.rope.cos_sin(self.query_target(pos, g) - pos, device))
         return t[1], t[2]
 
     def key_table(self, g, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,23 +264,71 @@ class StepMap:
         c, s = cos.to(k.device)[pos], sin.to(k.device)[pos]
         return RoPE.rotate(k, c, s)
 
-    def block_queries(self, q: torch.Tensor, first: int, n: int, bt: int) -> torch.Tensor:
-        """What a policy scores a decode step's blocks with: q [g, rows, d] (the grouped rows of
-        the query at index ``first``) -> float32 [g, rows, n, d], for each of the ``n`` blocks of
-        ``bt`` keys the query rotated so that its product with a stored key of the block is the
-        mapped one: exact for the block's middle key, off by a key's offset from it elsewhere
-        (a phase the low frequencies, which carry long-range attention, barely see). Blocks whose
-        middle key is within the window (the newest ones) get the query as it is. Without this a
-        policy would rank far blocks at their true distances, past the trained length."""
-        g, rows, d = q.shape
+    def block_query(self, q: torch.Tensor, first: int, n: int, bt: int) -> "BlockQuery":
+        """What a policy scores a decode step's ``n`` blocks of ``bt`` keys with: q [g, rows, d]
+        (the grouped rows of the query at index ``first``) as each block sees it. For a block
+        whose middle key is at least the window away (a far block) the query is moved to its far
+        position and rotated back by the block's middle key's move, so that its product with a
+        stored key of the block is the mapped one: exact for the block's middle key, off by a
+        key's offset from it elsewhere (a phase the low frequencies, which carry long-range
+        attention, barely see). The newest blocks (within the window) see the query as it is.
+        Without this a policy would rank far blocks at their true distances, past the trained
+        length."""
         n_far = max(0, min(n, (first - self.window - bt // 2) // bt + 1))  # middle key >= window away
-        qm = self.queries(q.reshape(g * rows, 1, d), first).reshape(g, rows, 1, d)
+        g, rows, d = q.shape
+        qm = self.queries(q.reshape(g * rows, 1, d), first).reshape(g, rows, d)
         cos, sin = self.ext.block_table(self.g, self.offset, bt, n_far)
-        far = RoPE.rotate(qm, cos[:n_far].to(q.device), sin[:n_far].to(q.device))   # [g, rows, n_far, d]
-        return torch.cat((far, q.float().unsqueeze(2).expand(g, rows, n - n_far, d)), 2)
+        return BlockQuery(q.float(), qm, cos[:n_far].to(q.device), sin[:n_far].to(q.device), n)
 
     def queries(self, q: torch.Tensor, first: int) -> torch.Tensor:
         """q [heads, q_len, d] at indices ``first..`` moved to the query's far position (float32)."""
-        pos = torch.arange(first - self.offset, first - self.offset + q.shape[-2], dtype=torch.float64)
-        cos, sin = self.ext.rope.cos_sin(self.ext.query_target(pos, self.g) - pos, q.device)
+        cos, sin = self.ext.query_table(self.g, first - self.offset, q.shape[-2], q.device)
         return RoPE.rotate(q, cos, sin)
+
+
+class BlockQuery:
+    """A decode step's query as each block of a layer sees it under extended positions
+    (``StepMap.block_query``): blocks ``[0, n_far)`` see ``far`` (the query moved to its far
+    position) rotated by their own ``cos``/``sin`` [n_far, d/2]; blocks ``[n_far, n)`` see
+    ``near`` (the query as it is). Both [g, rows, d] float32.
+
+    ``per_block()`` is the explicit form, one query per block [g, rows, n, d], for any policy;
+    the sketch scorer instead works from the pieces (``far_means``, ``far_projection``), which
+    costs about what scoring with one shared query costs and never builds that tensor."""
+
+    __slots__ = ("near", "far", "cos", "sin", "n")
+
+    def __init__(self, near: torch.Tensor, far: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n: int) -> None:
+        self.near, self.far, self.cos, self.sin, self.n = near, far, cos, sin, n
+
+    @property
+    def n_far(self) -> int:
+        return int(self.cos.shape[0])
+
+    def to(self, device) -> "BlockQuery":
+        return BlockQuery(*(t.to(device) for t in (self.near, self.far, self.cos, self.sin)), self.n)
+
+    def per_block(self) -> torch.Tensor:
+        """float32 [g, rows, n, d]: each block's query."""
+        g, rows, d = self.near.shape
+        far = RoPE.rotate(self.far.unsqueeze(2), self.cos, self.sin)                       # [g, rows, n_far, d]
+        return torch.cat((far, self.near.unsqueeze(2).expand(g, rows, self.n - self.n_far, d)), 2)
+
+    def far_means(self, kmean: torch.Tensor) -> torch.Tensor:
+        """The far blocks' query products with their key means ``kmean`` [n_far, g, d] -> [g, rows,
+        n_far]: the query rotated by a block's angle against its mean equals the query against the
+        mean rotated back, one shared query for all blocks."""
+        back = RoPE.rotate(kmean, self.cos.unsqueeze(1), -self.sin.unsqueeze(1))            # [n_far, g, d]
+        return torch.bmm(self.far, back.permute(1, 2, 0))
+
+    def far_projection(self, basis: torch.Tensor) -> torch.Tensor:
+        """Each far block's rotated query projected on ``basis`` [g, d, r] -> [g, n_far, rows, r].
+        With q' = q cos + rot(q) sin per pair of channels, q'·b = cos·(q1 b1 + q2 b2) + sin·(q1 b2 -
+        q2 b1): one matrix product of the blocks' [cos | sin] with the query's pair products."""
+        g, rows, d = self.far.shape
+        h, r = d // 2, basis.shape[-1]
+        q1, q2 = self.far[..., :h, None], self.far[..., h:, None]                           # [g, rows, h, 1]
+        b1, b2 = basis[:, None, :h].float(), basis[:, None, h:].float()                     # [g, 1, h, r]
+        pairs = torch.cat((q1 * b1 + q2 * b2, q1 * b2 - q2 * b1), 2)                        # [g, rows, 2h, r]
+        out = torch.cat((self.cos, self.sin), 1) @ pairs.permute(2, 0, 1, 3).reshape(d, g * rows * r)
+        return out.view(-1, g, rows, r).permute(1, 0, 2, 3)

@@ -28,6 +28,7 @@ import torch
 from .codec import open_envelope, seal_envelope
 from .errors import CorruptRecordError
 from .layout import KVLayout, fingerprint_digest
+from .positions import BlockQuery
 from .records import f32_bytes
 from .tiers.schema import sketch_key
 
@@ -118,25 +119,35 @@ class Calibration:
 
 
 def sketch_score(kmean: torch.Tensor, sketch: torch.Tensor, basis: torch.Tensor, tokens: torch.Tensor,
-                 query: torch.Tensor) -> torch.Tensor:
+                 query) -> torch.Tensor:
     """Each block's estimated share of the query's attention, summed over the query rows.
 
     kmean [n, g, d]; sketch [g, n, bt, r] (float16 or float32); basis [g, d, r]; tokens int64 [n]
     (tokens past a block's count are not scored); query float [g, rows, d] grouped by KV head,
-    or [g, rows, n, d] (a query per block) -> [n, g].
+    [g, rows, n, d] (a query per block), or a ``positions.BlockQuery`` (extended positions: the
+    far blocks' rotated queries, scored from its pieces) -> [n, g].
     Scaled by ``head_dim ** -0.5`` (the models' attention scaling) so the softmax over tokens
     has the model's temperature."""
-    g, rows, d = query.shape[0], query.shape[1], query.shape[-1]
-    n, bt, r = sketch.shape[1], sketch.shape[2], sketch.shape[3]
-    q = query.float() * d ** -0.5
-    if q.dim() == 4:  # a query per block [g, rows, n, d] (``StepMap.block_queries``)
+    g, n, bt, r = sketch.shape
+    d = kmean.shape[-1]
+    if isinstance(query, BlockQuery):
+        m = query.n_far
+        near = _logits(kmean[m:], sketch[:, m:], basis, query.near * d ** -0.5)
+        if m:  # far blocks: one matrix product each for the means and the projections
+            far = query.to(kmean.device)
+            mean = far.far_means(kmean[:m].float()) * d ** -0.5                       # [g, rows, m]
+            proj = far.far_projection(basis) * d ** -0.5                               # [g, m, rows, r]
+            tok = torch.matmul(proj, sketch[:, :m].float().transpose(-1, -2))         # [g, m, rows, bt]
+            near = torch.cat((tok.transpose(1, 2) + mean.unsqueeze(-1), near), 2)
+        logits = near
+    elif query.dim() == 4:  # a query per block [g, rows, n, d]
+        q = query.float() * d ** -0.5
         mean = torch.einsum("gwnd,ngd->gwn", q, kmean.float())
         tok = torch.einsum("gwnr,gnbr->gwnb", torch.einsum("gwnd,gdr->gwnr", q, basis.float()), sketch.float())
         logits = (tok + mean.unsqueeze(-1)).contiguous()
     else:
-        mean = torch.bmm(q, kmean.permute(1, 2, 0))                                   # [g, rows, n]
-        tok = torch.bmm(torch.bmm(q, basis), sketch.reshape(g, n * bt, r).float().transpose(1, 2))  # [g, rows, n*bt]
-        logits = tok.view(g, rows, n, bt) + mean.unsqueeze(-1)
+        logits = _logits(kmean, sketch, basis, query.float() * d ** -0.5)
+    rows = logits.shape[1]
     partial = (tokens != bt).nonzero().view(-1)  # slots past a block's tokens get no share
     if len(partial) <= 4:  # usually the growing tail only: fill its slots, no mask over the layer
         for i in partial.tolist():
@@ -145,3 +156,12 @@ def sketch_score(kmean: torch.Tensor, sketch: torch.Tensor, basis: torch.Tensor,
         logits += torch.where(torch.arange(bt) < tokens.unsqueeze(1), 0.0, float("-inf"))
     share = torch.softmax(logits.view(g, rows, n * bt), -1).view(g, rows, n, bt).sum(-1)  # [g, rows, n]
     return share.sum(1).T
+
+
+def _logits(kmean: torch.Tensor, sketch: torch.Tensor, basis: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Token logits [g, rows, n, bt] of one shared (scaled) query q [g, rows, d]."""
+    g, n, bt, r = sketch.shape
+    rows = q.shape[1]
+    mean = torch.bmm(q, kmean.float().permute(1, 2, 0))                                        # [g, rows, n]
+    tok = torch.bmm(torch.bmm(q, basis.float()), sketch.reshape(g, n * bt, r).float().transpose(1, 2))  # [g, rows, n*bt]
+    return tok.view(g, rows, n, bt) + mean.unsqueeze(-1)

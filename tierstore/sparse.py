@@ -18,6 +18,7 @@ from .attention import NEG_INF
 from .policies import Policy, Summaries
 from .policies.base import GROUP_BLOCKS
 from .policies.quest import box_bound
+from .positions import BlockQuery
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ def select(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.
            cfg: SparseConfig, block_tokens: int, n: int | None = None) -> tuple[list[int], torch.Tensor | None]:
     """The blocks a step attends to: (ids ascending, head_mask).
 
-    query: [kv_heads, rows, head_dim] grouped, [kv_heads, rows, n, head_dim] (a query per block:
-    extended positions, ``StepMap.block_queries``; one-level selection), or None. ``s``: the layer's summaries, or a
+    query: [kv_heads, rows, head_dim] grouped, a ``positions.BlockQuery`` (extended positions:
+    the query each block sees, ``StepMap.block_query``; handed to a policy that reads it as it
+    is, else as its per-block tensor [kv_heads, rows, n, head_dim]; one-level selection), or None. ``s``: the layer's summaries, or a
     function returning them, called only when the policy scores (``n``, the layer's block count,
     is then required). head_mask is None when every KV head attends every id (one selection per
     layer, scores summed over heads), else bool [kv_heads, len(ids)]: per-head selection
@@ -87,10 +89,12 @@ def select(s: Summaries | Callable[[], Summaries], policy: Policy, query: torch.
     if room <= 0:
         return sorted(chosen), None
     summ = s() if callable(s) else s
+    if isinstance(query, BlockQuery) and not policy.reads_block_query:
+        query = query.per_block()
     if query is not None:  # summaries live in host memory (so a long context's do not hold device memory)
         query = query.to(summ.kmin.device)
     per_head = policy.per_head if cfg.per_head is None else cfg.per_head
-    if cfg.coarse > 0 and per_head and query is not None and query.dim() == 3 and summ.gmin is not None \
+    if cfg.coarse > 0 and per_head and isinstance(query, torch.Tensor) and query.dim() == 3 and summ.gmin is not None \
             and not policy.uses_last_used and n >= 2 * cfg.coarse * room:
         score = two_level(summ, policy, query, cfg.coarse * room)
     else:

@@ -59,6 +59,7 @@ class Policy:
     per_head = False       # True: each KV head selects its own top-k blocks (scores [n, kv_heads])
     uses_last_used = False  # True: scores read ``Summaries.last_used``
     uses_query = False      # True: scores read the step's query (extended positions rotate it per block)
+    reads_block_query = False  # True: ``score`` takes a ``positions.BlockQuery`` as it is (else: its per_block())
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -22,6 +22,7 @@ class Hybrid(Policy):
     name = "hybrid"
     per_head = True  # each KV head its own top-k (the bound is per head)
     uses_query = True
+    reads_block_query = True
     mass_mode = "accumulate"
     weight = 0.5  # share of the mass term
 

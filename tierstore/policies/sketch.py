@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..positions import BlockQuery
 from ..sketch import sketch_score
 from . import register
 from .base import Policy, Summaries
@@ -16,7 +17,7 @@ def query_score(s: Summaries, query: torch.Tensor) -> torch.Tensor:
     """[n, kv_heads]: the sketch estimate of each block's attention share where the layer has
     sketches, else the Quest bound."""
     if s.sketch is None:
-        return quest_bound(s, query)
+        return quest_bound(s, query.per_block() if isinstance(query, BlockQuery) else query)
     return sketch_score(s.kmean, s.sketch, s.basis, s.tokens, query)
 
 
@@ -25,6 +26,7 @@ class Sketch(Policy):
     name = "sketch"
     per_head = True  # each KV head its own top-k: the estimate is per head
     uses_query = True
+    reads_block_query = True
 
     def score(self, s: Summaries, query: torch.Tensor | None = None) -> torch.Tensor:
         if query is None:  # placement without a query: keep the newest blocks

@@ -49,7 +49,8 @@ def _keep_best(row: dict, tps: float, first_tps: float) -> bool:
 
 def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str], hot: int | None,
             block_tokens: int = 64, dense_layers: int = 0, warmup: int = 8, per_head: bool | None = None,
-            store: str | None = None, coarse: int = 0, rounds: int = 1) -> list[dict]:
+            store: str | None = None, coarse: int = 0, rounds: int = 1,
+            positions: tuple[str, ...] = ("model",)) -> list[dict]:
     import tierstore
     from transformers import DynamicCache
     from tierstore.adapters.fingerprint import kv_layout, model_fingerprint
@@ -82,10 +83,14 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
         del kv
         first = int(rec.last_logits.argmax()) if rec.last_logits is not None else int(rec.token_ids[-1])
         sparse_hot = hot or 4 * budget * lay.token_bytes
-        configs = [("exact", None, 2 * kv_bytes)] + [(p, budget, sparse_hot) for p in policies]
-        for policy, b, hot_bytes in configs:
-            mode = f"{policy}" + (f" @{b}" if b else "") + (f" two-level x{coarse}" if b and coarse else "")
-            rows.append({"tokens": tokens, "mode": mode, "tok_s": None, "hot_budget": hot_bytes})
+        # the sparse rows once per position mode (``extend``: past the trained length, far keys
+        # at their mapped distances, ranked there too); the exact row at the model's positions
+        configs = [("exact", None, 2 * kv_bytes, "model")] + [(p, budget, sparse_hot, pm)
+                                                              for pm in positions for p in policies]
+        for policy, b, hot_bytes, pm in configs:
+            mode = f"{policy}" + (f" @{b}" if b else "") + (f" two-level x{coarse}" if b and coarse else "") \
+                + (f" {pm}" if pm != "model" else "")
+            rows.append({"tokens": tokens, "mode": mode, "tok_s": None, "hot_budget": hot_bytes, "positions": pm})
         # rounds: every row in turn, each keeping its best, so a drift of the machine's speed
         # during the run reaches every row alike (DynamicCache is cropped back after each round,
         # a TieredCache row resumes the stored context anew)
@@ -94,13 +99,13 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
             tps = _steps(model, dyn, nxt, new)[0]
             dyn.crop(-(warmup + new))
             _keep_best(rows[0], tps, first_tps)
-            for row, (policy, b, hot_bytes) in zip(rows[1:], configs):
+            for row, (policy, b, hot_bytes, pm) in zip(rows[1:], configs):
                 with tierstore.open(d, hot=hot_bytes, warm=2 * kv_bytes, block_tokens=block_tokens) as st:
                     st.manager.prepare(lay, "cpu")
                     sparse = None if not b else SparseConfig(b, dense_layers=SparseConfig.dense(dense_layers),
                                                              per_head=per_head, coarse=coarse)
-                    with TieredCache.resume(st, model, name, policy=policy, sparse=sparse,
-                                            commit_on_close=False) as cache:
+                    with TieredCache.resume(st, model, name, policy=policy, sparse=sparse, commit_on_close=False,
+                                            positions=None if pm == "model" else pm) as cache:
                         c = st.manager.counters
                         c.hot_peak = st.manager.usage()["hot_blocks"]
                         first_tps, nxt = _steps(model, cache, first, warmup)
@@ -138,11 +143,13 @@ def measure(model, tok, tokens: int, budget: int, new: int, policies: list[str],
 @click.option("--dense-layers", default=0, show_default=True, help="first layers attended exactly (sparse rows)")
 @click.option("--coarse", default=0, show_default=True,
               help="two-level selection: candidates per head = N x the budget's blocks (0: off)")
+@click.option("--positions", default="model", show_default=True,
+              help="position modes of the sparse rows, e.g. model,extend (side by side)")
 @click.option("--store", "store", default=None, metavar="DIR",
               help="keep the prefilled contexts here (a length stored already is not prefilled again)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def sparse(tokens: str, budget: int, new: int, warmup: int, rounds: int, per_head: bool | None, policies: str, hot: str | None, dtype: str, block_tokens: int,
-           dense_layers: int, coarse: int, store: str | None, as_json: bool) -> None:
+           dense_layers: int, coarse: int, positions: str, store: str | None, as_json: bool) -> None:
     """Decode tokens/s: sparse budget vs exact TieredCache vs DynamicCache (SmolLM2-135M)."""
     from tierstore.adapters.models import load_smollm2
     from tierstore.layout import parse_size
@@ -151,7 +158,7 @@ def sparse(tokens: str, budget: int, new: int, warmup: int, rounds: int, per_hea
     for n in tokens.split(","):
         rows += measure(model, tok, int(n), budget, new, [p.strip() for p in policies.split(",")],
                         parse_size(hot) if hot else None, block_tokens, dense_layers, warmup, per_head, store,
-                        coarse, rounds)
+                        coarse, rounds, tuple(p.strip() for p in positions.split(",")))
         click.echo(f"  {n} tokens: done", err=True)
     if as_json:
         click.echo(json.dumps({"bench": "sparse", "rows": rows}, indent=2))
